@@ -1,0 +1,107 @@
+"""The `sdrecipe` command: argument parsing and dispatch only.
+
+Each stage adds its subcommand in one `_add_<stage>` function below and hands the
+work to its module; no logic lives here. `SdrecipeError` becomes a one-line
+message on stderr and exit code 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import SdrecipeError
+from .layout import deployment_dir
+from .recipe import PROFILES, find_recipe, load_recipe
+
+
+class Context:
+    """What every command needs, loaded on first use."""
+
+    def __init__(self, args):
+        self.args = args
+        self._recipe = None
+
+    @property
+    def recipe(self):
+        if self._recipe is None:
+            self._recipe = load_recipe(find_recipe(self.args.recipe))
+        return self._recipe
+
+    @property
+    def deployment(self):
+        return deployment_dir(self.args.deploy_dir, self.recipe.root)
+
+    def profile(self) -> str:
+        """--profile, else the profile detected on this machine."""
+        if getattr(self.args, "profile", None):
+            return self.args.profile
+        from .doctor import detect_profile
+        return detect_profile()
+
+
+def _profile_option(parser, help_text="platform profile (default: detected on this machine)"):
+    parser.add_argument("--profile", choices=PROFILES, help=help_text)
+
+
+def _add_patch(sub):
+    from . import patches
+    parser = sub.add_parser("patch", help="apply, revert or inspect the patch series on a checkout")
+    actions = parser.add_subparsers(dest="action", required=True)
+    for name, help_text in (("apply", "apply the series for a profile, all or nothing"),
+                            ("revert", "restore the pristine pinned tree"),
+                            ("status", "show each patch as applied, not applied or conflicting")):
+        action = actions.add_parser(name, help=help_text)
+        action.add_argument("--source", required=True, type=Path, help="upstream checkout")
+        _profile_option(action)
+        if name != "status":
+            action.add_argument("--force", action="store_true",
+                                help="overwrite files edited by hand (drift)")
+        action.set_defaults(func=lambda ctx, name=name: patches.run_command(ctx, name))
+
+
+def _add_lint(sub):
+    from . import lint
+    parser = sub.add_parser("lint", help="check the recipe, patch series and locks (CI gate)")
+    parser.add_argument("--source", type=Path,
+                        help="a checkout at the pinned commit: also apply/reverse every series")
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.set_defaults(func=lint.run_command)
+
+
+def _add_upstream_lock(sub):
+    from . import patches
+    parser = sub.add_parser("upstream-lock",
+                            help="write lock/upstream.lock from a checkout at the pinned commit")
+    parser.add_argument("--source", required=True, type=Path)
+    parser.set_defaults(func=patches.write_upstream_lock_command)
+
+
+COMMANDS = (_add_patch, _add_lint, _add_upstream_lock)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdrecipe", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"sdrecipe {__version__}")
+    parser.add_argument("--recipe", help="recipe file (default: $SDRECIPE_RECIPE or "
+                                         "recipe/stable-diffusion.yaml of this checkout)")
+    parser.add_argument("--deploy-dir", help="deployment folder (default: $SDRECIPE_DEPLOY_DIR "
+                                             "or ./deploy beside the recipe)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(Context(args)) or 0)
+    except SdrecipeError as exc:
+        print(f"sdrecipe: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("sdrecipe: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,65 @@
+"""Site and user configuration: what differs between clusters, never in the recipe.
+
+The recipe says *what* to deploy; this file says *where this site keeps things*:
+mirrors, the CA bundle, the download cache, the DTK wheel folder, the Slurm
+partition. Lookup order for each setting: environment variable, then the config
+file (`$SDRECIPE_CONFIG`, else `$XDG_CONFIG_HOME/sdrecipe/config.yaml`), then the
+default. Unknown keys in the file are errors that name the line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .schema import load_yaml
+
+# key -> (environment variable, type, default)
+SETTINGS: dict[str, tuple[str | None, type, Any]] = {
+    "cache_dir": ("SDRECIPE_CACHE", str, "~/.cache/sdrecipe"),
+    "ca_bundle": ("SDRECIPE_CA_BUNDLE", str, None),
+    "hf_endpoints": ("HF_ENDPOINT", list, None),
+    "wheel_dir": ("SDRECIPE_WHEEL_DIR", str, "/public/software/apps/DeepLearning/whl/dtk-22.10/"),
+    "partition": ("SDRECIPE_PARTITION", str, None),
+    "account": ("SDRECIPE_ACCOUNT", str, None),
+    "qos": ("SDRECIPE_QOS", str, None),
+}
+
+
+def config_path() -> Path:
+    explicit = os.environ.get("SDRECIPE_CONFIG")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "sdrecipe" / "config.yaml"
+
+
+@dataclass(frozen=True)
+class Config:
+    values: dict
+    source: Path | None  # the file read, if any
+
+    def get(self, key: str):
+        return self.values[key]
+
+
+def load_config() -> Config:
+    """Merge environment, config file and defaults; file errors name file:line."""
+    path = config_path()
+    from_file: dict = {}
+    if path.is_file():
+        node = load_yaml(path)
+        node.keys(optional=tuple(SETTINGS))
+        for key, (_, kind, _) in SETTINGS.items():
+            if node.has(key):
+                from_file[key] = node.get(key, kind).value
+    values = {}
+    for key, (env_var, kind, default) in SETTINGS.items():
+        env_value = os.environ.get(env_var) if env_var else None
+        if env_value:
+            values[key] = env_value.split(",") if kind is list else env_value
+        else:
+            values[key] = from_file.get(key, default)
+    return Config(values, path if path.is_file() else None)

@@ -1,0 +1,58 @@
+"""Where a deployment keeps its parts: one folder, owned by sdrecipe, nothing in $HOME.
+
+    <deploy>/stable-diffusion/        upstream checkout at the pinned commit, patched
+    <deploy>/stable-diffusion/models/ model files placed by `fetch` (hardlinks into the cache)
+    <deploy>/torch-home/              $TORCH_HOME: torch.hub's preseeded checkpoints
+    <deploy>/hf-home/                 $HF_HOME: kept empty and offline
+    <deploy>/envs/<profile>/          the built environment
+    <deploy>/reports/<profile>/       verify reports
+    <deploy>/.sdrecipe/               stamps and state of each stage
+    <deploy>/provenance.json          what was deployed, by hash
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Deployment:
+    root: Path
+
+    @property
+    def source(self) -> Path:
+        return self.root / "stable-diffusion"
+
+    @property
+    def models(self) -> Path:
+        return self.source / "models"
+
+    @property
+    def torch_home(self) -> Path:
+        return self.root / "torch-home"
+
+    @property
+    def hf_home(self) -> Path:
+        return self.root / "hf-home"
+
+    @property
+    def state(self) -> Path:
+        return self.root / ".sdrecipe"
+
+    @property
+    def provenance(self) -> Path:
+        return self.root / "provenance.json"
+
+    def env_prefix(self, profile: str) -> Path:
+        return self.root / "envs" / profile
+
+    def reports(self, profile: str) -> Path:
+        return self.root / "reports" / profile
+
+
+def deployment_dir(explicit: str | None, project_root: Path) -> Deployment:
+    """--deploy-dir, else $SDRECIPE_DEPLOY_DIR, else `<project>/deploy`."""
+    chosen = explicit or os.environ.get("SDRECIPE_DEPLOY_DIR") or project_root / "deploy"
+    return Deployment(Path(chosen).expanduser().resolve())
