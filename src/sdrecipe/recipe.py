@@ -26,7 +26,9 @@ PROFILES = ("dtk-22.10", "cuda", "cpu")
 DEFAULT_RECIPE = "recipe/stable-diffusion.yaml"
 
 # section name -> "module:function" taking (Node, Recipe) and returning the parsed section.
-SECTION_PARSERS: dict[str, str] = {}
+SECTION_PARSERS: dict[str, str] = {
+    "artifacts": "artifacts:parse_section",
+}
 
 
 @dataclass(frozen=True)
