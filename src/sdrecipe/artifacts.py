@@ -1,0 +1,416 @@
+"""The recipe's `artifacts:` section: model files, where they come from, where they go.
+
+Each entry names a source (a Hugging Face repo at a commit, or plain URLs), a
+destination folder under a deployment root (`models/...`: the upstream
+checkout's models folder, read by the patched upstream through $SD_MODELS_DIR;
+`torch_home/...`: the deployment's $TORCH_HOME), the profiles it serves and
+whether it is optional. Each file may carry its size and sha256; a file without
+them is trusted on first fetch and its hash recorded in `lock/artifacts.lock`,
+which every later fetch enforces (and `sdrecipe lint` warns until it exists).
+
+`fetch_artifacts` downloads what the cache lacks (through `transfer`, the one
+downloader), then places each file from the cache and stamps it;
+`artifact_status` reads the stamps, so a deployment's state costs one `lstat`
+per file.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
+from filelock import FileLock
+
+from .config import load_config
+from .errors import SdrecipeError
+from .lint import check
+from .placement import (Cache, contained, is_safe_relative, place, read_stamp, sha256_file,
+                        stamp_differs, write_stamp)
+from .schema import SHA1_RE, SHA256_RE, Node, load_yaml
+
+ROOTS = ("models", "torch_home")
+LOCK_FILE = "lock/artifacts.lock"
+DEFAULT_HF_ENDPOINTS = ("https://huggingface.co",)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    """One file of an artifact entry, flattened: where from, what bytes, where to."""
+
+    artifact: str
+    repo: str | None  # Hugging Face repo, or None for a plain URL
+    revision: str | None
+    path: str | None  # path inside the repo
+    url: str | None
+    gated: bool
+    size: int | None
+    sha256: str | None
+    root: str  # one of ROOTS
+    dest: str  # relative to the root
+    profiles: tuple[str, ...] | None
+    optional: bool
+    file: Path
+    line: int | None
+
+    @property
+    def key(self) -> str:
+        """Names the source bytes; the key of `lock/artifacts.lock`."""
+        return f"hf://{self.repo}@{self.revision}/{self.path}" if self.repo else self.url
+
+    @property
+    def place(self) -> str:
+        return f"{self.root}/{self.dest}"
+
+    @property
+    def revision_pinned(self) -> bool:
+        return self.repo is None or bool(SHA1_RE.match(self.revision))
+
+    def applies_to(self, profile: str) -> bool:
+        return self.profiles is None or profile in self.profiles
+
+    def urls(self, endpoints) -> list[str]:
+        if self.repo is None:
+            return [self.url]
+        from .transfer import hf_resolve_urls
+        return list(hf_resolve_urls(endpoints, self.repo, self.revision, self.path))
+
+    def target(self, deployment) -> Path:
+        return contained(root_dir(deployment, self.root), self.dest)
+
+    def stamp(self, deployment) -> Path:
+        return deployment.state / "stamps" / self.root / (self.dest + ".json")
+
+
+def root_dir(deployment, root: str) -> Path:
+    return {"models": deployment.models, "torch_home": deployment.torch_home}[root]
+
+
+# --- the recipe section ---------------------------------------------------------------
+
+def parse_section(node: Node, recipe) -> tuple[ArtifactFile, ...]:
+    """Parse `artifacts:` (registered in recipe.SECTION_PARSERS); errors name file:line:field."""
+    files: list[ArtifactFile] = []
+    names: set = set()
+    places: dict[str, int | None] = {}
+    for item in node.items():
+        item.keys(required=("name", "into", "files"),
+                  optional=("hf", "profiles", "optional", "description"))
+        name = item.text("name", _NAME_RE, "a name of letters, digits, '.', '_' and '-'")
+        if name in names:
+            raise item.get("name").error(f"artifact {name!r} is listed twice")
+        names.add(name)
+        repo = revision = None
+        gated = False
+        if item.has("hf"):
+            hf = item.get("hf").keys(required=("repo", "revision"), optional=("gated",))
+            repo = hf.text("repo", _REPO_RE, "a Hugging Face repo id like owner/name")
+            revision = hf.text("revision")
+            gated = hf.opt("gated", bool, False)
+        root, into = _parse_into(item.get("into", str))
+        profiles = item.string_list("profiles", tuple(recipe.profiles))
+        optional = item.opt("optional", bool, False)
+        for entry in item.get("files", list).items():
+            if repo:
+                entry.keys(required=("path",), optional=("as", "size", "sha256"))
+                path, url = _relative(entry.get("path", str)), None
+                default_name = path
+            else:
+                entry.keys(required=("url",), optional=("as", "size", "sha256"))
+                path, url = None, _url(entry.get("url", str))
+                default_name = posixpath.basename(urlparse(url).path)
+            name_as = _relative(entry.get("as", str)) if entry.has("as") else default_name
+            dest = posixpath.join(into, name_as) if into else name_as
+            if f"{root}/{dest}" in places:
+                raise entry.error(f"{root}/{dest} is already the destination of the file "
+                                  f"at line {places[f'{root}/{dest}']}")
+            places[f"{root}/{dest}"] = entry.line
+            size = entry.opt("size", int)
+            if size is not None and size < 0:
+                raise entry.get("size").error("must be a byte count >= 0")
+            sha256 = (entry.text("sha256", SHA256_RE, "a 64-hex sha256")
+                      if entry.has("sha256") else None)
+            files.append(ArtifactFile(
+                artifact=name, repo=repo, revision=revision, path=path, url=url, gated=gated,
+                size=size, sha256=sha256, root=root, dest=dest, profiles=profiles,
+                optional=optional, file=Path(node.file), line=entry.line))
+    return tuple(files)
+
+
+def _parse_into(node: Node) -> tuple[str, str]:
+    root, _, rest = node.value.partition("/")
+    if root not in ROOTS:
+        raise node.error(f"must start with a deployment root ({', '.join(ROOTS)}), "
+                         f"e.g. models/ldm/stable-diffusion-v1")
+    rest = rest.rstrip("/")
+    if rest and not is_safe_relative(rest):
+        raise node.error("must be a relative path inside its root (no '..', '.', '//')")
+    return root, rest
+
+
+def _relative(node: Node) -> str:
+    if not is_safe_relative(node.value):
+        raise node.error(f"{node.value!r} must be a relative path that stays inside its "
+                         "folder (no '..', no leading '/', no empty parts)")
+    return node.value
+
+
+def _url(node: Node) -> str:
+    parsed = urlparse(node.value)
+    if parsed.scheme not in ("https", "http") or not parsed.netloc:
+        raise node.error(f"expected an https:// URL, got {node.value!r}")
+    if not is_safe_relative(posixpath.basename(parsed.path)):
+        raise node.error("the URL must end in a file name (or give `as:`)")
+    return node.value
+
+
+def artifact_files(recipe) -> tuple[ArtifactFile, ...]:
+    return recipe.sections.get("artifacts", ())
+
+
+def select(recipe, profile: str, with_optional=False, only=None) -> list[ArtifactFile]:
+    """The files a profile needs; `only` (artifact names) narrows, and may name optional ones."""
+    recipe.profile(profile)
+    files = [f for f in artifact_files(recipe) if f.applies_to(profile)]
+    if only:
+        known = {f.artifact for f in artifact_files(recipe)}
+        unknown = sorted(set(only) - known)
+        if unknown:
+            raise SdrecipeError(f"unknown artifact(s) {', '.join(unknown)} "
+                                f"(the recipe {recipe.path} has: {', '.join(sorted(known))})")
+        return [f for f in files if f.artifact in only]
+    return [f for f in files if with_optional or not f.optional]
+
+
+# --- lock/artifacts.lock: trust on first use ---------------------------------------------
+
+class ArtifactLock:
+    """Sizes and sha256s learnt on a first fetch, enforced on every later one."""
+
+    HEADER = ("# Written by `sdrecipe fetch`: size and sha256 of artifact files whose recipe\n"
+              "# entry gives none (trust on first use). Later fetches enforce them. Commit it.\n"
+              "# If an upstream file legitimately changed, delete its entry and fetch again.\n")
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries: dict[str, dict] = {}
+        self.changed = False
+        if path.is_file():
+            root = load_yaml(path).keys(required=("version", "files"))
+            for key, entry in root.get("files", dict).entries():
+                entry.keys(required=("size", "sha256"))
+                self.entries[key] = {"size": entry.get("size", int).value,
+                                     "sha256": entry.text("sha256", SHA256_RE, "a 64-hex sha256")}
+
+    @classmethod
+    def for_recipe(cls, recipe) -> "ArtifactLock":
+        return cls(recipe.root / LOCK_FILE)
+
+    def get(self, key: str) -> dict | None:
+        return self.entries.get(key)
+
+    def record(self, key: str, size: int, sha256: str) -> None:
+        if self.entries.get(key) != {"size": size, "sha256": sha256}:
+            self.entries[key] = {"size": size, "sha256": sha256}
+            self.changed = True
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        body = yaml.safe_dump({"version": 1, "files": dict(sorted(self.entries.items()))},
+                              sort_keys=False, width=200)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(self.HEADER + body)
+        os.replace(tmp, self.path)
+        self.changed = False
+
+
+def expected(file: ArtifactFile, lock: ArtifactLock, extra_pins=None):
+    """(sha256, size, where the pin came from): the recipe, then the lock, then `extra_pins`."""
+    if file.sha256:
+        return file.sha256, file.size, "recipe"
+    for origin, pins in (("lock", lock.entries), ("bundle", extra_pins or {})):
+        if file.key in pins:
+            return pins[file.key]["sha256"], pins[file.key]["size"], origin
+    return None, file.size, None
+
+
+# --- status ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ArtifactStatus:
+    file: ArtifactFile
+    target: Path
+    state: str  # "done", "stale" or "missing"
+    reason: str
+
+
+def _status(file, deployment, sha256) -> ArtifactStatus:
+    target = file.target(deployment)
+    if not os.path.lexists(target):
+        return ArtifactStatus(file, target, "missing", "not placed")
+    stamp = read_stamp(file.stamp(deployment))
+    if stamp is None:
+        return ArtifactStatus(file, target, "stale", "no stamp: not placed by sdrecipe fetch")
+    if sha256 is None:
+        return ArtifactStatus(file, target, "stale", f"no recorded sha256 in {LOCK_FILE}")
+    if stamp.get("sha256") != sha256:
+        return ArtifactStatus(file, target, "stale", f"placed bytes are {stamp.get('sha256')}, "
+                                                     f"expected {sha256}")
+    differs = stamp_differs(stamp, target)
+    if differs:
+        return ArtifactStatus(file, target, "stale", differs)
+    return ArtifactStatus(file, target, "done", f"placed by {stamp.get('method')}")
+
+
+def artifact_status(recipe, deployment, profile: str, with_optional=False,
+                    only=None) -> list[ArtifactStatus]:
+    """Each file's state from its stamp (no hashing): done, stale or missing, with why."""
+    lock = ArtifactLock.for_recipe(recipe)
+    return [_status(f, deployment, expected(f, lock)[0])
+            for f in select(recipe, profile, with_optional, only)]
+
+
+# --- fetch -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Placed:
+    file: ArtifactFile
+    target: Path
+    action: str  # "in place", "verified", "placed" or "repaired"
+    method: str | None  # hardlink, reflink or copy, when placed this run
+
+
+def cache_dir() -> Path:
+    return Path(load_config().get("cache_dir")).expanduser()
+
+
+def fetch_artifacts(recipe, deployment, profile: str, verify=False, with_optional=False,
+                    only=None, extra_pins=None, offline=False) -> list[Placed]:
+    """Make the profile's files present and correct in the deployment; report what was done.
+
+    Files whose stamp matches are trusted (near-instant re-runs); `verify` rehashes
+    everything placed and repairs what differs. `offline` (restore from a bundle)
+    never downloads: what the cache lacks is an error. `extra_pins` (key -> size,
+    sha256) are hashes vouched for by a bundle's manifest.
+    """
+    files = select(recipe, profile, with_optional, only)
+    lock = ArtifactLock.for_recipe(recipe)
+    cache = Cache(cache_dir())
+    deployment.state.mkdir(parents=True, exist_ok=True)
+    done: dict[ArtifactFile, Placed] = {}
+    todo: list[ArtifactFile] = []
+    with FileLock(str(deployment.state / "fetch.lock")):
+        for file in files:
+            sha256 = expected(file, lock, extra_pins)[0]
+            status = _status(file, deployment, sha256)
+            if status.state == "done" and not verify:
+                done[file] = Placed(file, status.target, "in place", None)
+            elif verify and status.state != "missing" and _rehash_ok(file, deployment, sha256, cache):
+                done[file] = Placed(file, status.target, "verified", None)
+            else:
+                todo.append(file)
+        if todo:
+            with cache.lock():
+                hashes = _fill_cache(todo, lock, cache, verify, offline, extra_pins)
+            for file in todo:
+                target = file.target(deployment)
+                existed = os.path.lexists(target)
+                method = place(cache.path(hashes[file]), target)
+                write_stamp(file.stamp(deployment), target, hashes[file], method, file.key)
+                done[file] = Placed(file, target, "repaired" if existed else "placed", method)
+        lock.save()
+    return [done[f] for f in files]
+
+
+def _rehash_ok(file, deployment, sha256, cache) -> bool:
+    """--verify: rehash a placed file; on a mismatch drop the cache copy too if it is bad."""
+    target = file.target(deployment)
+    if sha256 is None or os.path.islink(target) or not target.is_file():
+        return False
+    if sha256_file(target) == sha256:
+        write_stamp(file.stamp(deployment), target, sha256,
+                    (read_stamp(file.stamp(deployment)) or {}).get("method", "unknown"), file.key)
+        return True
+    if cache.has(sha256) and (os.path.samefile(target, cache.path(sha256))
+                              or sha256_file(cache.path(sha256)) != sha256):
+        cache.quarantine(sha256)  # a hardlink shares the damage
+    return False
+
+
+def _fill_cache(files, lock, cache, verify, offline, extra_pins) -> dict:
+    """sha256 of each file, downloading into the cache what it lacks (trust on first use)."""
+    hashes: dict[ArtifactFile, str] = {}
+    wanted: dict[Path, tuple] = {}  # download destination -> (files, sha256, size)
+    for file in files:
+        sha256, size, _ = expected(file, lock, extra_pins)
+        if sha256 and cache.has(sha256):
+            if not verify or sha256_file(cache.path(sha256)) == sha256:
+                hashes[file] = sha256
+                continue
+            cache.quarantine(sha256)
+        dest = cache.path(sha256) if sha256 else cache.incoming(file.key)
+        wanted.setdefault(dest, ([], sha256, size))[0].append(file)
+    if not wanted:
+        return hashes
+    if offline:
+        missing = ", ".join(f.place for group, _, _ in wanted.values() for f in group)
+        raise SdrecipeError(f"not in the bundle or the cache: {missing}. Make the bundle on a "
+                            "node with network after `sdrecipe fetch` of this profile "
+                            "(or pass --with-optional to bundle create)")
+    results = _download([(dest, group, sha256, size)
+                         for dest, (group, sha256, size) in wanted.items()], lock, extra_pins)
+    for (dest, (group, sha256, _)), result in zip(wanted.items(), results):
+        if sha256 is None:
+            cache.adopt(dest, result.sha256)
+            for file in group:
+                lock.record(file.key, result.size, result.sha256)
+        else:
+            cache.seal(sha256)
+        for file in group:
+            hashes[file] = sha256 or result.sha256
+    return hashes
+
+
+def _download(jobs, lock, extra_pins):
+    """Run the transfer; name the lock when a trust-on-first-use hash is what failed."""
+    from .transfer import Download, make_transfer
+    config = load_config()
+    endpoints = config.get("hf_endpoints") or list(DEFAULT_HF_ENDPOINTS)
+    downloads = [Download(urls=group[0].urls(endpoints), dest=dest, sha256=sha256, size=size,
+                          gated=group[0].gated, label=group[0].place)
+                 for dest, group, sha256, size in jobs]
+    try:
+        return make_transfer(config).fetch(downloads)
+    except SdrecipeError as exc:
+        from_lock = [g[0].place for _, g, _, _ in jobs
+                     if expected(g[0], lock, extra_pins)[2] == "lock"]
+        if from_lock and "sha256" in str(exc):
+            raise SdrecipeError(f"{exc}\n(the expected hashes of {', '.join(from_lock)} come "
+                                f"from {lock.path}, recorded on first fetch; if upstream "
+                                "legitimately changed a file, delete its entry and fetch again)"
+                                ) from exc
+        raise
+
+
+# --- lint ------------------------------------------------------------------------------
+
+@check("artifacts-pinned", "every artifact file has a commit-sha revision and a known sha256")
+def _check_pinned(ctx):
+    lock = ArtifactLock.for_recipe(ctx.recipe)
+    for file in artifact_files(ctx.recipe):
+        if not file.revision_pinned:
+            yield ctx.warning("artifacts-pinned", file.file, file.line,
+                              f"{file.place}: revision {file.revision!r} of {file.repo} is not "
+                              "a commit sha; pin the 40-hex commit the file was taken from")
+        if not file.sha256 and lock.get(file.key) is None:
+            yield ctx.warning("artifacts-pinned", file.file, file.line,
+                              f"{file.place}: no sha256 in the recipe or {LOCK_FILE}; the first "
+                              "`sdrecipe fetch` records it (trust on first use): commit the lock")

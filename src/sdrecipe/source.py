@@ -1,0 +1,160 @@
+"""The upstream checkout at the pinned commit: cloned once, verified, never moved.
+
+`ensure_source` tries the recipe's URLs in order (mirrors first). From each it
+asks for the pinned commit alone (`git fetch --depth 1 <url> <sha>`), which
+servers allow for protocol v2 or `uploadpack.allowReachableSHA1InWant`; when a
+server refuses, it fetches the branches and looks for the commit there. A URL
+that does not have the commit (a fork, a stale mirror) is skipped with its
+reason. The clone is made in a temporary sibling folder and renamed into place,
+so an interrupted run leaves nothing half-made.
+
+An existing checkout is reused only if HEAD is the pinned commit and its tracked
+files are either pristine or carry OUR patch series (`patches.tree_state`);
+anything else is someone's work, which we refuse to touch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import git
+from unidiff import PatchSet
+
+from .errors import SdrecipeError
+
+# A ref that keeps the pinned commit alive (and names it in source bundles).
+PINNED_REF = "refs/sdrecipe/pinned"
+
+
+class _Unusable(Exception):
+    """This URL cannot provide the pinned commit; try the next one."""
+
+
+def ensure_source(recipe, dest, profile: str | None = None, bundle: Path | None = None) -> Path:
+    """Return `dest` as a checkout of the pinned commit, cloning it if absent.
+
+    `bundle` (a git bundle file made by `sdrecipe bundle create`) replaces the
+    network: the commit is read from it and nothing else is contacted.
+    """
+    dest = Path(dest)
+    pinned = recipe.upstream.commit
+    if (dest / ".git").exists():
+        check_existing(recipe, dest, profile)
+        return dest
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise SdrecipeError(f"{dest} exists and is not a git checkout; move it aside "
+                            "(or choose another --deploy-dir) and run again")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.parent / f".{dest.name}.partial"
+    sources = [str(bundle)] if bundle else list(recipe.upstream.urls)
+    failures = []
+    for url in sources:
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            _clone_pinned(staging, url, pinned, from_bundle=bundle is not None)
+            break
+        except _Unusable as exc:
+            failures.append(f"  {url}: {exc}")
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise SdrecipeError(
+            f"cannot get upstream commit {pinned} from any source:\n" + "\n".join(failures)
+            + f"\nCheck upstream.url and upstream.mirrors in {recipe.path}, or your network.")
+    if dest.exists():
+        dest.rmdir()  # an empty folder we may replace
+    os.replace(staging, dest)
+    return dest
+
+
+def _clone_pinned(staging: Path, url: str, pinned: str, from_bundle: bool) -> None:
+    repo = git.Repo.init(staging)
+    repo.git.update_environment(GIT_TERMINAL_PROMPT="0")  # fail, never prompt, on auth
+    try:
+        if from_bundle:
+            # Bundles made from a shallow clone lack the parents: declare the
+            # boundary so git does not look for them.
+            (staging / ".git" / "shallow").write_text(pinned + "\n")
+            repo.git.fetch("--no-tags", url, PINNED_REF)
+        else:
+            _fetch_commit(repo, url, pinned)
+        if repo.git.cat_file("-t", pinned) != "commit":
+            raise _Unusable(f"{pinned} is not a commit there")
+        repo.git.update_ref(PINNED_REF, pinned)
+        repo.git.checkout("-q", "--detach", pinned)
+        if not from_bundle:
+            repo.create_remote("origin", url)
+    except git.GitCommandError as exc:
+        raise _Unusable(_git_reason(exc)) from exc
+    head = repo.head.commit.hexsha
+    if head != pinned:
+        raise _Unusable(f"checked out {head}, not the pinned {pinned}")
+
+
+def _fetch_commit(repo: git.Repo, url: str, pinned: str) -> None:
+    """Fetch only the pinned commit; else all branches and tags, if the server refuses."""
+    try:
+        repo.git.fetch("--depth", "1", "--no-tags", url, pinned)
+        return
+    except git.GitCommandError as exc:
+        single_commit_error = _git_reason(exc)
+    try:
+        repo.git.fetch("--tags", url, "+refs/heads/*:refs/remotes/mirror/*")
+    except git.GitCommandError as exc:
+        raise _Unusable(_git_reason(exc)) from exc
+    try:
+        repo.git.cat_file("-e", f"{pinned}^{{commit}}")
+    except git.GitCommandError:
+        raise _Unusable(f"does not have commit {pinned} (a fork or a stale mirror?); "
+                        f"fetching it alone said: {single_commit_error}") from None
+
+
+def _git_reason(exc: git.GitCommandError) -> str:
+    """The last meaningful line git printed, without GitPython's framing."""
+    text = exc.stderr if isinstance(exc.stderr, str) else str(exc)
+    lines = [line.strip().strip("'").strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("stderr:")]
+    return lines[-1] if lines else f"git exited with {exc.status}"
+
+
+def check_existing(recipe, dest: Path, profile: str | None = None) -> None:
+    """Refuse a checkout at another commit, or with changes that are not our series."""
+    pinned = recipe.upstream.commit
+    try:
+        repo = git.Repo(dest)
+        head = repo.head.commit.hexsha
+    except (git.InvalidGitRepositoryError, ValueError) as exc:
+        raise SdrecipeError(f"{dest} is not a usable git checkout ({exc}); "
+                            "move it aside and run again") from exc
+    if head != pinned:
+        raise SdrecipeError(
+            f"{dest} is a checkout of commit {head}, not the pinned {pinned}. "
+            "sdrecipe does not move checkouts it did not make: move it aside "
+            "(or choose another --deploy-dir) and run again")
+    changed = set(repo.git.diff("--name-only", "HEAD").splitlines())  # tracked files only
+    if not changed:
+        return
+    outside = sorted(changed - _series_paths(recipe))
+    drifted = []
+    if not outside:
+        from .patches import tree_state
+        drifted = list(tree_state(dest, recipe, profile or next(iter(recipe.profiles))).drifted)
+    foreign = outside + drifted
+    if not foreign:
+        return  # only our patch series, applied in full or in part
+    listing = ", ".join(foreign[:10]) + (" ..." if len(foreign) > 10 else "")
+    raise SdrecipeError(
+        f"{dest} has changes that are not the recipe's patch series: {listing}. "
+        "Save them elsewhere (git diff > my.patch), then restore those files with "
+        "`git checkout -- <file>` (or move the checkout aside) and run again")
+
+
+def _series_paths(recipe) -> set:
+    """Every file any patch of the recipe touches (in any profile's series)."""
+    paths = set()
+    for entry in recipe.patches:
+        for patched in PatchSet.from_filename(str(recipe.patch_dir / entry.file), encoding="utf-8"):
+            paths.update(p[2:] for p in (patched.source_file, patched.target_file)
+                         if p.startswith(("a/", "b/")))
+    return paths
