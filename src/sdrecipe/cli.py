@@ -72,11 +72,11 @@ def _add_lint(sub):
 
 
 def _add_upstream_lock(sub):
-    from . import patches
+    from . import upstream_lock
     parser = sub.add_parser("upstream-lock",
                             help="write lock/upstream.lock from a checkout at the pinned commit")
     parser.add_argument("--source", required=True, type=Path)
-    parser.set_defaults(func=patches.write_upstream_lock_command)
+    parser.set_defaults(func=upstream_lock.write_command)
 
 
 COMMANDS = (_add_patch, _add_lint, _add_upstream_lock)

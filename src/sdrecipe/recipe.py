@@ -98,7 +98,8 @@ def _parse_upstream(node: Node) -> Upstream:
                     mirrors=node.string_list("mirrors") or ())
 
 
-def _parse_patches(node: Node, recipe_path: Path) -> tuple[Path, tuple[PatchEntry, ...]]:
+def _parse_patches(node: Node, recipe_path: Path,
+                   profiles: tuple[str, ...]) -> tuple[Path, tuple[PatchEntry, ...]]:
     node.keys(required=("dir", "series"))
     patch_dir = recipe_path.resolve().parent.parent / node.text("dir")
     entries, seen = [], set()
@@ -112,7 +113,7 @@ def _parse_patches(node: Node, recipe_path: Path) -> tuple[Path, tuple[PatchEntr
         seen.add(name)
         entries.append(PatchEntry(
             file=name, sha256=item.text("sha256", SHA256_RE, "a 64-hex sha256"),
-            summary=item.text("summary"), when=item.string_list("when", PROFILES),
+            summary=item.text("summary"), when=item.string_list("when", profiles),
             line=item.line))
     return patch_dir, tuple(entries)
 
@@ -142,15 +143,10 @@ def load_recipe(path: Path | str) -> Recipe:
     if schema.value != SCHEMA_VERSION:
         raise schema.error(f"unsupported schema version {schema.value} "
                            f"(this sdrecipe reads version {SCHEMA_VERSION})")
-    patch_dir, patches = _parse_patches(root.get("patches"), path)
+    profiles = _parse_profiles(root.get("profiles"))
+    patch_dir, patches = _parse_patches(root.get("patches"), path, tuple(profiles))
     recipe = Recipe(path=path, name=root.text("name"), upstream=_parse_upstream(root.get("upstream")),
-                    patch_dir=patch_dir, patches=patches,
-                    profiles=_parse_profiles(root.get("profiles")))
-    for entry in patches:
-        for profile in entry.when or ():
-            if profile not in recipe.profiles:
-                raise root.error(f"patch {entry.file} names profile {profile!r}, "
-                                 "which the recipe does not define")
+                    patch_dir=patch_dir, patches=patches, profiles=profiles)
     for section, target in SECTION_PARSERS.items():
         if root.has(section):
             module, func = target.split(":")

@@ -1,0 +1,483 @@
+"""Lint checks for the patch series: what CI can prove without (and with) the upstream.
+
+Every finding names the patch file and line. Without a checkout, the committed
+`lock/upstream.lock` stands in for the upstream: each patch's `index` pre-image
+ids must match it, tracked through the series (a file's pre-image in a later
+patch is the post-image of the earlier patch that touched it). With `--source`,
+every profile's series is applied and reversed for real in a scratch index.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unidiff import PatchSet
+from unidiff.errors import UnidiffParseError
+
+from .errors import SdrecipeError
+from .lint import check
+
+# --- reading a patch ----------------------------------------------------------------
+
+DEP3_REQUIRED = ("Description", "Author", "Origin", "Forwarded", "Last-Update")
+DEP3_ALIASES = {"Subject": "Description", "From": "Author"}
+DEP3_KNOWN = set(DEP3_REQUIRED) | set(DEP3_ALIASES) | {
+    "Bug", "Reviewed-by", "Acked-by", "Applied-Upstream", "Signed-off-by"}
+ORIGIN_KEYWORDS = ("upstream", "backport", "vendor", "other")
+_FIELD_RE = re.compile(r"^([A-Za-z][A-Za-z0-9-]*):(?:\s+(.*))?$")
+_URL_RE = re.compile(r"^https?://[^\s/$.?#][^\s<>]*$")
+_COMMIT_RE = re.compile(r"^[0-9a-f]{7,40}$")
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# `<your name>` or TODO are left-over template text; `<a@b.org>` and `<https://..>` are not.
+_TEMPLATE_RE = re.compile(r"<(?![^<>]*@)(?!https?:)[^<>]*>|\b(TODO|FIXME|TBD|XXX)\b")
+_HUNK_RE = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
+_INDEX_RE = re.compile(r"^index ([0-9a-f]+)\.\.([0-9a-f]+)(?: \d{6})?$")
+_GIT_FAIL_RE = re.compile(r"patch failed: (.+):(\d+)")
+_GIT_PATH_RE = re.compile(r"error: (\S+): (?:No such file|does not exist|already exists|"
+                          r"patch does not apply|does not match index)")
+
+
+@dataclass
+class Hunk:
+    line: int  # the `@@` line
+    old_start: int
+
+
+@dataclass
+class Section:
+    """One file of a patch: where its headers are and what they say."""
+    line: int  # `diff --git` (or `---`) line
+    old: str | None = None  # `---` path as written ("a/x" or "/dev/null")
+    new: str | None = None
+    old_line: int | None = None
+    index_line: int | None = None
+    pre: str | None = None
+    post: str | None = None
+    hunks: list = field(default_factory=list)
+    added: list = field(default_factory=list)  # (line, text) of `+` lines
+
+    @staticmethod
+    def _strip(raw, prefix):
+        if raw is None or raw == "/dev/null":
+            return None
+        return raw[len(prefix):] if raw.startswith(prefix) else raw
+
+    @property
+    def old_path(self):
+        return self._strip(self.old, "a/")
+
+    @property
+    def new_path(self):
+        return self._strip(self.new, "b/")
+
+    @property
+    def path(self):
+        return self.new_path or self.old_path
+
+
+@dataclass
+class ParsedPatch:
+    path: Path
+    data: bytes
+    lines: list  # decoded lines, no line ends
+    header: list  # (line, name, value) DEP-3 fields
+    header_problems: list  # (line, message)
+    sections: list
+    problems: list  # (line, message) structural problems of the diff
+
+
+def _parse_header(lines):
+    """DEP-3 fields up to the first blank line, `---` or diff line."""
+    fields, problems = [], []
+    for number, line in enumerate(lines, 1):
+        if (not line.strip() or line == "---" or line.startswith(("diff --git ", "--- ", "Index: "))):
+            break
+        if line[0] in " \t" and fields:
+            lineno, name, value = fields[-1]
+            fields[-1] = (lineno, name, (value + "\n" + line.strip()).strip())
+            continue
+        match = _FIELD_RE.match(line)
+        if not match:
+            problems.append((number, f"not a DEP-3 `Field: value` line: {line[:60]!r}"))
+            continue
+        fields.append((number, match.group(1), (match.group(2) or "").strip()))
+    return fields, problems
+
+
+def _parse_sections(lines):
+    """File sections, hunks and added lines, with line numbers."""
+    sections, problems = [], []
+    current = None
+    i, total = 0, len(lines)
+    while i < total:
+        line, number = lines[i], i + 1
+        if line.startswith("diff --git "):
+            current = Section(number)
+            sections.append(current)
+        elif line.startswith("index ") and current is not None and current.old is None:
+            current.index_line = number
+            match = _INDEX_RE.match(line)
+            if match:
+                current.pre, current.post = match.groups()
+            else:
+                problems.append((number, f"malformed index line {line!r}"))
+        elif line.startswith("--- ") and i + 1 < total and lines[i + 1].startswith("+++ "):
+            if current is None or current.old is not None:
+                current = Section(number)
+                sections.append(current)
+            current.old = line[4:].split("\t")[0]
+            current.new = lines[i + 1][4:].split("\t")[0]
+            current.old_line = number
+            i += 1
+        elif line.startswith("@@"):
+            match = _HUNK_RE.match(line)
+            if current is None or current.old is None or not match:
+                problems.append((number, "hunk header outside a file or malformed"))
+            else:
+                old_count = int(match.group(2) or 1)
+                new_count = int(match.group(4) or 1)
+                current.hunks.append(Hunk(number, int(match.group(1))))
+                while old_count > 0 or new_count > 0:
+                    i += 1
+                    if i >= total or not lines[i][:1] in (" ", "-", "+", "\\", ""):
+                        problems.append((number, "hunk is shorter than its `@@` header says "
+                                                 "(lines were added or removed by hand?)"))
+                        i -= 1
+                        break
+                    kind = lines[i][:1]
+                    if kind in (" ", ""):
+                        old_count -= 1
+                        new_count -= 1
+                    elif kind == "-":
+                        old_count -= 1
+                    elif kind == "+":
+                        new_count -= 1
+                        current.added.append((i + 1, lines[i][1:]))
+                if i + 1 < total and lines[i + 1][:1] in ("+", "-", " ") \
+                        and lines[i + 1] != "-- " and not lines[i + 1].startswith(("--- ", "+++ ")):
+                    problems.append((number, "hunk is longer than its `@@` header says "
+                                             "(lines were added by hand?)"))
+        i += 1
+    return sections, problems
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_cached(path: str, mtime_ns: int, size: int) -> ParsedPatch:
+    data = Path(path).read_bytes()
+    text = data.decode("utf-8", errors="replace")
+    lines = text.replace("\r\n", "\n").split("\n")
+    header, header_problems = _parse_header(lines)
+    sections, problems = _parse_sections(lines)
+    try:
+        PatchSet(text.replace("\r\n", "\n"))
+    except UnidiffParseError as exc:
+        problems.append((problems[0][0] if problems else None, f"unidiff cannot parse it: {exc}"))
+    if not sections:
+        problems.append((None, "no file diffs found"))
+    return ParsedPatch(Path(path), data, lines, header, header_problems, sections, problems)
+
+
+def parse_patch(path: Path) -> ParsedPatch:
+    stat = Path(path).stat()
+    return _parse_cached(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def locate_apply_error(path: Path, message: str | None) -> int | None:
+    """The patch line behind `git apply`'s message: the failing hunk, else the file header."""
+    if not message or not Path(path).is_file():
+        return None
+    sections = parse_patch(path).sections
+    failed = _GIT_FAIL_RE.search(message)
+    if failed:
+        name, start = failed.group(1), int(failed.group(2))
+        for section in sections:
+            if section.path == name:
+                hunk = next((h for h in section.hunks if h.old_start == start), None)
+                return hunk.line if hunk else section.line
+    named = _GIT_PATH_RE.search(message)
+    if named:
+        return next((s.line for s in sections if named.group(1) in (s.old_path, s.new_path)), None)
+    return None
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+def _rel(recipe, path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(recipe.root))
+    except ValueError:
+        return str(path)
+
+
+def _existing_patches(ctx):
+    """(entry, parsed patch) for every listed patch that exists."""
+    for entry in ctx.recipe.patches:
+        path = ctx.recipe.patch_dir / entry.file
+        if path.is_file():
+            yield entry, parse_patch(path)
+
+
+# --- the checks ---------------------------------------------------------------------------
+
+@check("patch-series", "the recipe's series matches the patch files on disk")
+def check_series(ctx):
+    recipe = ctx.recipe
+    listed = {e.file for e in recipe.patches}
+    for entry in recipe.patches:
+        if not (recipe.patch_dir / entry.file).is_file():
+            yield ctx.error("patch-series", _rel(recipe, recipe.path), entry.line,
+                            f"patch {entry.file} is listed but missing from "
+                            f"{_rel(recipe, recipe.patch_dir)}/")
+    if recipe.patch_dir.is_dir():
+        for path in sorted(recipe.patch_dir.iterdir()):
+            if path.suffix in (".patch", ".diff") and path.name not in listed:
+                yield ctx.error("patch-series", _rel(recipe, path), None,
+                                f"{path.name} is not listed in the recipe's patches.series "
+                                f"({_rel(recipe, recipe.path)}); list it or delete it")
+
+
+@check("patch-sha256", "each patch's sha256 matches the recipe")
+def check_sha256(ctx):
+    recipe = ctx.recipe
+    for entry, patch in _existing_patches(ctx):
+        actual = hashlib.sha256(patch.data).hexdigest()
+        if actual != entry.sha256:
+            yield ctx.error("patch-sha256", _rel(recipe, recipe.path), entry.line,
+                            f"{entry.file}: sha256 is {actual}, the recipe says {entry.sha256}; "
+                            "if the patch was changed on purpose, update the recipe")
+
+
+def _dep3_value_problems(name, value):
+    if _TEMPLATE_RE.search(value):
+        yield f"{name} holds a template value: {value.splitlines()[0][:60]!r}"
+    if name == "Last-Update":
+        try:
+            if not _DATE_RE.match(value):
+                raise ValueError
+            datetime.date.fromisoformat(value)
+        except ValueError:
+            yield f"Last-Update must be an ISO date YYYY-MM-DD, got {value!r}"
+    elif name == "Bug" or name.startswith("Bug-"):
+        if not _URL_RE.match(value):
+            yield f"{name} must be a URL (the upstream issue), got {value!r}"
+    elif name == "Forwarded":
+        if value not in ("no", "not-needed") and not _URL_RE.match(value):
+            yield f"Forwarded must be `no`, `not-needed` or a URL, got {value!r}"
+    elif name == "Origin":
+        keyword, _, rest = value.partition(", ")
+        if keyword not in ORIGIN_KEYWORDS:
+            keyword, rest = None, value
+        if rest and not (_URL_RE.match(rest) or _COMMIT_RE.match(rest)):
+            yield f"Origin must be `[{'|'.join(ORIGIN_KEYWORDS)}, ]<URL or commit id>`, got {value!r}"
+        if not rest and keyword not in ("vendor", "other"):
+            yield f"Origin {value!r} needs a URL or commit id"
+    elif name == "Applied-Upstream":
+        if not (_URL_RE.match(value) or _COMMIT_RE.match(value)):
+            yield f"Applied-Upstream must be a URL or commit id, got {value!r}"
+
+
+@check("patch-dep3", "each patch opens with a valid DEP-3 header")
+def check_dep3(ctx):
+    for entry, patch in _existing_patches(ctx):
+        rel = _rel(ctx.recipe, patch.path)
+        for line, message in patch.header_problems:
+            yield ctx.error("patch-dep3", rel, line, message)
+        seen = {}
+        for line, name, value in patch.header:
+            canonical = DEP3_ALIASES.get(name, name)
+            if canonical in seen:
+                yield ctx.error("patch-dep3", rel, line, f"{name} repeats line {seen[canonical]}")
+            seen[canonical] = line
+            if not value:
+                yield ctx.error("patch-dep3", rel, line, f"{name} is empty")
+                continue
+            if canonical not in DEP3_KNOWN and not canonical.startswith(("Bug-", "X-")):
+                yield ctx.warning("patch-dep3", rel, line, f"{name} is not a DEP-3 field")
+            for message in _dep3_value_problems(canonical, value):
+                yield ctx.error("patch-dep3", rel, line, message)
+        for required in DEP3_REQUIRED:
+            if required not in seen:
+                yield ctx.error("patch-dep3", rel, 1,
+                                f"DEP-3 header lacks {required} (required: "
+                                f"{', '.join(DEP3_REQUIRED)}; Bug optional, a URL)")
+
+
+def _load_lock(ctx):
+    from .upstream_lock import load_upstream_lock
+    try:
+        return load_upstream_lock(ctx.recipe), None
+    except SdrecipeError as exc:
+        return None, str(exc)
+
+
+@check("patch-format", "each patch is a -p1 git diff with a/ b/ paths, full index lines, "
+                       "touching only upstream paths, each file once")
+def check_format(ctx):
+    lock, _ = _load_lock(ctx)
+    for entry, patch in _existing_patches(ctx):
+        rel = _rel(ctx.recipe, patch.path)
+        for line, message in patch.problems:
+            yield ctx.error("patch-format", rel, line, message)
+        seen = {}
+        for section in patch.sections:
+            line = section.line
+            if section.old is None:
+                yield ctx.error("patch-format", rel, line, "file diff without ---/+++ lines")
+                continue
+            for raw, prefix in ((section.old, "a/"), (section.new, "b/")):
+                if raw != "/dev/null" and not raw.startswith(prefix):
+                    yield ctx.error("patch-format", rel, section.old_line,
+                                    f"path {raw!r} lacks the {prefix} prefix (use `git diff`, -p1)")
+            path = section.path
+            if path is None:
+                yield ctx.error("patch-format", rel, line, "both sides are /dev/null")
+                continue
+            parts = Path(path).parts
+            if path.startswith("/") or ".." in parts or (parts and parts[0] == ".git"):
+                yield ctx.error("patch-format", rel, line, f"path {path!r} escapes the upstream tree")
+            if path in seen:
+                yield ctx.error("patch-format", rel, line,
+                                f"{path} is touched twice (also line {seen[path]}); one diff per file")
+            seen.setdefault(path, line)
+            if section.index_line is None:
+                yield ctx.error("patch-format", rel, line, f"{path}: no `index` line "
+                                "(generate with `git diff --full-index`)")
+            elif section.pre and (len(section.pre) != 40 or len(section.post) != 40):
+                yield ctx.error("patch-format", rel, section.index_line,
+                                f"{path}: abbreviated index line; regenerate with `git diff --full-index`")
+            if lock is not None:
+                old = section.old_path
+                if old is not None and old not in lock.blobs:
+                    yield ctx.error("patch-format", rel, section.old_line,
+                                    f"{old} is not a file of the upstream at the pinned commit "
+                                    f"({_rel(ctx.recipe, lock.path)})")
+                if old is None and section.new_path in lock.blobs:
+                    yield ctx.error("patch-format", rel, section.old_line,
+                                    f"{section.new_path} is created, but the upstream already has it")
+
+
+@check("patch-whitespace", "no CRLF line ends and no trailing whitespace added")
+def check_whitespace(ctx):
+    for entry, patch in _existing_patches(ctx):
+        rel = _rel(ctx.recipe, patch.path)
+        crlf = [n for n, raw in enumerate(patch.data.split(b"\n"), 1) if raw.endswith(b"\r")]
+        if crlf:
+            more = f" (and {len(crlf) - 1} more lines)" if len(crlf) > 1 else ""
+            yield ctx.error("patch-whitespace", rel, crlf[0], f"CRLF line end{more}; use LF")
+        for section in patch.sections:
+            for line, text in section.added:
+                if text != text.rstrip():
+                    yield ctx.error("patch-whitespace", rel, line,
+                                    f"added line in {section.path} ends with whitespace")
+
+
+def _project_files(root: Path):
+    """Tracked and untracked-but-not-ignored files; a plain walk outside git."""
+    try:
+        out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "-co", "--exclude-standard"],
+                             capture_output=True, check=True).stdout
+        return [p for p in out.decode("utf-8", "replace").split("\0") if p]
+    except (OSError, subprocess.CalledProcessError):
+        found = []
+        for base, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if d not in (".git", "deploy", ".venv")]
+            found += [os.path.relpath(os.path.join(base, f), root) for f in files]
+        return found
+
+
+@check("patch-debris", "no .orig, .rej or .pc/ debris in the project")
+def check_debris(ctx):
+    for path in _project_files(ctx.recipe.root):
+        if path.endswith((".orig", ".rej")) or ".pc" in Path(path).parts:
+            yield ctx.error("patch-debris", path, None,
+                            "patch debris (from patch/quilt); delete it, never commit it")
+
+
+def _series_findings(ctx, lock, profile):
+    """Pre-image blob ids along one profile's series: (patch, line, message)."""
+    expected = dict(lock.blobs)
+    origin = {path: f"the upstream lock" for path in expected}
+    for entry in ctx.recipe.series(profile):
+        path = ctx.recipe.patch_dir / entry.file
+        if not path.is_file():
+            return
+        for section in parse_patch(path).sections:
+            if section.pre is None or len(section.pre) != 40:
+                continue
+            old, new = section.old_path, section.new_path
+            want = expected.get(old) if old else None
+            have = None if set(section.pre) == {"0"} else section.pre
+            if have != want:
+                yield (path, section.index_line,
+                       f"{section.path}: pre-image blob {section.pre} does not match "
+                       f"{want or 'a new file (0000000...)'} from {origin.get(old, 'the upstream lock')}; "
+                       "the patch was not made against the pinned upstream plus the patches before it")
+            if old:
+                expected.pop(old, None)
+            if new:
+                expected[new] = section.post
+                origin[new] = f"the post-image of {entry.file}"
+
+
+@check("patch-index-blobs", "each patch's index pre-image ids match lock/upstream.lock, "
+                            "tracked through the series")
+def check_index_blobs(ctx):
+    lock, problem = _load_lock(ctx)
+    if lock is None:
+        yield ctx.error("patch-index-blobs", _rel(ctx.recipe, ctx.recipe.root / "lock/upstream.lock"),
+                        None, problem)
+        return
+    if lock.commit != ctx.recipe.upstream.commit:
+        yield ctx.error("patch-index-blobs", _rel(ctx.recipe, lock.path), None,
+                        f"locks commit {lock.commit}, the recipe pins {ctx.recipe.upstream.commit}; "
+                        "regenerate it with `sdrecipe upstream-lock --source DIR`")
+        return
+    found: dict = {}
+    for profile in ctx.recipe.profiles:
+        for path, line, message in _series_findings(ctx, lock, profile):
+            found.setdefault((str(path), line, message), []).append(profile)
+    for (path, line, message), profiles in found.items():
+        suffix = "" if len(profiles) == len(ctx.recipe.profiles) else f" (profile {', '.join(profiles)})"
+        yield ctx.error("patch-index-blobs", _rel(ctx.recipe, path), line, message + suffix)
+
+
+@check("patch-applies", "with --source: every profile's series applies in order with zero "
+                        "fuzz and reverses cleanly", needs_source=True)
+def check_applies(ctx):
+    from .patches import Scratch, check_pinned_head, plan_series
+    try:
+        checkout = check_pinned_head(ctx.source, ctx.recipe)
+    except SdrecipeError as exc:
+        yield ctx.error("patch-applies", str(ctx.source), None, str(exc))
+        return
+    reported = set()
+    with Scratch(checkout) as scratch:
+        for profile in ctx.recipe.profiles:
+            plan = plan_series(scratch, ctx.recipe, profile, reverse_check=True)
+            for step in plan.steps:
+                if step.error:
+                    line = locate_apply_error(step.path, step.error)
+                    key = (step.entry.file, line, step.error)
+                    if key not in reported:
+                        reported.add(key)
+                        yield ctx.error("patch-applies", _rel(ctx.recipe, step.path), line,
+                                        f"profile {profile}: {step.error}")
+                    break
+                for section in parse_patch(step.path).sections:
+                    post = step.files.get(section.path, (None, None))[1]
+                    if section.post and len(section.post) == 40 and set(section.post) != {"0"} \
+                            and post and post != section.post:
+                        key = (step.entry.file, section.index_line, "post")
+                        if key not in reported:
+                            reported.add(key)
+                            yield ctx.error(
+                                "patch-applies", _rel(ctx.recipe, step.path), section.index_line,
+                                f"{section.path}: applying gives blob {post}, the index line says "
+                                f"{section.post}: a hunk was edited after the diff was made")
