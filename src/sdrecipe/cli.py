@@ -79,7 +79,31 @@ def _add_upstream_lock(sub):
     parser.set_defaults(func=upstream_lock.write_command)
 
 
-COMMANDS = (_add_patch, _add_lint, _add_upstream_lock)
+def _add_env(sub):
+    from . import env
+    parser = sub.add_parser("env", help="build a profile's environment from its lock, or check it")
+    actions = parser.add_subparsers(dest="action", required=True)
+    build = actions.add_parser("build", help="create the environment from the lock (no solver)")
+    _profile_option(build)
+    build.add_argument("--prefix", type=Path,
+                       help="environment folder (default: <deploy>/envs/<profile>)")
+    build.add_argument("--python", metavar="PATH",
+                       help="build a venv of this interpreter instead of a conda environment")
+    build.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    build.set_defaults(func=env.build_command)
+    check = actions.add_parser("check", help="run the offline import check in the environment")
+    _profile_option(check)
+    check.set_defaults(func=env.check_command)
+
+
+def _add_doctor(sub):
+    from . import doctor
+    parser = sub.add_parser("doctor", help="diagnose a deployment and name the fix for each problem")
+    _profile_option(parser)
+    parser.set_defaults(func=doctor.run_command)
+
+
+COMMANDS = (_add_patch, _add_lint, _add_upstream_lock, _add_env, _add_doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,399 @@
+"""`sdrecipe doctor`: find what is wrong with a deployment and name the fix.
+
+Each error the seed met by hand (and the ones it would have met next) has one
+registered diagnosis here: a small function, decorated with `@diagnosis`, that
+looks at the deployment, the built environment or this machine and returns
+`Finding`s carrying the exact error text a user would see and the command that
+fixes it. The checks look (files, ldd, the env's own metadata); they do not
+import torch, so doctor stays fast on a login node.
+
+`detect_profile()` also lives here: it is the same question (what is this
+machine?) that the accelerator diagnosis asks.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .errors import SdrecipeError
+
+HARDNET_CHECKPOINT = "hub/checkpoints/checkpoint_liberty_with_aug.pth"
+LOCAL_HF_MODELS = {  # folder under models/ -> what upstream fetched from the Hub
+    "stable-diffusion-safety-checker": "CompVis/stable-diffusion-safety-checker",
+    "clip-vit-large-patch14": "openai/clip-vit-large-patch14",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: str  # "error" or "warning"
+    check: str
+    symptom: str  # the error text a user meets, as the seed met it
+    cause: str
+    fix: str
+
+
+@dataclass
+class DoctorContext:
+    recipe: object
+    deployment: object
+    profile: str
+    environ: dict = field(default_factory=lambda: dict(os.environ))
+
+    @property
+    def prefix(self) -> Path:
+        from .env import env_prefix
+        return env_prefix(self.deployment, self.profile)
+
+    def site_packages(self) -> Path | None:
+        found = sorted(self.prefix.glob("lib/python3*/site-packages"))
+        return found[0] if found else None
+
+    def activated(self) -> dict:
+        from .env import activation_env
+        return {**self.environ, **activation_env(self.deployment, self.profile, self.environ)}
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    name: str
+    description: str
+    func: Callable[[DoctorContext], Iterable[Finding]]
+
+
+DIAGNOSES: dict[str, Diagnosis] = {}
+
+
+def diagnosis(name: str, description: str):
+    """Register a diagnosis: a function of DoctorContext returning Findings."""
+    def register(func):
+        DIAGNOSES[name] = Diagnosis(name, description, func)
+        return func
+    return register
+
+
+def _finding(check, symptom, cause, fix, severity="error") -> Finding:
+    return Finding(severity, check, symptom, cause, fix)
+
+
+def _build_command(profile: str) -> str:
+    return f"./scripts/build-env.sh --profile {profile}"
+
+
+# --- the environment ---------------------------------------------------------------------
+
+
+@diagnosis("env-built", "the profile's environment exists")
+def check_env_built(ctx):
+    python = ctx.prefix / "bin" / "python"
+    if not python.exists():
+        yield _finding("env-built", f"{python}: No such file or directory",
+                       f"the {ctx.profile} environment has not been built",
+                       _build_command(ctx.profile))
+
+
+@diagnosis("stale-lock", "the lock matches env/ (else the env was built from an old lock)")
+def check_stale_lock(ctx):
+    from .lock import lock_staleness
+    reason = lock_staleness(ctx.recipe, ctx.profile)
+    if reason:
+        yield _finding("stale-lock", f"lock/{ctx.profile}.conda-lock.yml is stale", reason,
+                       f"sdrecipe lock --profile {ctx.profile}, commit the lock, then "
+                       f"{_build_command(ctx.profile)}")
+
+
+def _missing_libraries(library: Path, environ: dict) -> list[str]:
+    result = subprocess.run(["ldd", str(library)], capture_output=True, text=True, env=environ)
+    return re.findall(r"^\s*(\S+) => not found", result.stdout, re.M)
+
+
+@diagnosis("shared-libraries", "torch's shared libraries resolve under the activated env (ldd)")
+def check_shared_libraries(ctx):
+    site = ctx.site_packages()
+    torch_dir = site / "torch" if site else None
+    if not torch_dir or not torch_dir.is_dir():
+        return
+    environ = ctx.activated()
+    missing: dict[str, list[str]] = {}
+    for library in sorted(list(torch_dir.glob("_C*.so")) + list(torch_dir.glob("lib/*.so*"))):
+        for name in _missing_libraries(library, environ):
+            missing.setdefault(name, []).append(library.name)
+    modules = " ".join(ctx.recipe.profile(ctx.profile).modules)
+    for name, users in sorted(missing.items()):
+        symptom = f"OSError: {name}: cannot open shared object file: No such file or directory"
+        needed_by = f"{name} is needed by torch's {', '.join(users[:3])}"
+        if name.startswith("libmpi"):
+            fix = (f"the lock's conda part installs openmpi=4.1.2, which puts {name} in "
+                   f"{ctx.prefix}/lib: build with a conda backend ({_build_command(ctx.profile)} "
+                   f"without --python) and activate it (source "
+                   f"{ctx.prefix}/etc/sdrecipe/activate.sh sets LD_LIBRARY_PATH); with a venv, "
+                   f"module load the site's OpenMPI 4")
+        elif modules:
+            fix = f"module load {modules}, then activate the environment"
+        else:
+            fix = f"rebuild the environment: {_build_command(ctx.profile)} --force"
+        yield _finding("shared-libraries", symptom, needed_by + " and nothing on "
+                       "LD_LIBRARY_PATH or the system's library path provides it", fix)
+
+
+def _distribution_names(site: Path) -> dict[str, Path]:
+    """Installed distributions by normalised name -> their dist-info folder."""
+    names = {}
+    for info in site.glob("*.dist-info"):
+        meta = info / "METADATA"
+        text = meta.read_text(errors="replace") if meta.is_file() else ""
+        found = re.search(r"^Name:\s*(\S+)", text, re.M)
+        if found:
+            names[re.sub(r"[-_.]+", "-", found.group(1)).lower()] = info
+    return names
+
+
+@diagnosis("clip-package", "`import clip` is OpenAI's CLIP (clip-anytorch), not PyPI's `clip`")
+def check_clip_package(ctx):
+    site = ctx.site_packages()
+    if not site:
+        return
+    installed = _distribution_names(site)
+    if "clip" in installed:
+        yield _finding("clip-package", "AttributeError: module 'clip' has no attribute 'load'",
+                       f"PyPI's package named 'clip' ({installed['clip'].name}) is an unrelated "
+                       f"clipboard tool; upstream needs OpenAI's CLIP",
+                       f"{ctx.prefix}/bin/python -m pip uninstall -y clip, then "
+                       f"{_build_command(ctx.profile)} --force (the lock pins clip-anytorch)")
+
+
+def _class_names(path: Path) -> set[str]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError):
+        return set()
+    return {node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
+
+
+def _imported_names(path: Path, module: str) -> set[str]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError):
+        return set()
+    return {alias.name for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == module for alias in node.names}
+
+
+@diagnosis("taming-vectorquantizer", "upstream's taming import matches the installed taming")
+def check_taming(ctx):
+    site, source = ctx.site_packages(), ctx.deployment.source
+    quantize = site / "taming" / "modules" / "vqvae" / "quantize.py" if site else None
+    if not quantize or not quantize.is_file():
+        return
+    wanted = _imported_names(source / "ldm" / "models" / "autoencoder.py",
+                             "taming.modules.vqvae.quantize")
+    missing = sorted(wanted - _class_names(quantize))
+    for name in missing:
+        yield _finding("taming-vectorquantizer",
+                       f"ImportError: cannot import name '{name}' from "
+                       f"'taming.modules.vqvae.quantize'",
+                       f"{source}/ldm/models/autoencoder.py imports {name}, which the installed "
+                       f"taming-transformers ({quantize}) does not define",
+                       f"apply the patch series: ./scripts/apply-patches.sh --source {source} "
+                       f"--profile {ctx.profile}")
+
+
+# --- the upstream checkout and its data ----------------------------------------------------------
+
+
+def _ldm_importable_from_script(python: Path, script: Path, environ: dict) -> str | None:
+    """Replay the script's sys.path setup and `ldm` imports; return the error, if any.
+
+    Only the statements that matter run (imports of os/sys, sys.path edits, imports
+    from ldm), so the check does not import torch.
+    """
+    source = script.read_text(encoding="utf-8")
+    kept = []
+    for node in ast.parse(source).body:
+        text = ast.get_source_segment(source, node) or ""
+        if isinstance(node, ast.Import) and all(a.name in ("os", "sys") for a in node.names):
+            kept.append(text)
+        elif isinstance(node, ast.Import) and any(a.name in ("os", "sys") for a in node.names):
+            kept.append("import os, sys")
+        elif "sys.path" in text and not isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            kept.append(text)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "ldm":
+            kept.append(f"import importlib.util as _u\nif _u.find_spec({node.module.split('.')[0]!r})"
+                        f" is None: raise ModuleNotFoundError(\"No module named 'ldm'\")")
+            break
+    program = ("import sys; sys.path[0] = %r; __file__ = %r\n" % (str(script.parent), str(script))
+               + "\n".join(kept))
+    result = subprocess.run([str(python), "-c", program], capture_output=True, text=True,
+                            cwd=str(script.parent.parent), env=environ)
+    if result.returncode != 0:
+        return (result.stderr.strip().splitlines() or ["exit %d" % result.returncode])[-1]
+    return None
+
+
+@diagnosis("ldm-import", "scripts/txt2img.py can import the ldm package")
+def check_ldm_import(ctx):
+    script = ctx.deployment.source / "scripts" / "txt2img.py"
+    python = ctx.prefix / "bin" / "python"
+    if not script.is_file() or not python.exists():
+        return
+    error = _ldm_importable_from_script(python, script, ctx.activated())
+    if error:
+        yield _finding("ldm-import", error,
+                       "python puts scripts/ (not the repository root) on sys.path, and the "
+                       "sys.path patch of the series is not applied",
+                       f"./scripts/apply-patches.sh --source {ctx.deployment.source} "
+                       f"--profile {ctx.profile}")
+
+
+@diagnosis("patch-series", "the recipe's patch series is applied to the deployed checkout")
+def check_patch_series(ctx):
+    source = ctx.deployment.source
+    if not (source / ".git").exists() or not ctx.recipe.series(ctx.profile):
+        return
+    from .patches import tree_state
+    try:
+        state = tree_state(source, ctx.recipe, ctx.profile)
+    except SdrecipeError as exc:
+        yield _finding("patch-series", str(exc), "the checkout is not the pinned upstream",
+                       "redeploy the source: sdrecipe fetch")
+        return
+    if state.state != "applied":
+        pending = [p.entry.file for p in state.patches if p.state != "applied"]
+        yield _finding("patch-series", f"patch series is {state.state} on {source}",
+                       "not applied: " + ", ".join(pending) if pending else state.state,
+                       f"./scripts/apply-patches.sh --source {source} --profile {ctx.profile}"
+                       + (" --force   (files were edited by hand: " + ", ".join(state.drifted)
+                          + ")" if state.drifted else ""))
+
+
+@diagnosis("local-hf-models", "the safety checker and CLIP are read from local folders")
+def check_local_models(ctx):
+    for folder, repo in LOCAL_HF_MODELS.items():
+        path = ctx.deployment.models / folder
+        if not (path / "config.json").is_file():
+            yield _finding("local-hf-models",
+                           f"OSError: We couldn't connect to 'https://huggingface.co' to load "
+                           f"this model ({repo})",
+                           f"{path}/config.json is missing, so the patched upstream has no local "
+                           f"copy and transformers tries the Hub (offline here)",
+                           "sdrecipe fetch   (on a login node with internet or a mirror; or "
+                           "bundle restore for air-gapped sites)")
+
+
+@diagnosis("kornia-hardnet", "kornia's HardNet checkpoint is preseeded in TORCH_HOME")
+def check_hardnet(ctx):
+    site = ctx.site_packages()
+    if not site or not (site / "kornia").is_dir():
+        return
+    checkpoint = ctx.deployment.torch_home / HARDNET_CHECKPOINT
+    if not checkpoint.is_file():
+        yield _finding("kornia-hardnet",
+                       "Downloading: \"https://github.com/DagnyT/hardnet/raw/master/pretrained/"
+                       "train_liberty_with_aug/checkpoint_liberty_with_aug.pth\" (hangs offline)",
+                       f"kornia 0.6 builds HardNet(pretrained=True) at import and "
+                       f"{checkpoint} is missing",
+                       "sdrecipe fetch   (preseeds TORCH_HOME; activation points TORCH_HOME there)")
+
+
+# --- this machine ------------------------------------------------------------------------------
+
+
+def _loaded_modules(environ) -> list[str]:
+    return [m for m in environ.get("LOADEDMODULES", "").split(":") if m]
+
+
+@diagnosis("modules", "the profile's Lmod modules are loaded (DTK for dtk-22.10)")
+def check_modules(ctx):
+    loaded = _loaded_modules(ctx.environ)
+    for module in ctx.recipe.profile(ctx.profile).modules:
+        if module not in loaded:
+            yield _finding("modules", f"module {module} is not loaded "
+                           f"(loaded: {', '.join(loaded) or 'none'})",
+                           "torch of DTK 22.10 needs the DTK runtime (HIP, rocBLAS, MIOpen) "
+                           "that this module puts on the library path",
+                           f"module load {module}")
+
+
+def visible_devices(environ=None) -> dict[str, int]:
+    """Accelerators the vendor tools on PATH can see: {"dcu": n, "cuda": n}."""
+    environ = os.environ if environ is None else environ
+    counts = {}
+    for kind, command, pattern in (("dcu", ["hy-smi"], r"^\s*(DCU|GPU)\[?\d+"),
+                                   ("dcu", ["rocm-smi", "--showid"], r"^\s*(DCU|GPU)\[\d+\]"),
+                                   ("cuda", ["nvidia-smi", "-L"], r"^GPU \d+:")):
+        tool = shutil.which(command[0], path=environ.get("PATH"))
+        if not tool or counts.get(kind):
+            continue
+        try:
+            out = subprocess.run([tool] + command[1:], capture_output=True, text=True,
+                                 timeout=20, env=environ)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        ids = {line.split()[0].split(":")[0] for line in out.stdout.splitlines()
+               if re.match(pattern, line)} if out.returncode == 0 else set()
+        counts[kind] = len(ids)
+    return counts
+
+
+@diagnosis("accelerator", "an accelerator of the profile's kind is visible")
+def check_accelerator(ctx):
+    kind = ctx.recipe.profile(ctx.profile).accelerator
+    if kind == "none":
+        return
+    tool = "hy-smi or rocm-smi" if kind == "dcu" else "nvidia-smi"
+    if not visible_devices(ctx.environ).get(kind):
+        gres = "dcu" if kind == "dcu" else "gpu"
+        yield _finding("accelerator", f"no {kind.upper()} visible ({tool} lists none or is "
+                       f"not on PATH)", "this is a login node, or the job did not request "
+                       "accelerators", f"run on a compute node: salloc -p <partition> -N 1 "
+                       f"--gres={gres}:1 (or sdrecipe submit)", severity="warning")
+
+
+def detect_profile(environ=None) -> str:
+    """dtk-22.10 when the DTK module is loaded or DCUs are visible, cuda for NVIDIA GPUs, else cpu."""
+    environ = os.environ if environ is None else environ
+    if any("dtk" in module.lower() for module in _loaded_modules(environ)):
+        return "dtk-22.10"
+    devices = visible_devices(environ)
+    if devices.get("dcu"):
+        return "dtk-22.10"
+    if devices.get("cuda"):
+        return "cuda"
+    return "cpu"
+
+
+# --- running --------------------------------------------------------------------------------------
+
+
+def diagnose(recipe, deployment, profile: str, environ=None) -> list[Finding]:
+    ctx = DoctorContext(recipe, deployment, profile, dict(os.environ if environ is None else environ))
+    findings: list[Finding] = []
+    for registered in DIAGNOSES.values():
+        findings.extend(registered.func(ctx) or ())
+    return findings
+
+
+def run_command(cli_ctx) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    profile = cli_ctx.profile()
+    findings = diagnose(cli_ctx.recipe, cli_ctx.deployment, profile)
+    console = Console()
+    console.print(f"sdrecipe doctor: profile {profile}, deployment {cli_ctx.deployment.root}, "
+                  f"{len(DIAGNOSES)} diagnoses")
+    for finding in findings:
+        colour = "red" if finding.severity == "error" else "yellow"
+        console.print(f"[{colour}]{finding.severity}[/{colour}] [{finding.check}] "
+                      f"{escape(finding.symptom)}\n  cause: {escape(finding.cause)}\n"
+                      f"  fix:   {escape(finding.fix)}")
+    errors = sum(1 for f in findings if f.severity == "error")
+    console.print(f"{errors} errors, {len(findings) - errors} warnings" if findings
+                  else "no problems found")
+    return 1 if errors else 0

@@ -1,0 +1,458 @@
+"""`sdrecipe env build`: create a profile's environment from its lock, with no solver run.
+
+The seed took most of its half-day here: `conda env create` from a half-pinned
+file, a hand-installed `openmpi`, platform wheels pip-installed over the conda
+torch, `LD_LIBRARY_PATH` exported by hand. This module replays the lock instead:
+
+1. the conda part, by the first backend available: micromamba, mamba or conda
+   (given the lock's explicit URL list, as `conda-lock install` does), else
+   py-rattler (`rattler.install` of the locked records: no conda needed); or a
+   plain venv of `--python PATH` on machines without conda (the pip layer and
+   platform wheels are then all there is);
+2. the platform wheels (DTK builds of torch and torchvision) from the site's
+   wheel folder, sha256-checked against the lock, recorded there on first sight;
+3. the pip layer, `pip install --require-hashes --no-deps` from the lock: pip
+   never resolves, so it cannot swap the DTK torch for a PyPI one;
+4. activation scripts and an Lmod modulefile (`activation.py`);
+5. the import check (`payload/import_check.py`), run offline inside the env.
+
+A stamp over the lock, the wheel hashes, the backend and the interpreter makes a
+second run a no-op; any change rebuilds the environment from scratch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from . import activation
+from .config import load_config
+from .errors import SdrecipeError
+
+PAYLOAD = Path(__file__).parent / "payload"
+CONDA_TOOLS = ("micromamba", "mamba", "conda")
+STAMP_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Wheel:
+    """A platform wheel found in the wheel folder and checked against the lock."""
+    path: Path
+    sha256: str
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    python: str
+    rows: list[dict]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.rows) and all(row["ok"] for row in self.rows)
+
+
+# --- where things are ----------------------------------------------------------------
+
+
+def _record_path(deployment, profile: str) -> Path:
+    return deployment.state / f"env-{profile}.json"
+
+
+def env_record(deployment, profile: str) -> dict | None:
+    """What the last build of `profile` in this deployment wrote (prefix, backend, check)."""
+    path = _record_path(deployment, profile)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise SdrecipeError(f"{path}: unreadable build record ({exc}); "
+                            f"rebuild with: sdrecipe env build --profile {profile} --force") from exc
+
+
+def env_prefix(deployment, profile: str) -> Path:
+    """The environment's folder: the one last built (even with --prefix), else the default."""
+    record = env_record(deployment, profile)
+    return Path(record["prefix"]) if record else deployment.env_prefix(profile)
+
+
+def env_python(deployment, profile: str) -> Path:
+    """The environment's interpreter (conda and venv alike keep it in bin/)."""
+    return env_prefix(deployment, profile) / "bin" / "python"
+
+
+def _is_conda_prefix(prefix: Path) -> bool:
+    return (prefix / "conda-meta").is_dir()
+
+
+def activation_env(deployment, profile: str, base: dict | None = None) -> dict[str, str]:
+    """The variables activation sets, composed with `base` (default: os.environ).
+
+    Use `{**os.environ, **activation_env(d, p)}` to run a process inside the env.
+    """
+    table = activation.variables(deployment, profile, env_prefix(deployment, profile))
+    return activation.apply(table, os.environ if base is None else base)
+
+
+def activation_script(deployment, profile: str) -> Path:
+    """The bash file to `source` to activate the environment (any backend)."""
+    return env_prefix(deployment, profile) / "etc" / "sdrecipe" / "activate.sh"
+
+
+def modulefile_path(deployment, profile: str) -> Path:
+    return deployment.root / "modulefiles" / "sdrecipe" / f"{profile}.lua"
+
+
+# --- the lock, as this module reads it -----------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_platform_wheels(recipe, profile: str, lock, wheel_dir: Path) -> list[Wheel]:
+    """Locate each platform wheel of the lock, check (or first record) its sha256."""
+    from . import lock as lock_module
+    wheels = []
+    for entry in lock.platform_wheels:
+        name = entry.filename
+        if "/" in name or name.startswith("."):
+            raise SdrecipeError(f"{lock.path}: platform wheel {name!r} must be a plain file name")
+        # The seed's site keeps them in <folder>/pytorch/: look one level down too.
+        candidates = [wheel_dir / name] + sorted(wheel_dir.glob(f"*/{name}"))
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            raise SdrecipeError(
+                f"platform wheel {name} not found in the wheel folder {wheel_dir} (nor one "
+                f"folder below it). Copy it there, or point sdrecipe at the folder that has it: "
+                f"export SDRECIPE_WHEEL_DIR=/path/to/dtk-22.10 (or wheel_dir: in the config file)")
+        actual = _sha256(path)
+        if entry.sha256 is None:
+            lock_module.record_wheel_hash(recipe, profile, name, actual)
+            print(f"recorded sha256 of {name} in {lock.path} (first sight): {actual}\n"
+                  f"  commit it: git add {lock.path}", file=sys.stderr)
+        elif entry.sha256 != actual:
+            raise SdrecipeError(
+                f"platform wheel {path} has sha256 {actual}, but {lock.path} pins {entry.sha256}. "
+                f"The file changed since it was locked: restore the original, or if the site "
+                f"replaced it on purpose, delete its sha256 from the lock and rebuild to record "
+                f"the new one")
+        wheels.append(Wheel(path, actual))
+    return wheels
+
+
+def requirements_text(lock, wheels: list[Wheel]) -> str:
+    """The pip layer plus platform wheels as a hash-pinned requirements file."""
+    lines = [f"# generated by sdrecipe from {lock.path}; installed with --require-hashes --no-deps"]
+    for wheel in wheels:
+        lines.append(f"{wheel.path} --hash=sha256:{wheel.sha256}")
+    for package in lock.pip:
+        hashes = " ".join(f"--hash=sha256:{h}" for h in package.sha256s)
+        lines.append(f"{package.name}=={package.version} {hashes}")
+    return "\n".join(lines) + "\n"
+
+
+# --- backends --------------------------------------------------------------------------
+
+
+def choose_backend(python: str | None) -> str:
+    if python:
+        return "venv"
+    for tool in CONDA_TOOLS:
+        if shutil.which(tool):
+            return tool
+    return "rattler"
+
+
+def _run(cmd: list, what: str, **kwargs):
+    """Run a build step; on failure, name the step and the command."""
+    print("+ " + " ".join(str(c) for c in cmd), file=sys.stderr)
+    result = subprocess.run([str(c) for c in cmd], **kwargs)
+    if result.returncode != 0:
+        raise SdrecipeError(f"{what} failed (exit {result.returncode}): "
+                            + " ".join(str(c) for c in cmd))
+    return result
+
+
+def _python_version(python: str) -> str:
+    try:
+        out = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SdrecipeError(f"--python {python}: cannot run it ({exc})") from exc
+    return out.stdout.strip()
+
+
+def create_venv(python: str, prefix: Path, lock):
+    wanted = lock.python_version  # e.g. "3.8"
+    have = _python_version(python)
+    if wanted and have != wanted:
+        raise SdrecipeError(f"--python {python} is Python {have}, but {lock.path} is locked for "
+                            f"Python {wanted}: pass a Python {wanted} interpreter")
+    _run([python, "-m", "venv", prefix], "creating the venv")
+
+
+def explicit_text(lock) -> str:
+    """The conda part in conda's @EXPLICIT format, each URL with its md5 (as conda-lock renders)."""
+    lines = ["# generated by sdrecipe from " + str(lock.path), "@EXPLICIT"]
+    for package in lock.conda:
+        lines.append(f"{package.url}#{package.md5}" if package.md5 else package.url)
+    return "\n".join(lines) + "\n"
+
+
+def create_conda(tool: str, prefix: Path, lock, workdir: Path):
+    explicit = workdir / "conda-explicit.txt"
+    explicit.write_text(explicit_text(lock))
+    _run([tool, "create", "--yes", "--prefix", prefix, "--file", explicit],
+         f"creating the conda environment with {tool}")
+
+
+def rattler_records(lock) -> list:
+    """The locked conda packages as py-rattler records, straight from the lock (no solve)."""
+    import rattler
+    records = []
+    for package in lock.conda:
+        file_name = package.url.rsplit("/", 1)[-1]
+        stem = file_name.removesuffix(".conda").removesuffix(".tar.bz2")
+        name, version, build = stem.rsplit("-", 2)
+        channel_url, subdir = package.url.rsplit("/", 2)[0], package.url.rsplit("/", 2)[1]
+        record = rattler.PackageRecord(
+            name=name, version=version, build=build, build_number=package.build_number,
+            subdir=subdir, depends=list(package.depends),
+            sha256=bytes.fromhex(package.sha256) if package.sha256 else None,
+            md5=bytes.fromhex(package.md5) if package.md5 else None)
+        records.append(rattler.RepoDataRecord(record, file_name, package.url, channel_url))
+    return records
+
+
+def create_rattler(prefix: Path, lock, cache_dir: Path):
+    try:
+        import rattler
+    except ImportError as exc:
+        raise SdrecipeError("no conda, mamba or micromamba on PATH and py-rattler is not "
+                            "installed: pip install py-rattler, or pass --python PATH to build "
+                            "a venv instead") from exc
+    print(f"+ py-rattler install of {len(lock.conda)} locked packages into {prefix}",
+          file=sys.stderr)
+    try:
+        asyncio.run(rattler.install(rattler_records(lock), target_prefix=prefix,
+                                    cache_dir=cache_dir, show_progress=sys.stderr.isatty()))
+    except Exception as exc:  # py-rattler raises its own exception types per failure
+        raise SdrecipeError(f"py-rattler could not install the conda part of {lock.path}: "
+                            f"{exc}") from exc
+
+
+# --- activation files ---------------------------------------------------------------------
+
+
+def write_activation(recipe, deployment, profile: str, prefix: Path):
+    profile_info = recipe.profile(profile)
+    table = activation.variables(deployment, profile, prefix)
+    modules = profile_info.modules
+    script = prefix / "etc" / "sdrecipe" / "activate.sh"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(activation.bash_script(table, profile, modules, _is_conda_prefix(prefix)))
+    if _is_conda_prefix(prefix):
+        on, off = activation.conda_hooks(table, profile, modules)
+        for folder, text in (("activate.d", on), ("deactivate.d", off)):
+            hook = prefix / "etc" / "conda" / folder / "sdrecipe.sh"
+            hook.parent.mkdir(parents=True, exist_ok=True)
+            hook.write_text(text)
+    module = modulefile_path(deployment, profile)
+    module.parent.mkdir(parents=True, exist_ok=True)
+    module.write_text(activation.modulefile(table, profile, modules, profile_info.description))
+    return script, module
+
+
+# --- the import check -----------------------------------------------------------------------
+
+
+def _network_isolation() -> list[str]:
+    """`unshare -rn` when this kernel lets us; the payload also blocks sockets itself."""
+    if shutil.which("unshare") and subprocess.run(
+            ["unshare", "-rn", "true"], capture_output=True).returncode == 0:
+        return ["unshare", "-rn"]
+    return []
+
+
+def import_check(deployment, profile: str) -> CheckResult:
+    """Run the import check in the environment, activated, offline."""
+    python = env_python(deployment, profile)
+    if not python.exists():
+        raise SdrecipeError(f"no environment for {profile} at {python.parent.parent}: "
+                            f"run ./scripts/build-env.sh --profile {profile}")
+    environ = {**os.environ, **activation_env(deployment, profile)}
+    result = subprocess.run(_network_isolation() + [str(python), str(PAYLOAD / "import_check.py")],
+                            env=environ, capture_output=True, text=True)
+    try:
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise SdrecipeError(f"the import check could not run under {python} (exit "
+                            f"{result.returncode}): {result.stderr.strip()[-2000:]}") from None
+    return CheckResult(report["python"], report["rows"])
+
+
+def print_check(result: CheckResult, profile: str):
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"import check: {profile} (Python {result.python}, offline)")
+    for column in ("", "module", "version", "detail"):
+        table.add_column(column, overflow="fold")
+    for row in result.rows:
+        mark = "[green]ok[/green]" if row["ok"] else "[red]FAIL[/red]"
+        table.add_row(mark, row["name"], row["version"], row["detail"])
+    Console(stderr=False).print(table)
+
+
+# --- build ------------------------------------------------------------------------------------
+
+
+def _stamp(lock, wheels: list[Wheel], backend: str, python: str | None, deployment) -> str:
+    inputs = {"version": STAMP_VERSION, "lock": _sha256(lock.path),
+              "wheels": sorted(w.sha256 for w in wheels), "backend": backend,
+              "python": str(Path(python).resolve()) if python else None,
+              "deployment": str(deployment.root)}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _clear_prefix(prefix: Path):
+    """Remove a previous build, but only one sdrecipe made: never a user's folder."""
+    if not prefix.exists():
+        return
+    if (prefix / "etc" / "sdrecipe").is_dir():
+        shutil.rmtree(prefix)
+    elif any(prefix.iterdir()):
+        raise SdrecipeError(f"{prefix} exists, is not empty and was not built by sdrecipe: "
+                            f"choose another --prefix or remove it yourself")
+
+
+def _load_lock(recipe, profile: str, backend: str):
+    """The profile's lock; a conda part not locked yet is solved once and written into it."""
+    from .lock import load_lock, lock_conda_part
+    lock = load_lock(recipe, profile)
+    if backend != "venv" and not lock.conda:
+        print(f"{lock.path} has no conda part yet: solving it once from env/ ...", file=sys.stderr)
+        lock_conda_part(recipe, profile)
+        lock = load_lock(recipe, profile)
+        print(f"wrote the conda part into {lock.path}; commit it so builds stay solver-free:\n"
+              f"  git add {lock.path} && git commit -m 'lock: conda part of {profile}'",
+              file=sys.stderr)
+    return lock
+
+
+@dataclass(frozen=True)
+class Built:
+    prefix: Path
+    backend: str
+    rebuilt: bool  # False: the stamp matched and nothing was done
+
+
+def build_env(recipe, deployment, profile: str, prefix: Path | None = None,
+              python: str | None = None, force: bool = False) -> Built:
+    """Build the environment of `profile`, or confirm it is up to date (a no-op).
+
+    Raises SdrecipeError naming the failing step. The import check is separate
+    (`import_check`), so callers choose how to report it.
+    """
+    recipe.profile(profile)
+    prefix = Path(prefix).expanduser().absolute() if prefix else deployment.env_prefix(profile)
+    backend = choose_backend(python)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    deployment.state.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(prefix.parent / f".{prefix.name}.build.lock")):
+        lock = _load_lock(recipe, profile, backend)
+        wheel_dir = Path(load_config().get("wheel_dir")).expanduser()
+        wheels = find_platform_wheels(recipe, profile, lock, wheel_dir)
+        if any(entry.sha256 is None for entry in lock.platform_wheels):
+            lock = _load_lock(recipe, profile, backend)  # re-read: hashes were just recorded
+        stamp = _stamp(lock, wheels, backend, python, deployment)
+        stamp_file = prefix / "etc" / "sdrecipe" / "stamp"
+        if not force and stamp_file.is_file() and stamp_file.read_text().strip() == stamp:
+            print(f"the {profile} environment at {prefix} is up to date (lock, wheels and "
+                  f"backend unchanged): nothing to do", file=sys.stderr)
+            _write_record(deployment, profile, prefix, backend, stamp)
+            return Built(prefix, backend, rebuilt=False)
+        _clear_prefix(prefix)
+        with tempfile.TemporaryDirectory(prefix="sdrecipe-env-") as work:
+            if backend == "venv":
+                create_venv(python, prefix, lock)
+            elif backend == "rattler":
+                cache = Path(load_config().get("cache_dir")).expanduser() / "conda-pkgs"
+                create_rattler(prefix, lock, cache)
+            else:
+                create_conda(backend, prefix, lock, Path(work))
+        (prefix / "etc" / "sdrecipe").mkdir(parents=True, exist_ok=True)
+        requirements = prefix / "etc" / "sdrecipe" / "requirements.txt"
+        requirements.write_text(requirements_text(lock, wheels))
+        _run([prefix / "bin" / "python", "-m", "pip", "install", "--require-hashes", "--no-deps",
+              "--no-input", "--disable-pip-version-check", "-r", requirements],
+             "installing the pip layer and platform wheels")
+        write_activation(recipe, deployment, profile, prefix)
+        stamp_file.write_text(stamp + "\n")
+        _write_record(deployment, profile, prefix, backend, stamp)
+        print(f"built the {profile} environment at {prefix} ({backend})", file=sys.stderr)
+    return Built(prefix, backend, rebuilt=True)
+
+
+def _write_record(deployment, profile, prefix, backend, stamp, check_ok=None):
+    """Remember where the env is (for --prefix builds) and whether its last check passed."""
+    path = _record_path(deployment, profile)
+    old = env_record(deployment, profile) or {}
+    if check_ok is None and old.get("stamp") == stamp:
+        check_ok = old.get("check_ok")
+    temp = path.with_suffix(".tmp")
+    temp.write_text(json.dumps({"prefix": str(prefix), "backend": backend, "stamp": stamp,
+                                "check_ok": check_ok}, indent=2) + "\n")
+    os.replace(temp, path)
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def _usage(deployment, profile: str) -> str:
+    return (f"activate:  source {activation_script(deployment, profile)}\n"
+            f"or:        module use {modulefile_path(deployment, profile).parent.parent}; "
+            f"module load sdrecipe/{profile}")
+
+
+def build_command(ctx) -> int:
+    args, profile = ctx.args, ctx.profile()
+    built = build_env(ctx.recipe, ctx.deployment, profile, prefix=args.prefix,
+                      python=args.python, force=args.force)
+    record = env_record(ctx.deployment, profile) or {}
+    if not built.rebuilt and record.get("check_ok"):
+        print(f"import check passed after the last build (rerun: sdrecipe env check "
+              f"--profile {profile})\n" + _usage(ctx.deployment, profile))
+        return 0
+    return check_command(ctx, profile)
+
+
+def check_command(ctx, profile: str | None = None) -> int:
+    profile = profile or ctx.profile()
+    result = import_check(ctx.deployment, profile)
+    record = env_record(ctx.deployment, profile)
+    if record:
+        _write_record(ctx.deployment, profile, Path(record["prefix"]), record["backend"],
+                      record["stamp"], check_ok=result.ok)
+    print_check(result, profile)
+    print(_usage(ctx.deployment, profile))
+    if not result.ok:
+        failed = ", ".join(row["name"] for row in result.rows if not row["ok"])
+        print(f"import check failed for: {failed}; for the fix, run: sdrecipe doctor "
+              f"--profile {profile}", file=sys.stderr)
+        return 1
+    return 0
