@@ -1,0 +1,609 @@
+"""One downloader for every URL: endpoint fallback, resume, retries, one-pass sha256.
+
+Interface (the `artifacts` stage and anything else that downloads uses only this):
+
+    downloads = [Download(urls=hf_resolve_urls(endpoints_from(config, mirrors),
+                                               "CompVis/stable-diffusion-v-1-4-original",
+                                               "<commit sha>", "sd-v1-4.ckpt"),
+                          dest=cache / "sd-v1-4.ckpt", sha256="fe4e...", size=4265380512,
+                          gated=True, label="sd-v1-4.ckpt")]
+    results = Transfer.from_config(config).fetch(downloads)   # -> [Result(dest, sha256, size, url)]
+
+- `Download.urls` are candidates tried in order (mirrors first, huggingface.co
+  last). `sha256=None` is trust on first use: the hash is computed while
+  downloading and returned for the caller to record. `size=None` likewise.
+- `fetch` downloads up to `jobs` files at once and returns results in input
+  order. Failures are collected across all files and raised together as one
+  `TransferError` (its `.failures` are `DownloadError`s, its `.results` the files
+  that did arrive). Free disk space is checked for all files before any byte is
+  fetched (`DiskSpaceError`).
+
+How one file arrives:
+- The body streams into `<dest>.part` in 1 MiB chunks (memory stays flat at any
+  size), hashed as it is written: one pass, never a second read. A sidecar
+  `<dest>.part.json` records the URL, ETag/Last-Modified and expected sha256, so a
+  later run (or the next retry) resumes with `Range: bytes=N-` and `If-Range`;
+  the existing part is hashed once, then the rest is appended. A server that
+  answers 200 instead of 206 (the file changed, or no range support) restarts
+  the part from zero, so a changed remote file is never spliced.
+- Only after size and sha256 match is the part renamed atomically onto `dest`.
+  A mismatch moves the part to quarantine (`<dest>.bad-<time>` or the
+  `quarantine_dir`), and the next endpoint is tried; the error names the URL and
+  both hashes. No fsync before the rename: the pinned hash (and the artifacts
+  stamps) catch a file torn by a power loss, and an fsync of gigabytes would
+  double the wall time.
+- 5xx, 429, timeouts and dropped connections are retried with exponential
+  backoff, at most `retries` times without progress (an attempt that advanced
+  the part does not use up a retry). 404 and other 4xx move on to the next
+  endpoint at once. 401/403 on a gated file says how to get access.
+- TLS is verified always. The CA bundle is `ca_bundle` (config `ca_bundle` /
+  `SDRECIPE_CA_BUNDLE`), else `REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE` or
+  `SSL_CERT_FILE`, else certifi's. There is no switch to turn verification off.
+- The token (`resolve_token()`: `HF_TOKEN`, else the token file that
+  `huggingface-cli login` writes) goes only to downloads marked `gated`, and
+  never to another host after a redirect (HF redirects to a CDN). It is redacted
+  from every message and log line.
+- A full disk (ENOSPC, or EDQUOT on a quota'd cluster filesystem) stops with
+  `DiskSpaceError`; the part stays for the next run to resume, `dest` is never
+  touched.
+
+Why requests: it follows redirects and strips Authorization when the host
+changes, honours the proxy variables (`HTTPS_PROXY`, `NO_PROXY`) that cluster
+login nodes rely on, and streams from urllib3 with `readinto` into one reused
+buffer, so the Python layer costs little: the benchmark (benchmarks/README.md)
+measures fetch+verify against `curl -o`. httpx would add h11's pure-Python
+parsing; bare urllib3 would need proxy and redirect handling written by hand.
+The token lookup is implemented here (a few lines, same order as
+huggingface_hub 2.x's `get_token()`) rather than pulling in huggingface_hub and
+its dependencies for it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import filelock
+import requests
+import urllib3.exceptions
+
+from .errors import SdrecipeError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+CHUNK = 1 << 20
+MAX_BACKOFF = 30.0
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+GATED_HINT = ("this repo is gated: accept its license on huggingface.co and set HF_TOKEN "
+              "or run `huggingface-cli login`")
+
+
+# --- errors --------------------------------------------------------------------------------
+class DownloadError(SdrecipeError):
+    """One file could not be fetched from any of its URLs; `attempts` says why, per URL."""
+
+    def __init__(self, download: "Download", summary: str, attempts: list[str]):
+        self.download, self.attempts = download, attempts
+        lines = [f"{download.label}: {summary}"] + [f"  {a}" for a in attempts]
+        super().__init__("\n".join(lines))
+
+
+class GatedError(DownloadError):
+    """401/403 on a gated file: no token, or a token without access."""
+
+
+class IntegrityError(DownloadError):
+    """Every URL served bytes whose size or sha256 did not match."""
+
+
+class DiskSpaceError(SdrecipeError):
+    """Not enough free space for the downloads (checked first), or the disk filled up."""
+
+
+class TransferError(SdrecipeError):
+    """Some files failed; all failures at once, plus the files that did arrive."""
+
+    def __init__(self, failures: list[SdrecipeError], results: list["Result"], total: int):
+        self.failures, self.results = failures, results
+        head = f"{len(failures)} of {total} downloads failed:"
+        super().__init__("\n".join([head] + [str(f) for f in failures]))
+
+
+# --- what to fetch, what arrived ------------------------------------------------------------
+@dataclass(frozen=True)
+class Download:
+    urls: tuple[str, ...]
+    dest: Path
+    sha256: str | None = None
+    size: int | None = None
+    gated: bool = False
+    label: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "urls", tuple(self.urls))
+        object.__setattr__(self, "dest", Path(self.dest))
+        object.__setattr__(self, "label", self.label or self.dest.name)
+        if not self.urls:
+            raise SdrecipeError(f"{self.label}: no URL to download from")
+        if self.sha256 is not None:
+            object.__setattr__(self, "sha256", self.sha256.lower())
+            if not SHA256_RE.match(self.sha256):
+                raise SdrecipeError(f"{self.label}: sha256 {self.sha256!r} is not 64 hex digits")
+
+    @property
+    def part(self) -> Path:
+        return self.dest.with_name(self.dest.name + ".part")
+
+
+@dataclass(frozen=True)
+class Result:
+    dest: Path
+    sha256: str
+    size: int
+    url: str  # the candidate URL that served it (before redirects)
+
+
+# --- endpoints, token, CA bundle ---------------------------------------------------------------
+def hf_resolve_urls(endpoints, repo: str, revision: str, path: str) -> list[str]:
+    """`{endpoint}/{repo}/resolve/{revision}/{path}` for each endpoint, in order."""
+    tail = f"{repo}/resolve/{quote(revision, safe='')}/{quote(path)}"
+    return [f"{endpoint.rstrip('/')}/{tail}" for endpoint in endpoints]
+
+
+def endpoints_from(config=None, mirrors=()) -> list[str]:
+    """Hugging Face endpoints in the order to try: `HF_ENDPOINT` / config `hf_endpoints`
+    (a comma list in the variable), then the recipe's `mirrors`, then huggingface.co."""
+    configured = config.get("hf_endpoints") if config is not None else \
+        (os.environ.get("HF_ENDPOINT") or "").split(",")
+    found = [e.strip().rstrip("/") for e in [*(configured or ()), *mirrors, DEFAULT_ENDPOINT]]
+    return list(dict.fromkeys(e for e in found if e))
+
+
+def token_file() -> Path:
+    """Where `huggingface-cli login` keeps the token."""
+    if os.environ.get("HF_TOKEN_PATH"):
+        return Path(os.environ["HF_TOKEN_PATH"]).expanduser()
+    hf_home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "huggingface")
+    return Path(hf_home).expanduser() / "token"
+
+
+def resolve_token() -> str | None:
+    """`HF_TOKEN` (or the legacy `HUGGING_FACE_HUB_TOKEN`), else the token file, else None."""
+    for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(variable, "").strip():
+            return os.environ[variable].strip()
+    try:
+        return token_file().read_text().strip() or None
+    except OSError:
+        return None
+
+
+def resolve_ca_bundle(explicit: str | os.PathLike | None = None) -> str | bool:
+    """The CA bundle to verify against; `True` means the default (certifi's)."""
+    candidates = [("ca_bundle setting", explicit)] + [
+        (name, os.environ.get(name)) for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+                                                  "SSL_CERT_FILE")]
+    for origin, value in candidates:
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise SdrecipeError(
+                    f"CA bundle {path} (from {origin}) does not exist: point it at your site's "
+                    "PEM file (config key ca_bundle or SDRECIPE_CA_BUNDLE), or unset it")
+            return str(path)
+    return True
+
+
+# --- the part file: resumable, hashed once ---------------------------------------------------------
+class _Part:
+    """`<dest>.part` + its sidecar; keeps the running hash of the bytes on disk."""
+
+    def __init__(self, download: Download):
+        self.download = download
+        self.path = download.part
+        self.meta_path = self.path.with_name(self.path.name + ".json")
+        self.offset, self.hasher, self.meta = 0, hashlib.sha256(), {}
+        self.resumed = False
+
+    def load(self) -> None:
+        """Adopt an existing part from an earlier run: hash it once, keep its validators."""
+        try:
+            meta = json.loads(self.meta_path.read_text())
+            size = self.path.stat().st_size
+        except (OSError, ValueError):
+            return self.reset()
+        if meta.get("sha256") != self.download.sha256 or size == 0:
+            return self.reset()
+        with open(self.path, "rb") as f:
+            buffer = memoryview(bytearray(CHUNK))
+            while n := f.readinto(buffer):
+                self.hasher.update(buffer[:n])
+                self.offset += n
+        self.meta, self.resumed = meta, True
+        log.debug("%s: resuming from %d bytes", self.download.label, self.offset)
+
+    def reset(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_bytes(b"")
+        self.meta_path.unlink(missing_ok=True)
+        self.offset, self.hasher, self.meta, self.resumed = 0, hashlib.sha256(), {}, False
+
+    def validators(self, url: str) -> dict:
+        """Headers that make the server send the rest only if the file is unchanged."""
+        if not self.offset:
+            return {}
+        headers = {"Range": f"bytes={self.offset}-"}
+        etag = self.meta.get("etag") or ""
+        if self.meta.get("url") == url and etag and not etag.startswith("W/"):
+            headers["If-Range"] = etag
+        elif self.meta.get("url") == url and self.meta.get("last_modified"):
+            headers["If-Range"] = self.meta["last_modified"]
+        return headers
+
+    def remember(self, url: str, response: requests.Response) -> None:
+        self.meta = {"url": url, "etag": response.headers.get("ETag"),
+                     "last_modified": response.headers.get("Last-Modified"),
+                     "sha256": self.download.sha256}
+        self.meta_path.write_text(json.dumps(self.meta))
+
+    def append(self, fd: int, data: memoryview) -> None:
+        """Write all of `data`, hashing exactly what reached the file."""
+        while data:
+            written = os.write(fd, data)  # ENOSPC/EDQUOT propagate; the prefix stays valid
+            self.hasher.update(data[:written])
+            self.offset += written
+            data = data[written:]
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.meta_path.unlink(missing_ok=True)
+
+
+# --- internal outcomes of one attempt ------------------------------------------------------------
+class _Retry(Exception):
+    """Transient: retry the same URL after a backoff."""
+
+    def __init__(self, message: str, wait: float | None = None):
+        super().__init__(message)
+        self.wait = wait
+
+
+class _NextEndpoint(Exception):
+    """This URL will not serve the file: try the next one."""
+
+
+class _AuthRefused(_NextEndpoint):
+    pass
+
+
+class _Mismatch(_NextEndpoint):
+    pass
+
+
+# --- progress ----------------------------------------------------------------------------------------
+class _Progress:
+    """Per-file and total bars on a terminal (rich); silent otherwise."""
+
+    def __init__(self, enabled: bool | None, total: int | None, files: int):
+        from rich.console import Console
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                   TimeRemainingColumn, TransferSpeedColumn)
+
+        console = Console(stderr=True)
+        self.enabled = console.is_terminal if enabled is None else enabled
+        self._bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                              TransferSpeedColumn(), TimeRemainingColumn(), console=console,
+                              transient=True, disable=not self.enabled)
+        self._total = self._bars.add_task(f"total ({files} files)", total=total)
+
+    def __enter__(self):
+        self._bars.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._bars.stop()
+
+    def file(self, label: str, total: int | None):
+        return self._bars.add_task(label, total=total)
+
+    def advance(self, task, amount: int) -> None:
+        self._bars.advance(task, amount)
+        self._bars.advance(self._total, amount)
+
+    def restart(self, task, completed: int, total: int | None) -> None:
+        self._bars.update(task, completed=completed, total=total)
+
+    def done(self, task) -> None:
+        self._bars.remove_task(task)
+
+
+# --- the downloader ---------------------------------------------------------------------------------
+@dataclass
+class Transfer:
+    """Fetch `Download`s. `token=None` looks one up with `resolve_token()` when a gated
+    file needs it; `progress=None` shows bars only on a terminal."""
+
+    ca_bundle: str | os.PathLike | None = None
+    token: str | None = None
+    retries: int = 4
+    timeout: float = 30.0
+    jobs: int = 4
+    progress: bool | None = None
+    backoff: float = 1.0
+    quarantine_dir: Path | None = None
+    _verify: str | bool = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._verify = resolve_ca_bundle(self.ca_bundle)
+        if self.token is None:
+            self.token = resolve_token()
+        if self.jobs < 1 or self.retries < 0:
+            raise SdrecipeError(f"jobs must be >= 1 and retries >= 0 (got {self.jobs}, "
+                                f"{self.retries})")
+
+    def __repr__(self) -> str:  # never show the token
+        return (f"Transfer(ca_bundle={self.ca_bundle!r}, token={'***' if self.token else None}, "
+                f"retries={self.retries}, timeout={self.timeout}, jobs={self.jobs})")
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> "Transfer":
+        """Take the CA bundle from the site config (`ca_bundle` / SDRECIPE_CA_BUNDLE)."""
+        return cls(**{"ca_bundle": config.get("ca_bundle"), **overrides})
+
+    # -- public -------------------------------------------------------------------------------------
+    def fetch(self, downloads) -> list[Result]:
+        downloads = list(downloads)
+        dests = [d.dest.resolve() for d in downloads]
+        if len(set(dests)) != len(dests):
+            twice = sorted({str(d) for d in dests if dests.count(d) > 1})
+            raise SdrecipeError(f"two downloads write to the same file: {', '.join(twice)}")
+        self._check_free_space(downloads)
+        sizes = [d.size for d in downloads]
+        total = None if None in sizes else sum(sizes)
+        results: list[Result | None] = [None] * len(downloads)
+        failures: list[SdrecipeError] = []
+        with _Progress(self.progress, total, len(downloads)) as progress, \
+                ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="fetch") as pool:
+            futures = [pool.submit(self._fetch_one, d, progress) for d in downloads]
+            for index, future in enumerate(futures):
+                try:
+                    results[index] = future.result()
+                except SdrecipeError as exc:
+                    failures.append(exc)
+        if failures:
+            raise TransferError(failures, [r for r in results if r], len(downloads))
+        return results
+
+    # -- one file -----------------------------------------------------------------------------------
+    def _fetch_one(self, download: Download, progress: _Progress) -> Result:
+        part, attempts, kinds = _Part(download), [], set()
+        task = progress.file(download.label, download.size)
+        try:
+            download.dest.parent.mkdir(parents=True, exist_ok=True)
+            with filelock.FileLock(str(download.dest) + ".lock"):  # two jobs sharing a cache
+                part.load()
+                progress.advance(task, part.offset)
+                for url in download.urls:
+                    try:
+                        return self._from_url(download, url, part, progress, task)
+                    except _NextEndpoint as exc:
+                        attempts.append(self._redact(f"{url}: {exc}"))
+                        kinds.add(type(exc))
+                if not part.offset:
+                    part.discard()
+        except OSError as exc:  # local trouble: full disk, quota, permissions
+            where = exc.filename or part.path
+            if exc.errno in DISK_FULL:
+                raise DiskSpaceError(
+                    f"{download.label}: disk full while writing {where} ({exc.strerror}): free "
+                    "space (or move the cache with SDRECIPE_CACHE) and run again; the "
+                    f"{part.offset} bytes already in {part.path.name} are kept and the download "
+                    "resumes from there") from None
+            raise DownloadError(download, f"cannot write {where}: {exc.strerror}", attempts) \
+                from None
+        finally:
+            progress.done(task)
+        if _AuthRefused in kinds and download.gated:
+            summary = GATED_HINT if not self.token else (
+                "the server refused your token: check that it is valid and that your account "
+                "accepted this repo's license on huggingface.co")
+            raise GatedError(download, summary, attempts)
+        if kinds == {_Mismatch}:
+            raise IntegrityError(download, "every URL served different bytes than pinned "
+                                 "(bad copies are quarantined)", attempts)
+        raise DownloadError(download, f"failed from all {len(download.urls)} URL(s)", attempts)
+
+    def _from_url(self, download, url, part, progress, task) -> Result:
+        """Retry one URL within bounds; restart fresh once if a resumed part mismatches."""
+        failures_in_a_row, last = 0, None
+        while failures_in_a_row <= self.retries:
+            before, resumed = part.offset, part.resumed
+            try:
+                return self._attempt(download, url, part, progress, task)
+            except _Retry as exc:
+                last = exc
+                failures_in_a_row = 0 if part.offset > before else failures_in_a_row + 1
+                if failures_in_a_row > self.retries:
+                    break
+                wait = exc.wait if exc.wait is not None else min(
+                    MAX_BACKOFF, self.backoff * 2 ** (failures_in_a_row - 1))
+                wait *= random.uniform(0.75, 1.25)
+                log.warning("%s", self._redact(f"{download.label}: {url}: {exc}; retrying in "
+                                               f"{wait:.1f}s"))
+                time.sleep(wait)
+            except _Mismatch:
+                if not resumed:
+                    raise
+                log.warning("%s: mismatch after resuming an old part; starting over from %s",
+                            download.label, self._redact(url))
+                part.reset()
+                progress.restart(task, 0, download.size)
+        raise _NextEndpoint(f"gave up after {self.retries + 1} attempts in a row: {last}")
+
+    def _attempt(self, download, url, part, progress, task) -> Result:
+        headers = {"Accept-Encoding": "identity", **part.validators(url)}
+        if download.gated and self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        log.debug("GET %s (from byte %d)", url, part.offset)
+        try:
+            response = requests.get(url, headers=headers, stream=True, verify=self._verify,
+                                    timeout=(self.timeout, self.timeout))
+        except requests.exceptions.SSLError as exc:
+            raise _NextEndpoint(
+                f"TLS verification failed ({_reason(exc)}): if your site uses its own CA, set "
+                "ca_bundle in the sdrecipe config or SDRECIPE_CA_BUNDLE to its PEM file "
+                "(verification is never switched off)") from None
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise _Retry(f"no response ({_reason(exc)})") from None
+        except requests.exceptions.RequestException as exc:
+            raise _NextEndpoint(_reason(exc)) from None
+        with response:
+            self._check_status(download, part, response)
+            length = response.headers.get("Content-Length")
+            remaining = int(length) if length is not None else None
+            total = part.offset + remaining if remaining is not None else None
+            if download.size is not None and total is not None and total != download.size:
+                raise _Mismatch(f"serves {total} bytes, expected {download.size}")
+            if remaining:
+                _ensure_space(part.path.parent, remaining, download.label)
+            if part.offset == 0:
+                part.remember(url, response)
+            progress.restart(task, part.offset, total)
+            self._stream(response, part, progress, task)
+        return self._finish(download, url, part)
+
+    def _check_status(self, download, part, response) -> None:
+        status = response.status_code
+        if status == 206:
+            start = _content_range_start(response)
+            if start != part.offset:
+                part.reset()
+                raise _Retry(f"server resumed at byte {start}, not {part.offset}; starting over",
+                             wait=0)
+            return
+        if status == 200:
+            if part.offset:
+                log.info("%s: server sent the whole file (changed or no ranges): restarting",
+                         download.label)
+                part.reset()
+            return
+        if status == 416 and part.offset:
+            part.reset()
+            raise _Retry("server refused the resume range; starting over", wait=0)
+        if status in (401, 403):
+            raise _AuthRefused(f"HTTP {status}" + (" (gated repo)" if download.gated else
+                                                   " (needs authentication)"))
+        if status == 429 or status >= 500:
+            retry_after = response.headers.get("Retry-After", "")
+            wait = min(float(retry_after), MAX_BACKOFF) if retry_after.isdigit() else None
+            raise _Retry(f"HTTP {status} {response.reason}", wait)
+        raise _NextEndpoint(f"HTTP {status} {response.reason}")
+
+    def _stream(self, response, part, progress, task) -> None:
+        """Copy the body into the part in one pass: readinto one buffer, write, hash."""
+        buffer = memoryview(bytearray(CHUNK))
+        fd = os.open(part.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            while True:
+                try:
+                    n = response.raw.readinto(buffer)
+                except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException,
+                        ConnectionError, TimeoutError) as exc:
+                    raise _Retry(f"connection dropped at byte {part.offset} "
+                                 f"({_reason(exc)})") from None
+                if not n:
+                    return
+                part.append(fd, buffer[:n])
+                progress.advance(task, n)
+        finally:
+            os.close(fd)
+
+    def _finish(self, download, url, part) -> Result:
+        digest = part.hasher.hexdigest()
+        size = part.offset
+        wrong_size = download.size is not None and size != download.size
+        if wrong_size or (download.sha256 and digest != download.sha256):
+            where = self._quarantine(download, part)
+            expected = f"sha256 {download.sha256}, {download.size} bytes"
+            raise _Mismatch(f"served sha256 {digest} ({size} bytes), expected {expected}; "
+                            f"the bad copy is quarantined at {where}")
+        os.replace(part.path, download.dest)
+        part.meta_path.unlink(missing_ok=True)
+        log.info("%s: %d bytes, sha256 %s, from %s", download.label, size, digest,
+                 self._redact(url))
+        return Result(download.dest, digest, size, url)
+
+    def _quarantine(self, download, part) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        folder = self.quarantine_dir or download.dest.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{download.dest.name}.bad-{stamp}-{os.getpid()}"
+        os.replace(part.path, target)
+        part.discard()
+        part.reset()
+        return target
+
+    def _check_free_space(self, downloads) -> None:
+        """Before any byte: sum what is still missing per filesystem, compare to free."""
+        needed: dict[int, list] = {}
+        for d in downloads:
+            if d.size is None:
+                continue
+            folder = _existing_parent(d.dest.parent)
+            have = d.part.stat().st_size if d.part.is_file() else 0
+            entry = needed.setdefault(folder.stat().st_dev, [folder, 0, []])
+            entry[1] += max(d.size - have, 0)
+            entry[2].append(d.label)
+        for folder, missing, labels in needed.values():
+            _ensure_space(folder, missing, ", ".join(labels))
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self.token, "***") if self.token else text
+
+
+def _ensure_space(folder: Path, needed: int, what: str) -> None:
+    free = shutil.disk_usage(_existing_parent(folder)).free
+    if needed > free:
+        raise DiskSpaceError(
+            f"not enough disk space in {folder}: {what} need {_gib(needed)}, "
+            f"{_gib(free)} free; free some space or point the cache at a bigger filesystem "
+            "(SDRECIPE_CACHE or cache_dir in the sdrecipe config)")
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _content_range_start(response) -> int | None:
+    match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+    return int(match[1]) if match else None
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause, short: 'Read timed out', 'Connection refused', ..."""
+    while exc.__context__ is not None and not str(exc):
+        exc = exc.__context__
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 200 else text[:200] + "..."
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
