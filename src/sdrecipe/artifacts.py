@@ -32,10 +32,10 @@ from .lint import check
 from .placement import (Cache, contained, is_safe_relative, place, read_stamp, sha256_file,
                         stamp_differs, write_stamp)
 from .schema import SHA1_RE, SHA256_RE, Node, load_yaml
+from .transfer import Download, Transfer, TransferError, endpoints_from, hf_resolve_urls
 
 ROOTS = ("models", "torch_home")
 LOCK_FILE = "lock/artifacts.lock"
-DEFAULT_HF_ENDPOINTS = ("https://huggingface.co",)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -78,7 +78,6 @@ class ArtifactFile:
     def urls(self, endpoints) -> list[str]:
         if self.repo is None:
             return [self.url]
-        from .transfer import hf_resolve_urls
         return list(hf_resolve_urls(endpoints, self.repo, self.revision, self.path))
 
     def target(self, deployment) -> Path:
@@ -319,7 +318,7 @@ def fetch_artifacts(recipe, deployment, profile: str, verify=False, with_optiona
                 todo.append(file)
         if todo:
             with cache.lock():
-                hashes = _fill_cache(todo, lock, cache, verify, offline, extra_pins)
+                hashes = fill_cache(todo, lock, cache, verify, offline, extra_pins)
             for file in todo:
                 target = file.target(deployment)
                 existed = os.path.lexists(target)
@@ -345,7 +344,7 @@ def _rehash_ok(file, deployment, sha256, cache) -> bool:
     return False
 
 
-def _fill_cache(files, lock, cache, verify, offline, extra_pins) -> dict:
+def fill_cache(files, lock, cache, verify, offline, extra_pins) -> dict:
     """sha256 of each file, downloading into the cache what it lacks (trust on first use)."""
     hashes: dict[ArtifactFile, str] = {}
     wanted: dict[Path, tuple] = {}  # download destination -> (files, sha256, size)
@@ -365,9 +364,27 @@ def _fill_cache(files, lock, cache, verify, offline, extra_pins) -> dict:
         raise SdrecipeError(f"not in the bundle or the cache: {missing}. Make the bundle on a "
                             "node with network after `sdrecipe fetch` of this profile "
                             "(or pass --with-optional to bundle create)")
-    results = _download([(dest, group, sha256, size)
-                         for dest, (group, sha256, size) in wanted.items()], lock, extra_pins)
-    for (dest, (group, sha256, _)), result in zip(wanted.items(), results):
+    jobs = [(dest, group, sha256, size) for dest, (group, sha256, size) in wanted.items()]
+    try:
+        results = _download(jobs, cache)
+    except TransferError as exc:
+        _adopt(jobs, exc.results, cache, lock, hashes)  # keep what did arrive
+        lock.save()
+        hint = _lock_hint(exc, jobs, lock, extra_pins)
+        if hint:
+            raise SdrecipeError(f"{exc}\n{hint}") from exc
+        raise
+    _adopt(jobs, results, cache, lock, hashes)
+    return hashes
+
+
+def _adopt(jobs, results, cache, lock, hashes) -> None:
+    """Move arrived files into the store by hash; record first-use hashes in the lock."""
+    arrived = {result.dest: result for result in results}
+    for dest, group, sha256, _ in jobs:
+        result = arrived.get(dest)
+        if result is None:
+            continue
         if sha256 is None:
             cache.adopt(dest, result.sha256)
             for file in group:
@@ -375,29 +392,28 @@ def _fill_cache(files, lock, cache, verify, offline, extra_pins) -> dict:
         else:
             cache.seal(sha256)
         for file in group:
-            hashes[file] = sha256 or result.sha256
-    return hashes
+            hashes[file] = result.sha256
 
 
-def _download(jobs, lock, extra_pins):
-    """Run the transfer; name the lock when a trust-on-first-use hash is what failed."""
-    from .transfer import Download, make_transfer
+def _download(jobs, cache):
+    """Run the one downloader over the jobs; results in job order."""
     config = load_config()
-    endpoints = config.get("hf_endpoints") or list(DEFAULT_HF_ENDPOINTS)
+    endpoints = endpoints_from(config)
     downloads = [Download(urls=group[0].urls(endpoints), dest=dest, sha256=sha256, size=size,
                           gated=group[0].gated, label=group[0].place)
                  for dest, group, sha256, size in jobs]
-    try:
-        return make_transfer(config).fetch(downloads)
-    except SdrecipeError as exc:
-        from_lock = [g[0].place for _, g, _, _ in jobs
-                     if expected(g[0], lock, extra_pins)[2] == "lock"]
-        if from_lock and "sha256" in str(exc):
-            raise SdrecipeError(f"{exc}\n(the expected hashes of {', '.join(from_lock)} come "
-                                f"from {lock.path}, recorded on first fetch; if upstream "
-                                "legitimately changed a file, delete its entry and fetch again)"
-                                ) from exc
-        raise
+    return Transfer.from_config(config, quarantine_dir=cache.root / "quarantine").fetch(downloads)
+
+
+def _lock_hint(exc, jobs, lock, extra_pins) -> str | None:
+    """Name the lock when a trust-on-first-use hash is what a download failed against."""
+    from_lock = [group[0].place for _, group, _, _ in jobs
+                 if expected(group[0], lock, extra_pins)[2] == "lock"]
+    if not from_lock or "sha256" not in str(exc):
+        return None
+    return (f"(the expected hashes of {', '.join(from_lock)} come from {lock.path}, recorded "
+            "on first fetch; if upstream legitimately changed a file, delete its entry and "
+            "fetch again)")
 
 
 # --- lint ------------------------------------------------------------------------------

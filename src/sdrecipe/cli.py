@@ -103,7 +103,41 @@ def _add_doctor(sub):
     parser.set_defaults(func=doctor.run_command)
 
 
-COMMANDS = (_add_patch, _add_lint, _add_upstream_lock, _add_env, _add_doctor)
+def _add_fetch(sub):
+    from . import fetch
+    parser = sub.add_parser("fetch", help="clone the pinned upstream and fetch the profile's "
+                                          "model files into the deployment")
+    _profile_option(parser)
+    parser.add_argument("--verify", action="store_true",
+                        help="rehash every placed file (default: trust size/mtime/inode stamps)")
+    parser.add_argument("--with-optional", action="store_true",
+                        help="also fetch optional artifacts (e.g. sd-v1-4-full-ema)")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="only these artifacts, by recipe name (may name optional ones)")
+    parser.add_argument("--from-bundle", type=Path, metavar="BUNDLE",
+                        help="restore from an offline bundle (folder or tar); no network")
+    parser.set_defaults(func=fetch.run_command)
+
+
+def _add_bundle(sub):
+    from . import bundle
+    parser = sub.add_parser("bundle", help="pack an offline bundle for nodes without network")
+    actions = parser.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="write source, artifacts, recipe, locks (and "
+                                               "wheels) with a sha256 manifest")
+    create.add_argument("out", type=Path, help="the bundle to write (a new folder or .tar)")
+    create.add_argument("--profile", dest="profiles", action="append", choices=PROFILES,
+                        help="profiles to serve (repeatable; default: all of the recipe's)")
+    create.add_argument("--with-optional", action="store_true", help="include optional artifacts")
+    create.add_argument("--format", choices=("dir", "tar"), default="dir",
+                        help="a folder (default; rsync-friendly) or one tar file")
+    create.add_argument("--wheels", type=Path, action="append", metavar="DIR",
+                        help="a folder of wheels to carry for offline pip (repeatable)")
+    create.set_defaults(func=bundle.create_command)
+
+
+COMMANDS = (_add_patch, _add_lint, _add_upstream_lock, _add_env, _add_doctor, _add_fetch,
+            _add_bundle)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,249 @@
+"""Offline bundles: what a compute node without network needs, in one folder or tar file.
+
+    OUT/manifest.json                size and sha256 of every file below, plus what they are
+    OUT/source.bundle                git bundle of the pinned upstream commit
+    OUT/recipe/ patches/ env/ lock/  the project's data, so `--recipe OUT/recipe/...` deploys it
+    OUT/artifacts/sha256/ab/<hash>   the model files, named by content (the cache's layout)
+    OUT/wheels/                      wheels for `pip install --no-index --find-links` (see below)
+
+A folder is the default: rsync copies it to a cluster incrementally and resumes.
+`--format tar` writes one uncompressed tar (model weights do not compress).
+
+Restoring (`sdrecipe fetch --from-bundle OUT`) trusts nothing in it: paths that
+leave the bundle (absolute, `..`, symlinks, tar links or devices) are refused
+before anything is written, and every file is checked against the manifest
+before use. Then the artifacts are adopted into the local cache, the upstream is
+cloned from `source.bundle`, and placement runs with the network forbidden.
+
+Wheels: the bundle carries whatever folders `--wheels DIR` names (the build
+stage's wheel download folder; none exist before environments are built).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+from . import __version__
+from .artifacts import ArtifactLock, cache_dir, expected, fetch_artifacts, fill_cache, select
+from .errors import SdrecipeError
+from .placement import Cache, is_safe_relative, place, sha256_file
+from .source import PINNED_REF, ensure_source
+
+FORMAT = "sdrecipe-bundle"
+VERSION = 1
+MANIFEST = "manifest.json"
+SOURCE_BUNDLE = "source.bundle"
+PROJECT_FOLDERS = ("recipe", "env", "lock")  # plus the recipe's patch folder
+
+
+# --- create ----------------------------------------------------------------------------
+
+def create_bundle(recipe, deployment, out: Path, profiles=None, with_optional=False,
+                  wheels=(), fmt="dir") -> Path:
+    """Write a bundle for `profiles` (default: all of the recipe's) to `out`."""
+    out = Path(out)
+    if os.path.lexists(out):
+        raise SdrecipeError(f"{out} already exists; choose a new name (bundles are not updated "
+                            "in place, so a half-written one is never mistaken for complete)")
+    files = _bundle_files(recipe, profiles or list(recipe.profiles), with_optional)
+    cache = Cache(cache_dir())
+    lock = ArtifactLock.for_recipe(recipe)
+    with cache.lock():
+        hashes = fill_cache(files, lock, cache, verify=False, offline=False, extra_pins=None)
+    lock.save()
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    entries: dict[str, dict] = {}
+    _add_source(recipe, deployment, cache, staging)
+    _add_project(recipe, staging)
+    for folder in wheels:
+        _copy_tree(Path(folder), staging / "wheels")
+    artifacts = {}
+    for file in files:
+        sha = hashes[file]
+        rel = f"artifacts/sha256/{sha[:2]}/{sha}"
+        if not (staging / rel).exists():
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            place(cache.path(sha), staging / rel)
+        entries[rel] = {"sha256": sha, "size": (staging / rel).stat().st_size}
+        artifacts[file.key] = {"sha256": sha, "size": entries[rel]["size"], "place": file.place}
+    for path in sorted(staging.rglob("*")):
+        rel = path.relative_to(staging).as_posix()
+        if path.is_file() and rel not in entries:
+            entries[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    manifest = {
+        "format": FORMAT, "version": VERSION, "sdrecipe": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "recipe": recipe.path.resolve().relative_to(recipe.root).as_posix(),
+        "upstream": {"commit": recipe.upstream.commit, "bundle": SOURCE_BUNDLE},
+        "artifacts": dict(sorted(artifacts.items())),
+        "files": dict(sorted(entries.items())),
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    if fmt == "tar":
+        _write_tar(staging, out)
+        shutil.rmtree(staging)
+    else:
+        os.replace(staging, out)
+    return out
+
+
+def _bundle_files(recipe, profiles, with_optional):
+    seen = {}
+    for profile in profiles:
+        for file in select(recipe, profile, with_optional):
+            seen.setdefault(file.place, file)
+    return list(seen.values())
+
+
+def _add_source(recipe, deployment, cache, staging):
+    """A git bundle of the pinned commit, from the deployment's checkout or a cached clone."""
+    checkout = deployment.source if (deployment.source / ".git").exists() \
+        else cache.root / "source" / recipe.upstream.commit
+    repo = ensure_source(recipe, checkout)
+    import git
+    handle = git.Repo(repo)
+    handle.git.update_ref(PINNED_REF, recipe.upstream.commit)
+    handle.git.bundle("create", str(staging / SOURCE_BUNDLE), PINNED_REF)
+
+
+def _add_project(recipe, staging):
+    root = recipe.root
+    folders = list(PROJECT_FOLDERS)
+    if recipe.patch_dir.is_dir():
+        folders.append(recipe.patch_dir.resolve().relative_to(root).as_posix())
+    for name in folders:
+        if (root / name).is_dir():
+            _copy_tree(root / name, staging / name)
+
+
+def _copy_tree(src: Path, dest: Path):
+    """Copy regular files only (a symlink could point anywhere on the login node)."""
+    for path in sorted(src.rglob("*")):
+        if path.is_file() and not path.is_symlink() and "__pycache__" not in path.parts:
+            target = dest / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+
+
+def _write_tar(staging: Path, out: Path):
+    partial = out.with_name(f".{out.name}.partial")
+    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(staging.rglob("*")):
+            if path.is_file():
+                tar.add(path, arcname=path.relative_to(staging).as_posix(), recursive=False)
+    os.replace(partial, out)
+
+
+# --- restore ---------------------------------------------------------------------------
+
+def restore(recipe, deployment, bundle: Path, profile: str, verify=False, with_optional=False,
+            only=None):
+    """Deploy source and artifacts from a bundle, with no network; returns the placements."""
+    folder = open_bundle(Path(bundle), deployment.state / "bundle")
+    manifest = verify_bundle(folder)
+    commit = manifest["upstream"]["commit"]
+    if commit != recipe.upstream.commit:
+        raise SdrecipeError(
+            f"{bundle} holds upstream commit {commit}, but {recipe.path} pins "
+            f"{recipe.upstream.commit}; deploy the bundle's own recipe with "
+            f"--recipe {folder / manifest['recipe']}")
+    cache = Cache(cache_dir())
+    with cache.lock():
+        for entry in manifest["artifacts"].values():
+            if not cache.has(entry["sha256"]):
+                src = folder / "artifacts" / "sha256" / entry["sha256"][:2] / entry["sha256"]
+                incoming = cache.incoming("bundle:" + entry["sha256"])
+                incoming.parent.mkdir(parents=True, exist_ok=True)
+                place(src, incoming)
+                cache.adopt(incoming, entry["sha256"])
+    ensure_source(recipe, deployment.source, profile, bundle=folder / SOURCE_BUNDLE)
+    placed = fetch_artifacts(recipe, deployment, profile, verify=verify,
+                             with_optional=with_optional, only=only,
+                             extra_pins=manifest["artifacts"], offline=True)
+    _record_bundle_pins(recipe, placed, manifest["artifacts"])
+    return placed
+
+
+def _record_bundle_pins(recipe, placed, pins):
+    """Hashes vouched for by the bundle become this project's trust-on-first-use record."""
+    lock = ArtifactLock.for_recipe(recipe)
+    for item in placed:
+        if expected(item.file, lock)[0] is None and item.file.key in pins:
+            pin = pins[item.file.key]
+            lock.record(item.file.key, pin["size"], pin["sha256"])
+    lock.save()
+
+
+def open_bundle(path: Path, scratch: Path) -> Path:
+    """The bundle as a folder: itself, or a tar safely extracted into `scratch`."""
+    if path.is_dir():
+        return path
+    if not path.is_file() or not tarfile.is_tarfile(path):
+        raise SdrecipeError(f"{path} is not a bundle (a folder or a tar made by "
+                            "`sdrecipe bundle create`)")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+        for member in members:
+            if not (member.isfile() or member.isdir()):
+                raise SdrecipeError(f"{path}: refusing {member.name!r}: bundles hold only files "
+                                    "and folders (no links or devices)")
+            if not is_safe_relative(member.name.rstrip("/")):
+                raise SdrecipeError(f"{path}: refusing {member.name!r}: it would land outside "
+                                    "the extraction folder")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(scratch, members, filter="data")
+        else:  # Python without extraction filters: the checks above are the guard
+            tar.extractall(scratch, members)
+    return scratch
+
+
+def verify_bundle(folder: Path) -> dict:
+    """Check the manifest's shape, then every file it lists, by path, size and sha256."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise SdrecipeError(f"{folder / MANIFEST}: unreadable bundle manifest ({exc})") from exc
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise SdrecipeError(f"{folder / MANIFEST}: not a version-{VERSION} sdrecipe bundle")
+    real_root = folder.resolve()
+    listed = manifest.get("files", {})
+    for rel, entry in listed.items():
+        path = folder / rel
+        if (not is_safe_relative(rel) or os.path.islink(path)
+                or not path.resolve().is_relative_to(real_root)):
+            raise SdrecipeError(f"{folder}: manifest entry {rel!r} leaves the bundle; refusing it")
+        if not path.is_file():
+            raise SdrecipeError(f"{folder}: {rel} is listed in the manifest but missing; "
+                                "copy the bundle again (rsync resumes)")
+        if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
+            raise SdrecipeError(f"{folder}: {rel} does not match its sha256 in the manifest "
+                                "(damaged in transfer?); copy the bundle again")
+    needed = [SOURCE_BUNDLE] + [f"artifacts/sha256/{a['sha256'][:2]}/{a['sha256']}"
+                                for a in manifest.get("artifacts", {}).values()]
+    unlisted = [rel for rel in needed if rel not in listed]
+    if unlisted:
+        raise SdrecipeError(f"{folder}: the manifest does not vouch for {', '.join(unlisted)}")
+    return manifest
+
+
+# --- commands --------------------------------------------------------------------------
+
+def create_command(ctx) -> int:
+    args = ctx.args
+    out = create_bundle(ctx.recipe, ctx.deployment, args.out, args.profiles, args.with_optional,
+                        args.wheels or (), args.format)
+    manifest_note = "" if args.format == "tar" else f" (manifest: {out / MANIFEST})"
+    print(f"bundle: wrote {out}{manifest_note}")
+    print(f"next: copy it to the cluster (rsync -a --partial {out} host:PATH), then run "
+          f"`sdrecipe fetch --from-bundle PATH` on the node without network")
+    return 0
+
