@@ -27,6 +27,7 @@ Faults (`fault(url_or_path, ...)`, each for `times` requests, None = always):
     delay=2.0        sleep before answering (a slow server; the client times out)
     cut_after=N      send N body bytes, then drop the connection
     corrupt=True     serve the right length with wrong bytes
+    no_length=True   omit Content-Length (body ends when the connection closes)
 
 `tls=make_tls_files(dir)` serves HTTPS with a certificate from a throwaway CA
 (returned as `.ca`, to hand to the client as its CA bundle).
@@ -83,6 +84,7 @@ class Fault:
     delay: float = 0.0
     cut_after: int | None = None
     corrupt: bool = False
+    no_length: bool = False
 
     def take(self) -> bool:
         """Use up one occurrence; False once exhausted."""
@@ -252,10 +254,11 @@ class MirrorServer:
         return self.url + path
 
     def fault(self, url_or_path: str, *, times: int | None = 1, status: int | None = None,
-              delay: float = 0.0, cut_after: int | None = None, corrupt: bool = False) -> None:
+              delay: float = 0.0, cut_after: int | None = None, corrupt: bool = False,
+              no_length: bool = False) -> None:
         """Inject a fault for the file at `url_or_path` (a URL from add_* or its path)."""
         self.faults[self._file_key(urlsplit(url_or_path).path)] = Fault(
-            times, status, delay, cut_after, corrupt)
+            times, status, delay, cut_after, corrupt, no_length)
 
     # -- observations -----------------------------------------------------------------
     def bytes_sent(self, url_or_path: str | None = None) -> int:
@@ -387,7 +390,11 @@ def _handler_for(server: MirrorServer):
                 end = min(int(match[2]), blob.size - 1) if match[2] else blob.size - 1
             hit.status = 206 if partial else 200
             self.send_response(hit.status)
-            self.send_header("Content-Length", str(end - start + 1))
+            if fault and fault.no_length:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            else:
+                self.send_header("Content-Length", str(end - start + 1))
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("ETag", blob.etag)
             self.send_header("Content-Type", "application/octet-stream")
