@@ -1,0 +1,47 @@
+"""Shared pytest fixtures. Each owner adds its fixtures in its own block."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers: mirror_server, ...
+
+
+# --- HTTP mirror (transfer; also used by artifacts) ------------------------------------
+@pytest.fixture
+def mirror():
+    """A running Hugging Face-layout HTTP mirror on 127.0.0.1 (see tests/mirror_server.py);
+    stopped after the test."""
+    from mirror_server import MirrorServer
+
+    with MirrorServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """A throwaway CA and a 127.0.0.1/localhost server certificate (PEM files)."""
+    from mirror_server import make_tls_files
+
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def tls_mirror(tls_files):
+    """The mirror over HTTPS with a certificate from `tls_files.ca` (not trusted by default)."""
+    from mirror_server import MirrorServer
+
+    with MirrorServer(tls=tls_files) as server:
+        yield server
+
+
+@pytest.fixture
+def no_hf_credentials(monkeypatch, tmp_path):
+    """No token or CA bundle leaks in from the developer's or CI's environment."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_ENDPOINT",
+                 "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SDRECIPE_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
