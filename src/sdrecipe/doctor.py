@@ -390,7 +390,7 @@ def run_command(cli_ctx) -> int:
                   f"{len(DIAGNOSES)} diagnoses")
     for finding in findings:
         colour = "red" if finding.severity == "error" else "yellow"
-        console.print(f"[{colour}]{finding.severity}[/{colour}] [{finding.check}] "
+        console.print(f"[{colour}]{finding.severity}[/{colour}] {escape(f'[{finding.check}]')} "
                       f"{escape(finding.symptom)}\n  cause: {escape(finding.cause)}\n"
                       f"  fix:   {escape(finding.fix)}")
     errors = sum(1 for f in findings if f.severity == "error")

@@ -1,0 +1,264 @@
+"""`sdrecipe doctor`: each diagnosis against the broken state it names, then the fixed state.
+
+Every test builds the broken state for real (a shared library linked against a
+libmpi that is gone, PyPI's real `clip` and `taming-transformers==0.0.1`
+installed into a site-packages, a git checkout with the series not applied,
+Lmod modules loaded or not) and checks the message and the fix; then repairs it
+and checks the finding is gone. Environments here are bare folders with the
+layout of a built env, not full builds: the full build is tested in test_env.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdrecipe import doctor
+from sdrecipe.doctor import detect_profile, diagnose
+from sdrecipe.layout import Deployment
+from sdrecipe.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+PY38 = os.environ.get("SDRECIPE_TEST_PY38", "/root/.pyenv/versions/3.8.18/bin/python")
+LMOD_INIT = "/usr/share/lmod/lmod/init/bash"
+DTK_MODULE = "compiler/rocm/dtk-22.10.1"
+
+
+@pytest.fixture
+def recipe():
+    return load_recipe(ROOT / "recipe" / "stable-diffusion.yaml")
+
+
+def env_skeleton(deployment: Deployment, profile: str) -> Path:
+    """An environment folder with a built env's layout: bin/python and site-packages."""
+    prefix = deployment.env_prefix(profile)
+    site = prefix / "lib" / "python3.8" / "site-packages"
+    site.mkdir(parents=True)
+    (prefix / "bin").mkdir()
+    (prefix / "bin" / "python").symlink_to(PY38)
+    return site
+
+
+def run_check(name, recipe, deployment, profile, environ=None):
+    ctx = doctor.DoctorContext(recipe, deployment, profile,
+                               dict(os.environ if environ is None else environ))
+    return list(doctor.DIAGNOSES[name].func(ctx))
+
+
+def pip_target(site: Path, *requirements):
+    """Install real PyPI packages (no deps) into a bare site-packages, for Python 3.8."""
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                    "--no-deps", "--python-version", "3.8", "--target", str(site),
+                    *requirements], check=True)
+
+
+def test_libmpi_not_found_is_found_by_ldd_and_fixed_by_the_env_lib(recipe, tmp_path):
+    deployment = Deployment(tmp_path / "deploy")
+    site = env_skeleton(deployment, "dtk-22.10")
+    torch_lib = site / "torch" / "lib"
+    torch_lib.mkdir(parents=True)
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "mpi.c").write_text("int MPI_Init(int *c, char ***v) { return 0; }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libmpi.so.40", "-o",
+                    str(stub / "libmpi.so.40"), str(stub / "mpi.c")], check=True)
+    (stub / "libmpi.so").symlink_to("libmpi.so.40")
+    (stub / "c10d.c").write_text("int MPI_Init(int *c, char ***v);\n"
+                                 "int start(void) { return MPI_Init(0, 0); }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(torch_lib / "libc10d_stub.so"),
+                    str(stub / "c10d.c"), "-L", str(stub), "-lmpi"], check=True)
+    environ = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+
+    findings = run_check("shared-libraries", recipe, deployment, "dtk-22.10", environ)
+    assert len(findings) == 1
+    assert findings[0].symptom == ("OSError: libmpi.so.40: cannot open shared object file: "
+                                   "No such file or directory")
+    assert "libc10d_stub.so" in findings[0].cause
+    assert "openmpi=4.1.2" in findings[0].fix and "activate" in findings[0].fix
+
+    # What the conda part's openmpi does: libmpi.so.40 in <prefix>/lib, on LD_LIBRARY_PATH.
+    shutil.copy(stub / "libmpi.so.40", deployment.env_prefix("dtk-22.10") / "lib")
+    assert run_check("shared-libraries", recipe, deployment, "dtk-22.10", environ) == []
+
+
+TXT2IMG_HEAD = """import argparse, os, sys, glob
+import cv2
+import torch
+from omegaconf import OmegaConf
+{patch}
+from ldm.util import instantiate_from_config
+"""
+
+
+def test_no_module_named_ldm_until_the_syspath_patch(recipe, tmp_path):
+    """scripts/txt2img.py is a stand-in with upstream's import header (no upstream needed)."""
+    deployment = Deployment(tmp_path / "deploy")
+    env_skeleton(deployment, "cpu")
+    source = deployment.source
+    (source / "ldm").mkdir(parents=True)
+    (source / "ldm" / "__init__.py").write_text("")
+    (source / "ldm" / "util.py").write_text("def instantiate_from_config(c): return c\n")
+    (source / "scripts").mkdir()
+    script = source / "scripts" / "txt2img.py"
+    script.write_text(TXT2IMG_HEAD.format(patch=""))
+
+    findings = run_check("ldm-import", recipe, deployment, "cpu")
+    assert [f.symptom for f in findings] == ["ModuleNotFoundError: No module named 'ldm'"]
+    assert f"apply-patches.sh --source {source}" in findings[0].fix
+
+    script.write_text(TXT2IMG_HEAD.format(
+        patch='sys.path.append(os.path.join(os.path.dirname(__file__), ".."))'))
+    assert run_check("ldm-import", recipe, deployment, "cpu") == []
+
+
+def test_vectorquantizer2_missing_from_taming_0_0_1(recipe, tmp_path):
+    deployment = Deployment(tmp_path / "deploy")
+    site = env_skeleton(deployment, "cpu")
+    pip_target(site, "taming-transformers==0.0.1")
+    autoencoder = deployment.source / "ldm" / "models" / "autoencoder.py"
+    autoencoder.parent.mkdir(parents=True)
+    autoencoder.write_text("import torch\nfrom taming.modules.vqvae.quantize import "
+                           "VectorQuantizer2 as VectorQuantizer\n")
+
+    findings = run_check("taming-vectorquantizer", recipe, deployment, "cpu")
+    assert [f.symptom for f in findings] == [
+        "ImportError: cannot import name 'VectorQuantizer2' from 'taming.modules.vqvae.quantize'"]
+    assert "apply-patches.sh" in findings[0].fix
+
+    # The series' patch: import the class that taming 0.0.1 has.
+    autoencoder.write_text("from taming.modules.vqvae.quantize import VectorQuantizer\n")
+    assert run_check("taming-vectorquantizer", recipe, deployment, "cpu") == []
+
+
+def test_pypi_clip_is_the_wrong_package(recipe, tmp_path):
+    deployment = Deployment(tmp_path / "deploy")
+    site = env_skeleton(deployment, "cpu")
+    pip_target(site, "clip==0.2.0")
+
+    findings = run_check("clip-package", recipe, deployment, "cpu")
+    assert [f.symptom for f in findings] == ["AttributeError: module 'clip' has no attribute 'load'"]
+    assert "clipboard" in findings[0].cause and "clip-anytorch" in findings[0].fix
+
+    shutil.rmtree(site)
+    site.mkdir()
+    pip_target(site, "clip-anytorch==2.6.0")
+    assert run_check("clip-package", recipe, deployment, "cpu") == []
+
+
+def test_missing_local_hf_models_mean_a_hub_connection_error(recipe, tmp_path):
+    deployment = Deployment(tmp_path / "deploy")
+    findings = run_check("local-hf-models", recipe, deployment, "cpu")
+    assert len(findings) == 2
+    assert all("We couldn't connect to 'https://huggingface.co'" in f.symptom for f in findings)
+    assert {"CompVis/stable-diffusion-safety-checker" in f.symptom for f in findings} == {True, False}
+    assert all(f.fix.startswith("sdrecipe fetch") for f in findings)
+
+    for folder in doctor.LOCAL_HF_MODELS:
+        (deployment.models / folder).mkdir(parents=True)
+        (deployment.models / folder / "config.json").write_text("{}")
+    assert run_check("local-hf-models", recipe, deployment, "cpu") == []
+
+
+def test_kornia_downloads_hardnet_without_the_preseed(recipe, tmp_path):
+    deployment = Deployment(tmp_path / "deploy")
+    site = env_skeleton(deployment, "cpu")
+    (site / "kornia").mkdir()
+
+    findings = run_check("kornia-hardnet", recipe, deployment, "cpu")
+    assert len(findings) == 1
+    assert "checkpoint_liberty_with_aug.pth" in findings[0].symptom
+    assert str(deployment.torch_home) in findings[0].cause
+    assert findings[0].fix.startswith("sdrecipe fetch")
+
+    checkpoint = deployment.torch_home / doctor.HARDNET_CHECKPOINT
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"weights")
+    assert run_check("kornia-hardnet", recipe, deployment, "cpu") == []
+
+
+def lmod_environ(tmp_path: Path, *load) -> dict:
+    """The environment after real Lmod `module load` of a stand-in DTK module tree."""
+    tree = tmp_path / "site-modules"
+    module = tree / f"{DTK_MODULE}.lua"
+    module.parent.mkdir(parents=True, exist_ok=True)
+    # Stand-in for the cluster's DTK module (no DTK here): same name, sets ROCM_PATH.
+    module.write_text('whatis("DTK 22.10.1 stand-in")\nsetenv("ROCM_PATH", "/opt/dtk-22.10.1")\n')
+    loads = "".join(f"module load {m} || exit 3\n" for m in load)
+    out = subprocess.run(["bash", "-c", f"source {LMOD_INIT}\nmodule use {tree}\n{loads}env -0"],
+                         capture_output=True, text=True, check=True).stdout
+    return dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
+
+
+def test_dtk_module_not_loaded(recipe, tmp_path):
+    environ = lmod_environ(tmp_path)
+    findings = run_check("modules", recipe, Deployment(tmp_path / "d"), "dtk-22.10", environ)
+    assert [f.fix for f in findings] == [f"module load {DTK_MODULE}"]
+    assert findings[0].symptom.startswith(f"module {DTK_MODULE} is not loaded")
+
+    loaded = lmod_environ(tmp_path, DTK_MODULE)
+    assert run_check("modules", recipe, Deployment(tmp_path / "d"), "dtk-22.10", loaded) == []
+    assert detect_profile(loaded) == "dtk-22.10"
+
+
+def fake_tool(folder: Path, name: str, output: str):
+    """A stand-in for a vendor tool (hy-smi, nvidia-smi): no accelerators on this machine."""
+    folder.mkdir(exist_ok=True)
+    tool = folder / name
+    tool.write_text(f"#!/bin/sh\ncat <<'EOF'\n{output}\nEOF\n")
+    tool.chmod(0o755)
+
+
+def test_no_accelerator_visible_and_profile_detection(recipe, tmp_path):
+    """hy-smi and nvidia-smi are stand-ins printing their real output format."""
+    bare = {"PATH": "/usr/bin:/bin"}
+    findings = run_check("accelerator", recipe, Deployment(tmp_path / "d"), "dtk-22.10", bare)
+    assert [f.severity for f in findings] == ["warning"]
+    assert "no DCU visible" in findings[0].symptom and "--gres=dcu:1" in findings[0].fix
+    assert detect_profile(bare) == "cpu"
+
+    tools = tmp_path / "tools"
+    fake_tool(tools, "hy-smi", "============ System Management Interface ============\n"
+                               "DCU[0]\t\t: Temperature (Sensor edge) (C): 40.0\n"
+                               "DCU[1]\t\t: Temperature (Sensor edge) (C): 41.0")
+    with_dcu = {"PATH": f"{tools}:/usr/bin:/bin"}
+    assert run_check("accelerator", recipe, Deployment(tmp_path / "d"), "dtk-22.10", with_dcu) == []
+    assert doctor.visible_devices(with_dcu) == {"dcu": 2}
+    assert detect_profile(with_dcu) == "dtk-22.10"
+
+    (tools / "hy-smi").unlink()
+    fake_tool(tools, "nvidia-smi", "GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-0000)")
+    assert detect_profile(with_dcu) == "cuda"
+    assert run_check("accelerator", recipe, Deployment(tmp_path / "d"), "cuda", with_dcu) == []
+
+
+def test_unapplied_patch_series(tmp_path):
+    from patch_fixtures import build_template, git
+    from sdrecipe.patches import apply_series
+    template = build_template(tmp_path / "template")
+    recipe = load_recipe(template["project"] / "recipe" / "test.yaml")
+    deployment = Deployment(tmp_path / "deploy")
+    deployment.root.mkdir()
+    git(deployment.root, "clone", "-q", str(template["upstream"]), str(deployment.source))
+
+    findings = run_check("patch-series", recipe, deployment, "cpu")
+    assert len(findings) == 1
+    assert findings[0].symptom == f"patch series is pristine on {deployment.source}"
+    assert "0001-main-syspath.patch" in findings[0].cause
+    assert findings[0].fix == f"./scripts/apply-patches.sh --source {deployment.source} --profile cpu"
+
+    apply_series(deployment.source, recipe, "cpu")
+    assert run_check("patch-series", recipe, deployment, "cpu") == []
+
+
+def test_doctor_command_reports_and_fails(tmp_path):
+    """The CLI runs every diagnosis; an empty deployment has errors with fixes, exit 1."""
+    result = subprocess.run([str(ROOT / "scripts" / "sdrecipe"), "--deploy-dir", str(tmp_path),
+                             "doctor", "--profile", "cpu"], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    assert "[env-built]" in result.stdout and "./scripts/build-env.sh --profile cpu" in result.stdout
+    assert "[local-hf-models]" in result.stdout
