@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import git
@@ -54,6 +55,9 @@ def ensure_source(recipe, dest, profile: str | None = None, bundle: Path | None 
         shutil.rmtree(staging, ignore_errors=True)
         try:
             _clone_pinned(staging, url, pinned, from_bundle=bundle is not None)
+            for failure in failures:
+                print(f"sdrecipe: skipped a source that could not serve {pinned[:12]}:\n"
+                      f"{failure}", file=sys.stderr)
             break
         except _Unusable as exc:
             failures.append(f"  {url}: {exc}")

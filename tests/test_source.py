@@ -1,0 +1,120 @@
+"""The source step against a real `git daemon` on 127.0.0.1 (tests/fetch_fixtures.py).
+
+The daemon serves the tiny upstream (the pinned commit plus later commits, so the
+pinned one is not a branch tip) and a fork that never had the pinned commit.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fetch_fixtures import GitDaemon, build_world, make_project
+from patch_fixtures import git
+from sdrecipe import patches
+from sdrecipe.errors import SdrecipeError
+from sdrecipe.recipe import load_recipe
+from sdrecipe.source import PINNED_REF, ensure_source
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from mirror_server import MirrorServer
+    root = tmp_path_factory.mktemp("source-world")
+    with MirrorServer() as mirror:  # artifacts are not fetched here; the recipe just names it
+        made = build_world(root, root / "served", mirror)
+    daemon = GitDaemon(root / "served").start()
+    made["daemon"] = daemon
+    yield made
+    daemon.stop()
+
+
+def recipe_for(world, tmp_path, url="upstream.git", mirrors=("fork.git",)):
+    daemon = world["daemon"]
+    path = make_project(world, tmp_path, daemon.url(url), [daemon.url(m) for m in mirrors])
+    return load_recipe(path)
+
+
+def head(path):
+    return git(path, "rev-parse", "HEAD").strip()
+
+
+def test_clones_only_the_pinned_commit_after_skipping_a_mirror_without_it(world, tmp_path,
+                                                                           capfd):
+    recipe = recipe_for(world, tmp_path)
+    dest = ensure_source(recipe, tmp_path / "deploy" / "stable-diffusion")
+    assert head(dest) == world["commit"]
+    assert git(dest, "rev-parse", PINNED_REF).strip() == world["commit"]
+    assert git(dest, "rev-list", "--count", "HEAD").strip() == "1"  # depth 1: that commit only
+    assert git(dest, "status", "--porcelain") == ""
+    skipped = capfd.readouterr().err
+    assert "fork.git" in skipped and "skipped" in skipped
+
+
+def test_no_source_with_the_commit_names_every_url_and_leaves_nothing(world, tmp_path):
+    recipe = recipe_for(world, tmp_path, url="missing.git")
+    dest = tmp_path / "deploy" / "stable-diffusion"
+    with pytest.raises(SdrecipeError) as error:
+        ensure_source(recipe, dest)
+    message = str(error.value)
+    assert world["commit"] in message and "fork.git" in message and "missing.git" in message
+    assert not dest.exists()
+    assert list((tmp_path / "deploy").iterdir()) == []  # no half-made clone left behind
+
+
+def test_server_refusing_a_single_commit_falls_back_to_a_full_fetch(world, tmp_path,
+                                                                    monkeypatch):
+    """Protocol v0 makes the real daemon refuse an unadvertised commit (no
+    uploadpack.allowReachableSHA1InWant), as older mirrors do."""
+    for key, value in (("GIT_CONFIG_COUNT", "1"), ("GIT_CONFIG_KEY_0", "protocol.version"),
+                       ("GIT_CONFIG_VALUE_0", "0")):
+        monkeypatch.setenv(key, value)
+    recipe = recipe_for(world, tmp_path, mirrors=())
+    dest = ensure_source(recipe, tmp_path / "deploy" / "stable-diffusion")
+    assert head(dest) == world["commit"]
+    assert int(git(dest, "rev-list", "--count", "--all")) > 1  # the whole history came
+
+
+def test_existing_checkout_at_the_pin_is_reused_without_contacting_any_server(world, tmp_path):
+    recipe = recipe_for(world, tmp_path)
+    dest = ensure_source(recipe, tmp_path / "stable-diffusion")
+    offline = recipe_for(world, tmp_path / "other", url="missing.git", mirrors=())
+    marker = dest / ".git" / "marker"
+    marker.write_text("kept")
+    assert ensure_source(offline, dest) == dest
+    assert marker.read_text() == "kept"
+
+
+def test_checkout_at_another_commit_is_refused(world, tmp_path):
+    recipe = recipe_for(world, tmp_path)
+    dest = tmp_path / "stable-diffusion"
+    git(tmp_path, "clone", "-q", world["daemon"].url("upstream.git"), str(dest))  # at the tip
+    with pytest.raises(SdrecipeError, match="not the pinned") as error:
+        ensure_source(recipe, dest)
+    assert head(dest) in str(error.value)
+
+
+def test_our_patch_series_is_not_foreign_but_other_changes_are(world, tmp_path):
+    recipe = recipe_for(world, tmp_path)
+    dest = ensure_source(recipe, tmp_path / "stable-diffusion")
+    patches.apply_series(dest, recipe, "cpu")
+    assert git(dest, "status", "--porcelain", "--untracked-files=no") != ""
+    assert ensure_source(recipe, dest, "cpu") == dest  # the applied series is ours
+
+    (dest / "README.md").write_text("my notes\n")  # a file no patch touches
+    with pytest.raises(SdrecipeError, match="README.md"):
+        ensure_source(recipe, dest, "cpu")
+    git(dest, "checkout", "--", "README.md")
+
+    (dest / "app" / "util.py").write_text("def helper():\n    return 99  # my fix\n")
+    with pytest.raises(SdrecipeError, match="app/util.py"):  # drift in a patched file
+        ensure_source(recipe, dest, "cpu")
+
+
+def test_a_folder_that_is_not_a_checkout_is_left_alone(world, tmp_path):
+    recipe = recipe_for(world, tmp_path)
+    dest = tmp_path / "stable-diffusion"
+    dest.mkdir()
+    (dest / "mine.txt").write_text("user data")
+    with pytest.raises(SdrecipeError, match="not a git checkout"):
+        ensure_source(recipe, dest)
+    assert (dest / "mine.txt").read_text() == "user data"
