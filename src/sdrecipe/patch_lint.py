@@ -152,6 +152,11 @@ def _parse_sections(lines):
                         i -= 1
                         break
                     kind = lines[i][:1]
+                    if (kind in (" ", "") and min(old_count, new_count) <= 0) or \
+                            (kind == "-" and old_count <= 0) or (kind == "+" and new_count <= 0):
+                        problems.append((number, "hunk is longer than its `@@` header says "
+                                                 "(lines were added by hand?)"))
+                        break
                     if kind in (" ", ""):
                         old_count -= 1
                         new_count -= 1
@@ -178,7 +183,10 @@ def _parse_cached(path: str, mtime_ns: int, size: int) -> ParsedPatch:
     try:
         PatchSet(text.replace("\r\n", "\n"))
     except UnidiffParseError as exc:
-        problems.append((problems[0][0] if problems else None, f"unidiff cannot parse it: {exc}"))
+        quoted = str(exc).split(": ", 1)[-1].strip()  # unidiff quotes the offending line
+        line = next((n for n, text in enumerate(lines, 1) if quoted and text == quoted),
+                    problems[0][0] if problems else None)
+        problems.append((line, f"unidiff cannot parse it: {str(exc).strip()}"))
     if not sections:
         problems.append((None, "no file diffs found"))
     return ParsedPatch(Path(path), data, lines, header, header_problems, sections, problems)
@@ -255,8 +263,6 @@ def check_sha256(ctx):
 
 
 def _dep3_value_problems(name, value):
-    if _TEMPLATE_RE.search(value):
-        yield f"{name} holds a template value: {value.splitlines()[0][:60]!r}"
     if name == "Last-Update":
         try:
             if not _DATE_RE.match(value):
@@ -300,6 +306,10 @@ def check_dep3(ctx):
                 continue
             if canonical not in DEP3_KNOWN and not canonical.startswith(("Bug-", "X-")):
                 yield ctx.warning("patch-dep3", rel, line, f"{name} is not a DEP-3 field")
+            if _TEMPLATE_RE.search(value):
+                yield ctx.error("patch-dep3", rel, line, f"{name} holds a template value: "
+                                f"{value.splitlines()[0][:60]!r}; write the real value")
+                continue
             for message in _dep3_value_problems(canonical, value):
                 yield ctx.error("patch-dep3", rel, line, message)
         for required in DEP3_REQUIRED:

@@ -37,6 +37,7 @@ NULL_BLOB = "0" * 40
 HOLD_ENV = "SDRECIPE_TEST_HOLD_AFTER"
 
 APPLIED, NOT_APPLIED, CONFLICTING = "applied", "not applied", "conflicting"
+LOCK_TIMEOUT_S = 10  # how long a second apply on the same checkout waits for the first
 
 
 # --- the checkout -----------------------------------------------------------------
@@ -354,7 +355,7 @@ def tree_state(source, recipe: Recipe, profile: str) -> TreeState:
 
 def _lock(checkout: Checkout) -> FileLock:
     checkout.state_dir.mkdir(exist_ok=True)
-    return FileLock(str(checkout.state_dir / "lock"), timeout=10)
+    return FileLock(str(checkout.state_dir / "lock"), timeout=LOCK_TIMEOUT_S)
 
 
 def _write_json_atomic(path: Path, data: dict):
