@@ -22,7 +22,8 @@ Layout (like huggingface.co):
     HEAD/GET /cdn/... and plain paths: 200 or 206 with ETag (the sha256),
         Content-Length, Accept-Ranges; `Range: bytes=a-[b]` and `If-Range` honoured.
 
-Faults (`fault(url_or_path, ...)`, each for `times` requests, None = always):
+Faults (`fault(url_or_path, ...)`, each for `times` requests, None = always; several
+faults on one file queue up and act in order; `clear_faults()` ends them):
     status=500       answer with that status (at the first hop)
     delay=2.0        sleep before answering (a slow server; the client times out)
     cut_after=N      send N body bytes, then drop the connection
@@ -45,6 +46,7 @@ import ipaddress
 import os
 import re
 import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -88,11 +90,10 @@ class Fault:
 
     def take(self) -> bool:
         """Use up one occurrence; False once exhausted."""
-        if self.times is None:
-            return True
-        if self.times <= 0:
-            return False
-        self.times -= 1
+        if self.times is not None:
+            if self.times <= 0:
+                return False
+            self.times -= 1
         return True
 
 
@@ -187,7 +188,7 @@ class MirrorServer:
         self.tls, self.cdn_host, self.redirect = tls, cdn_host, redirect
         self.repos: dict[str, Repo] = {}
         self.plain: dict[str, Blob] = {}
-        self.faults: dict[str, Fault] = {}
+        self.faults: dict[str, list[Fault]] = {}
         self.hits: list[Hit] = []
         self.max_concurrent = 0
         self._active = 0
@@ -197,8 +198,7 @@ class MirrorServer:
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> "MirrorServer":
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._httpd.daemon_threads = True
+        self._httpd = _QuietServer(("127.0.0.1", 0), _handler_for(self))
         if self.tls:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(self.tls.cert, self.tls.key)
@@ -256,9 +256,14 @@ class MirrorServer:
     def fault(self, url_or_path: str, *, times: int | None = 1, status: int | None = None,
               delay: float = 0.0, cut_after: int | None = None, corrupt: bool = False,
               no_length: bool = False) -> None:
-        """Inject a fault for the file at `url_or_path` (a URL from add_* or its path)."""
-        self.faults[self._file_key(urlsplit(url_or_path).path)] = Fault(
-            times, status, delay, cut_after, corrupt, no_length)
+        """Queue a fault for the file at `url_or_path` (a URL from add_* or its path)."""
+        with self._lock:
+            self.faults.setdefault(self._file_key(urlsplit(url_or_path).path), []).append(
+                Fault(times, status, delay, cut_after, corrupt, no_length))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
 
     # -- observations -----------------------------------------------------------------
     def bytes_sent(self, url_or_path: str | None = None) -> int:
@@ -283,16 +288,27 @@ class MirrorServer:
     def _take_fault(self, path: str, first_hop: bool, body_hop: bool) -> Fault | None:
         """The fault for this hop: status faults at the first hop, the rest where bytes flow."""
         with self._lock:
-            fault = self.faults.get(self._file_key(path))
-            if fault is None or not (first_hop if fault.status else body_hop):
+            queue = self.faults.get(self._file_key(path), [])
+            while queue and queue[0].times is not None and queue[0].times <= 0:
+                queue.pop(0)
+            if not queue or not (first_hop if queue[0].status else body_hop):
                 return None
-            return fault if fault.take() else None
+            return queue[0] if queue[0].take() else None
 
     def _lookup(self, repo: str, revision: str, path: str):
         entry = self.repos.get(repo)
         if entry is None or revision not in (entry.commit, "main"):
             return entry, None
         return entry, entry.files.get(path)
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        """Clients that hang up (timeouts, refused TLS, size checks) are normal here."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 def _handler_for(server: MirrorServer):

@@ -136,8 +136,21 @@ def _add_bundle(sub):
     create.set_defaults(func=bundle.create_command)
 
 
+def _add_lock(sub):
+    from . import lock
+    parser = sub.add_parser("lock", help="resolve env/ into lock/<profile>.conda-lock.yml "
+                                         "(conda part by py-rattler, pip part by uv)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--profile", choices=PROFILES, help="the profile to lock")
+    which.add_argument("--all", action="store_true", help="lock every profile of the recipe")
+    parser.add_argument("--pip-only", action="store_true",
+                        help="lock the pip part only (where conda channels are unreachable); "
+                             "a conda part already locked from the same inputs is kept")
+    parser.set_defaults(func=lock.run_command)
+
+
 COMMANDS = (_add_patch, _add_lint, _add_upstream_lock, _add_env, _add_doctor, _add_fetch,
-            _add_bundle)
+            _add_bundle, _add_lock)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 # Modules whose import registers checks (each defines functions decorated with @check).
-CHECK_MODULES: tuple[str, ...] = ("patch_lint", "artifacts")
+CHECK_MODULES: tuple[str, ...] = ("patch_lint", "artifacts", "lock")
 
 
 @dataclass(frozen=True)

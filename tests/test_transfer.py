@@ -1,0 +1,332 @@
+"""The downloader against a real HTTP(S) mirror on loopback, with injected faults."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import resource
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mirror_server import MirrorServer
+from sdrecipe.transfer import (GATED_HINT, DiskSpaceError, Download, GatedError, IntegrityError,
+                               Transfer, TransferError, endpoints_from, hf_resolve_urls,
+                               resolve_token)
+
+pytestmark = pytest.mark.usefixtures("no_hf_credentials")
+
+DATA = os.urandom(3 * 2**20 + 12345)  # a few chunks and a ragged tail
+SHA = hashlib.sha256(DATA).hexdigest()
+TOKEN = "hf_sEcReT0123456789abcdef"
+
+
+def fast(**kw) -> Transfer:
+    """A Transfer with test-sized backoff and timeouts, quiet."""
+    return Transfer(**{"token": "", "backoff": 0.01, "timeout": 5.0, "retries": 3,
+                       "progress": False, **kw})
+
+
+def pinned(urls, dest, **kw) -> Download:
+    return Download(urls=urls, dest=dest, **{"sha256": SHA, "size": len(DATA), **kw})
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
+
+
+# --- happy paths ---------------------------------------------------------------------------
+def test_hf_file_lands_verified_via_redirect_and_trust_on_first_use(mirror, tmp_path):
+    url = mirror.add_file("org/model", "sub dir/weights.bin", DATA)
+    plain = mirror.add_plain("releases/hardnet.pth", DATA[:1000])
+    results = fast().fetch([
+        Download([url], tmp_path / "w.bin"),                      # nothing pinned: TOFU
+        Download([plain], tmp_path / "h.pth", size=1000),
+    ])
+    assert (results[0].sha256, results[0].size, results[0].url) == (SHA, len(DATA), url)
+    assert results[1].sha256 == hashlib.sha256(DATA[:1000]).hexdigest()
+    assert (tmp_path / "w.bin").read_bytes() == DATA
+    assert [h.status for h in mirror.requests_for(url)] == [302, 200]  # resolve -> CDN
+    assert leftovers(tmp_path) == ["h.pth", "w.bin"]  # no .part, no sidecar
+
+
+def test_hf_resolve_urls_and_endpoint_order(monkeypatch):
+    assert hf_resolve_urls(["https://m.example/", "https://huggingface.co"], "org/r", "abc",
+                           "a b/c.json") == [
+        "https://m.example/org/r/resolve/abc/a%20b/c.json",
+        "https://huggingface.co/org/r/resolve/abc/a%20b/c.json"]
+    monkeypatch.setenv("HF_ENDPOINT", "https://site-mirror/ , https://hf-mirror.example")
+    assert endpoints_from(None, mirrors=["https://recipe-mirror", "https://hf-mirror.example"]) == [
+        "https://site-mirror", "https://hf-mirror.example", "https://recipe-mirror",
+        "https://huggingface.co"]
+    from sdrecipe.config import load_config
+    assert endpoints_from(load_config())[0] == "https://site-mirror"
+
+
+# --- resume ---------------------------------------------------------------------------------
+def test_cut_mid_file_resumes_and_sends_only_the_rest(mirror, tmp_path):
+    url = mirror.add_file("org/model", "w.bin", DATA)
+    mirror.fault(url, cut_after=2**20 + 7)
+    [result] = fast().fetch([pinned([url], tmp_path / "w.bin")])
+    assert result.sha256 == SHA
+    assert mirror.bytes_sent(url) == len(DATA)  # nothing sent twice
+    ranges = [h.headers.get("Range") for h in mirror.requests_for(url) if h.status in (200, 206)]
+    assert ranges == [None, f"bytes={2**20 + 7}-"]
+
+
+def test_resume_across_runs_from_the_part_file(mirror, tmp_path):
+    url = mirror.add_file("org/model", "w.bin", DATA)
+    mirror.fault(url, cut_after=2_000_000)
+    mirror.fault(url, status=503, times=None)  # then the mirror goes down: this run gives up
+    with pytest.raises(TransferError, match="HTTP 503"):
+        fast(retries=1).fetch([pinned([url], tmp_path / "w.bin")])
+    assert (tmp_path / "w.bin.part").stat().st_size == 2_000_000
+    assert not (tmp_path / "w.bin").exists()
+    mirror.clear_faults()
+
+    [result] = fast().fetch([pinned([url], tmp_path / "w.bin")])  # a new run, a new Transfer
+    assert result.sha256 == SHA and (tmp_path / "w.bin").read_bytes() == DATA
+    assert mirror.bytes_sent(url) == len(DATA)
+    assert mirror.requests_for(url)[-1].headers["If-Range"] == f'"{SHA}"'
+    assert leftovers(tmp_path) == ["w.bin"]
+
+
+def test_changed_remote_file_is_not_spliced_onto_an_old_part(mirror, tmp_path):
+    url = mirror.add_file("org/model", "w.bin", DATA)
+    mirror.fault(url, cut_after=1_000_000)
+    mirror.fault(url, status=503, times=None)
+    with pytest.raises(TransferError):
+        fast(retries=0).fetch([Download([url], tmp_path / "w.bin")])
+    mirror.clear_faults()
+    new = os.urandom(len(DATA))
+    mirror.add_file("org/model", "w.bin", new)  # upstream replaced the file: new ETag
+    [result] = fast().fetch([Download([url], tmp_path / "w.bin")])
+    assert (tmp_path / "w.bin").read_bytes() == new
+    assert result.sha256 == hashlib.sha256(new).hexdigest()
+    assert mirror.requests_for(url)[-1].status == 200  # If-Range failed: whole file again
+
+
+# --- integrity --------------------------------------------------------------------------------
+def test_wrong_bytes_are_quarantined_and_the_next_endpoint_used(mirror, tmp_path):
+    with MirrorServer() as good:
+        bad_url = mirror.add_file("org/model", "w.bin", DATA)
+        mirror.fault(bad_url, corrupt=True, times=None)
+        good_url = good.add_file("org/model", "w.bin", DATA)
+        quarantine = tmp_path / "quarantine"
+        [result] = fast(quarantine_dir=quarantine).fetch(
+            [pinned([bad_url, good_url], tmp_path / "w.bin")])
+    assert result.url == good_url and (tmp_path / "w.bin").read_bytes() == DATA
+    [bad] = quarantine.iterdir()
+    assert bad.name.startswith("w.bin.bad-") and bad.stat().st_size == len(DATA)
+    assert bad.read_bytes() != DATA
+
+
+def test_wrong_bytes_everywhere_name_both_hashes_and_leave_no_file(mirror, tmp_path):
+    url = mirror.add_plain("w.bin", DATA)
+    mirror.fault(url, corrupt=True, times=None)
+    with pytest.raises(TransferError) as caught:
+        fast().fetch([pinned([url], tmp_path / "w.bin")])
+    [failure] = caught.value.failures
+    assert isinstance(failure, IntegrityError)
+    [bad] = tmp_path.glob("w.bin.bad-*")
+    actual = hashlib.sha256(bad.read_bytes()).hexdigest()
+    text = str(caught.value)
+    assert SHA in text and actual in text and url in text and "quarantined at" in text
+    assert not (tmp_path / "w.bin").exists()
+
+
+def test_size_mismatch_is_refused_before_downloading(mirror, tmp_path):
+    url = mirror.add_plain("w.bin", DATA)
+    with pytest.raises(TransferError, match=f"serves {len(DATA)} bytes, expected 10"):
+        fast().fetch([Download([url], tmp_path / "w.bin", size=10)])
+    assert leftovers(tmp_path) == []  # not a byte written
+
+
+# --- retries, timeouts, fallback ----------------------------------------------------------------
+def test_500s_are_retried_within_bounds(mirror, tmp_path):
+    url = mirror.add_file("org/model", "w.bin", DATA)
+    mirror.fault(url, status=500, times=2)
+    [result] = fast(retries=2).fetch([pinned([url], tmp_path / "w.bin")])
+    assert result.sha256 == SHA
+    assert [h.status for h in mirror.requests_for(url)] == [500, 500, 302, 200]
+
+
+def test_persistent_500s_give_up_after_the_bound_with_a_clear_error(mirror, tmp_path):
+    url = mirror.add_file("org/model", "w.bin", DATA)
+    mirror.fault(url, status=503, times=None)
+    with pytest.raises(TransferError) as caught:
+        fast(retries=2).fetch([pinned([url], tmp_path / "w.bin")])
+    assert len(mirror.requests_for(url)) == 3
+    text = str(caught.value)
+    assert "1 of 1 downloads failed" in text and url in text
+    assert "gave up after 3 attempts in a row: HTTP 503" in text
+    assert leftovers(tmp_path) == []
+
+
+def test_slow_server_times_out_and_is_retried(mirror, tmp_path):
+    url = mirror.add_plain("w.bin", DATA)
+    mirror.fault(url, delay=1.5)
+    [result] = fast(timeout=0.3).fetch([pinned([url], tmp_path / "w.bin")])
+    assert result.sha256 == SHA
+    hits = mirror.requests_for(url)
+    assert len(hits) == 2 and hits[1].status == 200  # the first one answered too late
+
+
+def test_404_moves_on_to_the_next_endpoint_and_failures_are_aggregated(mirror, tmp_path):
+    with MirrorServer() as second:
+        second.add_file("org/model", "w.bin", DATA)
+        urls = hf_resolve_urls([mirror.url, second.url], "org/model", "main", "w.bin")
+        missing = hf_resolve_urls([mirror.url], "org/model", "main", "nope.bin")
+        with pytest.raises(TransferError) as caught:
+            fast().fetch([pinned(urls, tmp_path / "w.bin"),
+                          Download(missing, tmp_path / "nope.bin", label="nope")])
+    assert [r.url for r in caught.value.results] == [urls[1]]  # w.bin arrived from #2
+    assert (tmp_path / "w.bin").read_bytes() == DATA
+    assert "1 of 2 downloads failed" in str(caught.value)
+    assert "nope: failed from all 1 URL(s)" in str(caught.value) and "HTTP 404" in str(caught.value)
+
+
+def test_parallel_downloads_are_bounded_by_jobs(tmp_path):
+    with MirrorServer(redirect=False) as server:
+        urls = [server.add_plain(f"f{i}", DATA[:1000 + i]) for i in range(5)]
+        for url in urls:
+            server.fault(url, delay=0.3)
+        results = fast(jobs=2).fetch([Download([u], tmp_path / f"f{i}") for i, u in enumerate(urls)])
+    assert [r.size for r in results] == [1000 + i for i in range(5)]
+    assert server.max_concurrent == 2
+
+
+# --- tokens ------------------------------------------------------------------------------------------
+def test_gated_file_without_token_says_how_to_get_access(mirror, tmp_path):
+    url = mirror.add_file("CompVis/sd", "model.ckpt", DATA, gated=True)
+    with pytest.raises(TransferError) as caught:
+        Transfer(backoff=0.01, progress=False).fetch([pinned([url], tmp_path / "m", gated=True)])
+    [failure] = caught.value.failures
+    assert isinstance(failure, GatedError) and GATED_HINT in str(failure)
+    assert "HTTP 401" in str(failure) and url in str(failure)
+    assert len(mirror.requests_for(url)) == 1  # 4xx: not retried
+
+
+def test_token_goes_only_to_gated_files_never_to_the_cdn_and_never_into_logs(
+        mirror, tmp_path, caplog, capsys, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    gated = mirror.add_file("CompVis/sd", "model.ckpt", DATA, token=TOKEN)
+    public = mirror.add_file("openai/clip", "config.json", b"{}")
+    caplog.set_level(logging.DEBUG)  # every logger, urllib3's included
+    results = fast(token=None).fetch([pinned([gated], tmp_path / "m", gated=True),
+                                      Download([public], tmp_path / "c.json")])
+    assert results[0].sha256 == SHA
+    hops = mirror.requests_for(gated)
+    assert hops[0].headers["Authorization"] == f"Bearer {TOKEN}"
+    assert hops[1].host.startswith("localhost") and "Authorization" not in hops[1].headers
+    assert all("Authorization" not in h.headers for h in mirror.requests_for(public))
+
+    mirror.add_file("CompVis/sd", "other.ckpt", DATA, token="hf_another_token")  # refused
+    mirror.fault(gated, status=500, times=None)
+    with pytest.raises(TransferError) as caught:
+        Transfer(backoff=0.01, retries=1, progress=False).fetch([
+            Download([gated], tmp_path / "m2", gated=True),
+            Download(hf_resolve_urls([mirror.url], "CompVis/sd", "main", "other.ckpt"),
+                     tmp_path / "o", gated=True)])
+    assert "the server refused your token" in str(caught.value)
+    seen = [str(caught.value), repr(caught.value.failures), caplog.text,
+            repr(Transfer(progress=False)), *capsys.readouterr()]
+    assert caplog.text and not [text for text in seen if TOKEN in text]
+
+
+def test_resolve_token_order(monkeypatch, tmp_path):
+    assert resolve_token() is None
+    (tmp_path / "hf-home").mkdir()
+    (tmp_path / "hf-home" / "token").write_text("hf_from_home\n")
+    assert resolve_token() == "hf_from_home"
+    (tmp_path / "elsewhere").write_text("hf_from_path")
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "elsewhere"))
+    assert resolve_token() == "hf_from_path"
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    assert resolve_token() == "hf_from_env"
+
+
+# --- TLS ---------------------------------------------------------------------------------------------
+def test_tls_self_signed_is_rejected_without_the_ca_bundle_and_accepted_with_it(
+        tls_mirror, tls_files, tmp_path, monkeypatch):
+    url = tls_mirror.add_file("org/model", "w.bin", DATA)
+    with pytest.raises(TransferError, match="TLS verification failed") as caught:
+        fast().fetch([pinned([url], tmp_path / "w.bin")])
+    assert "SDRECIPE_CA_BUNDLE" in str(caught.value)
+    assert not (tmp_path / "w.bin").exists()
+
+    [result] = fast(ca_bundle=tls_files.ca).fetch([pinned([url], tmp_path / "w.bin")])
+    assert result.sha256 == SHA
+
+    monkeypatch.setenv("SDRECIPE_CA_BUNDLE", str(tls_files.ca))  # the site config route
+    from sdrecipe.config import load_config
+    [again] = Transfer.from_config(load_config(), progress=False).fetch(
+        [pinned([url], tmp_path / "again.bin")])
+    assert again.sha256 == SHA
+
+    with pytest.raises(Exception, match="CA bundle .*nope.pem .*does not exist"):
+        Transfer(ca_bundle=tmp_path / "nope.pem")
+
+
+# --- disk space --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def small_filesystem(folder: Path, size: int):
+    """A real tmpfs of `size` bytes when we may mount one; else an RLIMIT_FSIZE file size
+    limit on this process (writes past it fail with EFBIG, which the downloader treats
+    like a full disk). Yields a function that lifts the limit."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    if mounted:
+        try:
+            yield lambda: subprocess.run(["mount", "-o", f"remount,size={size * 4}", str(folder)],
+                                         check=True)
+        finally:
+            subprocess.run(["umount", str(folder)], check=True)
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_disk_full_mid_write_leaves_no_final_file_and_a_resumable_part(mirror, tmp_path):
+    url = mirror.add_plain("w.bin", DATA)
+    mirror.fault(url, no_length=True)  # size unknown up front: the disk fills mid-write
+    disk = tmp_path / "small"
+    with small_filesystem(disk, 2 * 2**20) as grow:
+        with pytest.raises(TransferError) as caught:
+            fast().fetch([Download([url], disk / "w.bin")])
+        [failure] = caught.value.failures
+        assert isinstance(failure, DiskSpaceError) and "resumes" in str(failure)
+        assert not (disk / "w.bin").exists()
+        kept = (disk / "w.bin.part").stat().st_size
+        assert 0 < kept <= 2 * 2**20
+        assert DATA.startswith((disk / "w.bin.part").read_bytes())
+
+        grow()
+        [result] = fast().fetch([Download([url], disk / "w.bin")])
+        assert result.sha256 == SHA and (disk / "w.bin").read_bytes() == DATA
+        assert mirror.requests_for(url)[-1].body_bytes == len(DATA) - kept
+
+
+def test_free_space_is_checked_before_any_byte_is_fetched(mirror, tmp_path):
+    url = mirror.add_plain("w.bin", DATA)
+    with pytest.raises(DiskSpaceError, match=r"not enough disk space in .*w\.bin.* need"):
+        fast().fetch([Download([url], tmp_path / "w.bin", size=2**62)])
+    assert mirror.hits == []
+
+
+def test_two_downloads_to_one_file_are_refused(tmp_path):
+    with pytest.raises(Exception, match="two downloads write to the same file"):
+        fast().fetch([Download(["http://127.0.0.1:9/a"], tmp_path / "x"),
+                      Download(["http://127.0.0.1:9/b"], tmp_path / "x")])
+
