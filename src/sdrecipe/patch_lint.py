@@ -36,7 +36,9 @@ _URL_RE = re.compile(r"^https?://[^\s/$.?#][^\s<>]*$")
 _COMMIT_RE = re.compile(r"^[0-9a-f]{7,40}$")
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # `<your name>` or TODO are left-over template text; `<a@b.org>` and `<https://..>` are not.
-_TEMPLATE_RE = re.compile(r"<(?![^<>]*@)(?!https?:)[^<>]*>|\b(TODO|FIXME|TBD|XXX)\b")
+# Only a field's first line is searched for `<...>`, so a long Description may say `<repo>/models`.
+_PLACEHOLDER_RE = re.compile(r"<(?![^<>]*@)(?!https?:)[^<>]*>")
+_TODO_RE = re.compile(r"\b(TODO|FIXME|TBD|XXX)\b")
 _HUNK_RE = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 _INDEX_RE = re.compile(r"^index ([0-9a-f]+)\.\.([0-9a-f]+)(?: \d{6})?$")
 _GIT_FAIL_RE = re.compile(r"patch failed: (.+):(\d+)")
@@ -281,7 +283,8 @@ def _dep3_value_problems(name, value):
         if keyword not in ORIGIN_KEYWORDS:
             keyword, rest = None, value
         if rest and not (_URL_RE.match(rest) or _COMMIT_RE.match(rest)):
-            yield f"Origin must be `[{'|'.join(ORIGIN_KEYWORDS)}, ]<URL or commit id>`, got {value!r}"
+            yield (f"Origin must be `[{'|'.join(ORIGIN_KEYWORDS)}, ]<URL or commit id>` or "
+                   f"`vendor` alone (cite other sources in Description), got {value!r}")
         if not rest and keyword not in ("vendor", "other"):
             yield f"Origin {value!r} needs a URL or commit id"
     elif name == "Applied-Upstream":
@@ -306,7 +309,7 @@ def check_dep3(ctx):
                 continue
             if canonical not in DEP3_KNOWN and not canonical.startswith(("Bug-", "X-")):
                 yield ctx.warning("patch-dep3", rel, line, f"{name} is not a DEP-3 field")
-            if _TEMPLATE_RE.search(value):
+            if _PLACEHOLDER_RE.search(value.split("\n")[0]) or _TODO_RE.search(value):
                 yield ctx.error("patch-dep3", rel, line, f"{name} holds a template value: "
                                 f"{value.splitlines()[0][:60]!r}; write the real value")
                 continue
