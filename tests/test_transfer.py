@@ -110,6 +110,16 @@ def test_changed_remote_file_is_not_spliced_onto_an_old_part(mirror, tmp_path):
     assert mirror.requests_for(url)[-1].status == 200  # If-Range failed: whole file again
 
 
+def test_a_bad_old_part_is_caught_and_the_file_fetched_fresh(mirror, tmp_path):
+    url = mirror.add_plain("w.bin", DATA)
+    (tmp_path / "w.bin.part").write_bytes(b"garbage from an older run")
+    (tmp_path / "w.bin.part.json").write_text(f'{{"sha256": "{SHA}"}}')
+    [result] = fast().fetch([pinned([url], tmp_path / "w.bin")])
+    assert result.sha256 == SHA and (tmp_path / "w.bin").read_bytes() == DATA
+    assert [h.headers.get("Range") for h in mirror.requests_for(url)] == ["bytes=25-", None]
+    assert len(list(tmp_path.glob("w.bin.bad-*"))) == 1
+
+
 # --- integrity --------------------------------------------------------------------------------
 def test_wrong_bytes_are_quarantined_and_the_next_endpoint_used(mirror, tmp_path):
     with MirrorServer() as good:

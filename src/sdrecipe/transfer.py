@@ -243,8 +243,11 @@ class _Part:
         self.meta_path.unlink(missing_ok=True)
         self.offset, self.hasher, self.meta, self.resumed = 0, hashlib.sha256(), {}, False
 
-    def validators(self, url: str) -> dict:
-        """Headers that make the server send the rest only if the file is unchanged."""
+    def resume_headers(self, url: str) -> dict:
+        """Headers that make the server send the rest only if the file is unchanged.
+
+        Without a validator from this URL, a pinned sha256 still vouches for the result
+        (a wrong splice fails the hash and restarts); an unpinned one starts over."""
         if not self.offset:
             return {}
         headers = {"Range": f"bytes={self.offset}-"}
@@ -253,6 +256,9 @@ class _Part:
             headers["If-Range"] = etag
         elif self.meta.get("url") == url and self.meta.get("last_modified"):
             headers["If-Range"] = self.meta["last_modified"]
+        elif self.download.sha256 is None:
+            self.reset()
+            return {}
         return headers
 
     def remember(self, url: str, response: requests.Response) -> None:
@@ -310,6 +316,7 @@ class _Progress:
                               TransferSpeedColumn(), TimeRemainingColumn(), console=console,
                               transient=True, disable=not self.enabled)
         self._total = self._bars.add_task(f"total ({files} files)", total=total)
+        self._completed: dict = {}
 
     def __enter__(self):
         self._bars.start()
@@ -322,10 +329,14 @@ class _Progress:
         return self._bars.add_task(label, total=total)
 
     def advance(self, task, amount: int) -> None:
+        self._completed[task] = self._completed.get(task, 0) + amount
         self._bars.advance(task, amount)
         self._bars.advance(self._total, amount)
 
     def restart(self, task, completed: int, total: int | None) -> None:
+        """The file starts over (or resumes) at `completed`; keep the total bar honest."""
+        self._bars.advance(self._total, completed - self._completed.get(task, 0))
+        self._completed[task] = completed
         self._bars.update(task, completed=completed, total=total)
 
     def done(self, task) -> None:
@@ -335,8 +346,9 @@ class _Progress:
 # --- the downloader ---------------------------------------------------------------------------------
 @dataclass
 class Transfer:
-    """Fetch `Download`s. `token=None` looks one up with `resolve_token()` when a gated
-    file needs it; `progress=None` shows bars only on a terminal."""
+    """Fetch `Download`s. `token=None` looks one up with `resolve_token()` (pass "" for
+    none); `progress=None` shows bars only on a terminal; `backoff` is the first wait
+    between retries in seconds (doubling, at most 30 s)."""
 
     ca_bundle: str | os.PathLike | None = None
     token: str | None = None
@@ -456,7 +468,7 @@ class Transfer:
         raise _NextEndpoint(f"gave up after {self.retries + 1} attempts in a row: {last}")
 
     def _attempt(self, download, url, part, progress, task) -> Result:
-        headers = {"Accept-Encoding": "identity", **part.validators(url)}
+        headers = {"Accept-Encoding": "identity", **part.resume_headers(url)}
         if download.gated and self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         log.debug("GET %s (from byte %d)", url, part.offset)
