@@ -1,0 +1,608 @@
+"""`sdrecipe lock`: one conda-lock v1 file per profile, `lock/<profile>.conda-lock.yml`.
+
+Inputs (`env/`): `environment.yaml` (python, pip, the pip layer pinned exactly)
+plus `profiles/<profile>.yaml` (channels, conda packages, and a `sdrecipe:`
+section: platform wheels and the torch/torchvision releases they provide).
+Both are plain conda environment files, so conda-lock reads them too, with
+`virtual-packages.yaml` (the target: glibc 2.17) and `pypi-to-conda.yaml`.
+
+The lock is written through conda-lock's own models (`Lockfile`,
+`write_conda_lock_file`) with conda-lock's content hash, so `conda-lock
+install` and `micromamba create -f` take it as is:
+
+- conda part (category main): solved by py-rattler (`rattler.solve`, no conda
+  binary) against the profile's channels, named under the `conda_channel_alias`
+  setting (a mirror). Where channels are unreachable, `sdrecipe lock --pip-only`
+  leaves it empty; `env build` then solves it once (`lock_conda_part`) and asks
+  the user to commit the lock.
+- pip part (category main): resolved by `uv pip compile` for the target
+  (CPython 3.8, x86_64-manylinux2014), one file per package with its sha256.
+  It is complete (every transitive dependency), since it is installed with
+  `--no-deps`. torch/torchvision are resolved as PyPI stand-ins and left out:
+  pip never resolves the DTK pre-release torch.
+- category `venv` (optional; conda-lock and micromamba skip it): PyPI's
+  torch/torchvision for the venv backend of profiles whose conda part
+  provides them (cuda, cpu).
+- platform wheels: pip entries with a `file://` URL into the wheel folder; the
+  sha256 is empty until `env build` first sees the file (`record_wheel_hash`),
+  then enforced.
+
+The API the other stages use:
+    load_lock(recipe, profile) -> Lock       (SdrecipeError when there is none)
+    lock_staleness(recipe, profile) -> str | None
+    lock_conda_part(recipe, profile) -> Lock
+    record_wheel_hash(recipe, profile, filename, sha256, path=None)
+The content hash is conda-lock's algorithm over conda-lock's spec of the two
+env files plus sdrecipe's inputs (platform wheels, provided releases): any
+change to them makes the lock stale, and `sdrecipe lint` fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.tags import Tag
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+
+from .config import load_config
+from .errors import SdrecipeError
+from .lint import check
+from .schema import Node, load_yaml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the engine supports 3.9+
+    import tomli as tomllib
+
+TARGET_PLATFORM = "linux-64"
+TARGET_PYTHON = "3.8"
+TARGET_PIP_PLATFORM = "x86_64-manylinux2014"
+VENV_CATEGORY = "venv"
+STAND_IN_CATEGORY = "stand-in"
+BASE_FILE = "env/environment.yaml"
+VIRTUAL_PACKAGES_FILE = "env/virtual-packages.yaml"
+MAPPING_FILE = "env/pypi-to-conda.yaml"
+META_CONDA_INPUTS = "sdrecipe-conda-inputs"
+META_CONDA_PART = "sdrecipe-conda-part"
+
+
+def _target_tags() -> list[Tag]:
+    """Wheel tags pip accepts on CPython 3.8 / manylinux2014 x86_64, best first."""
+    platforms = []
+    for minor in range(17, 4, -1):
+        platforms.append(f"manylinux_2_{minor}_x86_64")
+        legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}.get(minor)
+        if legacy:
+            platforms.append(f"{legacy}_x86_64")
+    platforms.append("linux_x86_64")
+    tags = [Tag(interp, abi, plat) for interp, abi in (("cp38", "cp38"), ("cp38", "abi3"),
+                                                       ("cp38", "none")) for plat in platforms]
+    for interp in ("py38", "py3"):
+        tags += [Tag(interp, "none", plat) for plat in platforms]
+    return tags + [Tag(interp, "none", "any") for interp in ("cp38", "py38", "py3")]
+
+
+# --- the inputs: env/ files, validated -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What a profile's lock is made from."""
+    profile: str
+    root: Path
+    files: tuple[Path, ...]
+    channels: tuple[str, ...]
+    conda_specs: tuple[str, ...]
+    pip_specs: tuple[str, ...]
+    provided: dict  # pip name -> release the pip layer is resolved against
+    platform_wheels: tuple[str, ...]  # file names, found in the wheel folder
+    lock_spec: object  # conda_lock.models.lock_spec.LockSpecification
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "lock" / f"{self.profile}.conda-lock.yml"
+
+    @property
+    def provided_category(self) -> str:
+        """Platform wheels provide torch everywhere; else the venv backend takes PyPI's."""
+        return STAND_IN_CATEGORY if self.platform_wheels else VENV_CATEGORY
+
+    def content_hash(self) -> str:
+        from conda_lock.content_hash import compute_content_hashes
+        from conda_lock.virtual_package import virtual_package_repo_from_specification
+        repo = virtual_package_repo_from_specification(self.root / VIRTUAL_PACKAGES_FILE)
+        return compute_content_hashes(self.lock_spec, repo)[TARGET_PLATFORM]
+
+    def conda_inputs_hash(self) -> str:
+        """What the conda part depends on: a pip-only relock keeps a conda part that matches."""
+        text = json.dumps({"channels": self.channels, "specs": self.conda_specs,
+                           "virtual": (self.root / VIRTUAL_PACKAGES_FILE).read_text()})
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read_env_file(path: Path, allow_sdrecipe: bool):
+    """Validate one env file; returns (channels, conda specs, pip specs, sdrecipe node)."""
+    import rattler
+    root = load_yaml(path)
+    root.keys(required=("dependencies",),
+              optional=("name", "channels") + (("sdrecipe",) if allow_sdrecipe else ()))
+    channels = root.string_list("channels") or ()
+    conda, pip = [], []
+    for item in root.get("dependencies", list).items():
+        if isinstance(item.value, dict):
+            item.keys(required=("pip",))
+            for spec in item.get("pip", list).items():
+                pip.append(_pip_spec(spec))
+            continue
+        item.expect(str)
+        try:
+            rattler.MatchSpec(item.value)
+        except Exception as exc:  # py-rattler raises its own parse error types
+            raise item.error(f"not a conda match spec: {exc}") from exc
+        conda.append(item.value)
+    extra = root.get("sdrecipe", dict) if root.has("sdrecipe") else None
+    return tuple(channels), tuple(conda), tuple(pip), extra
+
+
+def _pip_spec(node: Node) -> str:
+    """A pip requirement of the pip layer: exactly pinned, so the lock is reproducible."""
+    node.expect(str)
+    try:
+        requirement = Requirement(node.value)
+    except InvalidRequirement as exc:
+        raise node.error(f"not a pip requirement: {exc}") from exc
+    pins = [s for s in requirement.specifier if s.operator in ("==", "===")]
+    if len(pins) != 1 or "*" in pins[0].version:
+        raise node.error(f"pin {requirement.name} exactly (name==version): the pip layer "
+                         "is a verified flat set")
+    return node.value
+
+
+def _read_sdrecipe_section(node: Node | None) -> tuple[dict, tuple[str, ...]]:
+    if node is None:
+        return {}, ()
+    node.keys(optional=("platform_wheels", "provided", "decisions"))
+    provided = {}
+    if node.has("provided"):
+        for name, value in node.get("provided", dict).entries():
+            value.expect(str)
+            provided[canonicalize_name(name)] = value.value
+    wheels = []
+    for item in node.get("platform_wheels", list).items() if node.has("platform_wheels") else ():
+        item.expect(str)
+        if "/" in item.value or not item.value.endswith(".whl"):
+            raise item.error("expected a wheel file name (no folder): the wheel folder is the "
+                             "`wheel_dir` setting")
+        try:
+            name = parse_wheel_filename(item.value)[0]
+        except InvalidWheelFilename as exc:
+            raise item.error(f"not a wheel file name: {exc}") from exc
+        if name not in provided:
+            raise item.error(f"add `provided: {{{name}: <PyPI release>}}`: the pip layer is "
+                             f"resolved against a stand-in for each platform wheel")
+        wheels.append(item.value)
+    if node.has("decisions"):
+        for _, value in node.get("decisions", dict).entries():
+            value.expect(str)
+    return provided, tuple(wheels)
+
+
+def load_env_spec(recipe, profile: str) -> EnvSpec:
+    """Read and validate env/ for `profile`; errors name file:line:field."""
+    from conda_lock.models.lock_spec import PathDependency, VersionedDependency
+    from conda_lock.src_parser import make_lock_spec
+    entry = recipe.profile(profile)
+    if not entry.env:
+        raise SdrecipeError(f"{recipe.path}: profile {profile} has no `env:` file to lock")
+    root = recipe.root
+    files = (root / BASE_FILE, root / entry.env)
+    channels, conda, pip, _ = _read_env_file(files[0], allow_sdrecipe=False)
+    p_channels, p_conda, p_pip, extra = _read_env_file(files[1], allow_sdrecipe=True)
+    provided, wheels = _read_sdrecipe_section(extra)
+    try:
+        lock_spec = make_lock_spec(src_files=list(files), platform_overrides=[TARGET_PLATFORM],
+                                   mapping_url=str(root / MAPPING_FILE))
+    except Exception as exc:  # conda-lock raises ValueError/KeyError/its own types
+        raise SdrecipeError(f"conda-lock cannot read {files[0]} + {files[1]}: {exc}") from exc
+    added = lock_spec.dependencies[TARGET_PLATFORM]
+    for file_name in wheels:
+        name = parse_wheel_filename(file_name)[0]
+        added.append(PathDependency(name=name, manager="pip", path=file_name,
+                                    is_directory=False))
+    category = STAND_IN_CATEGORY if wheels else VENV_CATEGORY
+    for name, version in sorted(provided.items()):
+        added.append(VersionedDependency(name=name, manager="pip", version=f"=={version}",
+                                         category=category))
+    merged_channels = tuple(dict.fromkeys(p_channels + channels))
+    return EnvSpec(profile=profile, root=root, files=files, channels=merged_channels,
+                   conda_specs=conda + p_conda, pip_specs=pip + p_pip, provided=provided,
+                   platform_wheels=wheels, lock_spec=lock_spec)
+
+
+# --- the lock, as the other stages read it -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CondaPackage:
+    name: str
+    version: str
+    build: str
+    build_number: int  # not in conda-lock's format: read from the build string's _N suffix
+    url: str
+    md5: str
+    sha256: str | None
+    depends: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PipPackage:
+    name: str
+    version: str
+    url: str
+    sha256: str
+
+    @property
+    def sha256s(self) -> tuple[str, ...]:
+        return (self.sha256,)
+
+    def requirement(self) -> str:
+        """A hash-pinned requirement line naming the exact file the lock chose."""
+        return f"{self.name} @ {self.url} --hash=sha256:{self.sha256}"
+
+
+@dataclass(frozen=True)
+class PlatformWheel:
+    filename: str
+    name: str
+    version: str
+    url: str  # file:// URL where the wheel was last seen (or expected)
+    sha256: str | None  # None until first seen (trust on first use)
+
+
+@dataclass(frozen=True)
+class Lock:
+    profile: str
+    path: Path
+    content_hash: str
+    channels: tuple[str, ...]
+    conda: tuple[CondaPackage, ...]  # empty: the conda part is not locked yet
+    pip: tuple[PipPackage, ...]  # the pip layer, every backend
+    venv: tuple[PipPackage, ...]  # venv backend only: PyPI stand-ins of the conda part
+    platform_wheels: tuple[PlatformWheel, ...]
+    python_version: str = TARGET_PYTHON
+
+    @property
+    def conda_locked(self) -> bool:
+        return bool(self.conda)
+
+    def pip_requirements(self, venv: bool = False) -> str:
+        """The pip layer (plus the venv category) as a `--require-hashes` requirements file."""
+        packages = self.pip + (self.venv if venv else ())
+        return "".join(p.requirement() + "\n" for p in packages)
+
+
+def lock_path(recipe, profile: str) -> Path:
+    return recipe.root / "lock" / f"{profile}.conda-lock.yml"
+
+
+def _file_name(url: str) -> str:
+    """The file name a (file://) URL points at, percent-decoded (`+` in local versions)."""
+    return unquote(url.rsplit("/", 1)[-1])
+
+
+def _build_number(build: str | None) -> int:
+    match = re.search(r"_(\d+)$", build or "")
+    return int(match.group(1)) if match else 0
+
+
+def _parse(path: Path):
+    from conda_lock.lockfile import parse_conda_lock_file
+    if not path.is_file():
+        return None
+    try:
+        return parse_conda_lock_file(path)
+    except Exception as exc:  # yaml and pydantic errors: the file is not a conda-lock file
+        raise SdrecipeError(f"{path}: not a readable conda-lock v1 file ({exc}); regenerate "
+                            f"it with `sdrecipe lock --profile {path.name.split('.conda')[0]}`"
+                            ) from exc
+
+
+def load_lock(recipe, profile: str) -> Lock:
+    """The profile's lock as plain records; SdrecipeError when there is none."""
+    path = lock_path(recipe, profile)
+    lockfile = _parse(path)
+    if lockfile is None:
+        raise SdrecipeError(f"{path}: no lock for profile {profile}: run "
+                            f"`sdrecipe lock --profile {profile}` (add --pip-only where conda "
+                            "channels are unreachable) and commit it")
+    conda, pip, venv, wheels = [], [], [], []
+    for dep in lockfile.package:
+        if dep.platform != TARGET_PLATFORM:
+            continue
+        if dep.manager == "conda":
+            conda.append(CondaPackage(
+                name=dep.name, version=dep.version, build=dep.build or "",
+                build_number=_build_number(dep.build), url=dep.url, md5=dep.hash.md5,
+                sha256=dep.hash.sha256,
+                depends=tuple(f"{n} {s}".strip() for n, s in dep.dependencies.items())))
+        elif dep.url.startswith("file:"):
+            wheels.append(PlatformWheel(filename=_file_name(dep.url), name=dep.name,
+                                        version=dep.version, url=dep.url,
+                                        sha256=dep.hash.sha256))
+        elif "main" in dep.categories or VENV_CATEGORY in dep.categories:
+            package = PipPackage(dep.name, dep.version, dep.url, dep.hash.sha256)
+            (pip if "main" in dep.categories else venv).append(package)
+    return Lock(profile=profile, path=path,
+                content_hash=lockfile.metadata.content_hash.get(TARGET_PLATFORM, ""),
+                channels=tuple(c.url for c in lockfile.metadata.channels),
+                conda=tuple(conda), pip=tuple(pip), venv=tuple(venv),
+                platform_wheels=tuple(wheels))
+
+
+def lock_staleness(recipe, profile: str) -> str | None:
+    """Why the profile's lock no longer matches env/, or None when it does."""
+    spec = load_env_spec(recipe, profile)
+    path = spec.lock_path
+    relative = path.relative_to(recipe.root)
+    lockfile = _parse(path)
+    command = f"sdrecipe lock --profile {profile}"
+    if lockfile is None:
+        return f"{relative} does not exist: run `{command}` and commit it"
+    recorded = lockfile.metadata.content_hash.get(TARGET_PLATFORM)
+    wanted = spec.content_hash()
+    if recorded != wanted:
+        return (f"{relative} is stale: it was locked from other env/ inputs (content hash "
+                f"{(recorded or 'none')[:12]}, {spec.files[0].relative_to(recipe.root)} + "
+                f"{spec.files[1].relative_to(recipe.root)} now give {wanted[:12]}); refresh it "
+                f"with `{command}` (--pip-only where conda channels are unreachable) and commit it")
+    return None
+
+
+# --- resolving ------------------------------------------------------------------------------
+
+
+def _uv() -> str:
+    try:
+        from uv import find_uv_bin
+    except ImportError as exc:
+        raise SdrecipeError("uv is not installed: pip install 'uv>=0.5' (it resolves the pip "
+                            "layer for the target interpreter)") from exc
+    return find_uv_bin()
+
+
+def _best_file(entry: dict, ranks: dict) -> tuple[str, str]:
+    """(url, sha256) of the file pip would install on the target: best wheel, else sdist."""
+    wheels = []
+    for wheel in entry.get("wheels", ()):
+        name = _file_name(wheel["url"])
+        rank = min((ranks[t] for t in parse_wheel_filename(name)[3] if t in ranks), default=None)
+        if rank is not None:
+            wheels.append((rank, wheel))
+    chosen = min(wheels, key=lambda pair: pair[0])[1] if wheels else entry.get("sdist")
+    if not chosen:
+        raise SdrecipeError(f"{entry['name']} {entry['version']} has no file for CPython "
+                            f"{TARGET_PYTHON} on {TARGET_PIP_PLATFORM}")
+    return chosen["url"], chosen["hashes"]["sha256"]
+
+
+def resolve_pip_part(spec: EnvSpec, index_url: str | None = None) -> list:
+    """Resolve the pip layer for the target with uv; locked pip entries (conda-lock models)."""
+    from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency
+    if not spec.pip_specs and not spec.provided:
+        return []
+    requirements = list(spec.pip_specs) + [f"{n}=={v}" for n, v in sorted(spec.provided.items())]
+    with tempfile.TemporaryDirectory(prefix="sdrecipe-lock-") as work:
+        source, output = Path(work) / "requirements.in", Path(work) / "pylock.toml"
+        source.write_text("\n".join(requirements) + "\n")
+        command = [_uv(), "pip", "compile", "--quiet", "--no-config",
+                   "--python-version", TARGET_PYTHON, "--python-platform", TARGET_PIP_PLATFORM,
+                   "--format", "pylock.toml", "--output-file", str(output), str(source)]
+        if index_url:
+            command += ["--index-url", index_url]
+        if spec.platform_wheels:
+            for name in sorted(spec.provided):
+                command += ["--no-emit-package", name]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SdrecipeError(f"resolving the pip layer of {spec.files[0]} + {spec.files[1]} "
+                                f"for Python {TARGET_PYTHON} ({TARGET_PIP_PLATFORM}) failed:\n"
+                                f"{result.stderr.strip()}")
+        packages = tomllib.loads(output.read_text())["packages"]
+    ranks = {tag: index for index, tag in enumerate(_target_tags())}
+    provided_here = set(spec.provided) if not spec.platform_wheels else set()
+    locked = []
+    for entry in packages:
+        url, sha256 = _best_file(entry, ranks)
+        name = canonicalize_name(entry["name"])
+        category = VENV_CATEGORY if name in provided_here else "main"
+        locked.append(LockedDependency(name=name, version=entry["version"], manager="pip",
+                                       platform=TARGET_PLATFORM, dependencies={}, url=url,
+                                       hash=HashModel(sha256=sha256), categories={category}))
+    return locked
+
+
+def _virtual_packages(spec: EnvSpec) -> list:
+    import rattler
+    node = load_yaml(spec.root / VIRTUAL_PACKAGES_FILE)
+    packages = node.get("subdirs", dict).get(TARGET_PLATFORM, dict).get("packages", dict)
+    result = []
+    for name, value in packages.entries():
+        version, _, build = str(value.value).partition(" ")
+        result.append(rattler.GenericVirtualPackage(rattler.PackageName(name),
+                                                    rattler.Version(version), build or "0"))
+    return result
+
+
+def solve_conda_part(spec: EnvSpec, channel_alias: str | None = None) -> list:
+    """Solve the conda part with py-rattler (no conda binary); locked conda entries."""
+    import rattler
+    from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency
+    alias = channel_alias or load_config().get("conda_channel_alias")
+    config = rattler.ChannelConfig(channel_alias=alias.rstrip("/") + "/")
+    channels = [rattler.Channel(c, config) for c in spec.channels]
+    try:
+        records = asyncio.run(rattler.solve(
+            sources=channels, specs=list(spec.conda_specs),
+            platforms=[TARGET_PLATFORM, "noarch"], virtual_packages=_virtual_packages(spec),
+            timestamp_policy="ignore"))
+    except Exception as exc:  # py-rattler raises per-cause types (network, unsolvable)
+        raise SdrecipeError(
+            f"solving the conda part of {spec.profile} ({', '.join(spec.conda_specs)}) "
+            f"against {', '.join(spec.channels)} (channel alias {alias}) failed: {exc}\n"
+            f"Where conda channels are unreachable, set conda_channel_alias "
+            f"($SDRECIPE_CONDA_CHANNEL_ALIAS) to a mirror, or lock the pip part alone with "
+            f"`sdrecipe lock --profile {spec.profile} --pip-only`") from exc
+    locked = []
+    for record in records:
+        name_and_spec = (d.split(" ", 1) for d in record.depends)
+        locked.append(LockedDependency(
+            name=record.name.normalized, version=str(record.version), manager="conda",
+            platform=TARGET_PLATFORM, build=record.build, url=str(record.url),
+            dependencies={p[0]: (p[1] if len(p) > 1 else "") for p in name_and_spec},
+            hash=HashModel(md5=record.md5.hex() if record.md5 else None,
+                           sha256=record.sha256.hex() if record.sha256 else None),
+            categories={"main"}))
+    return locked
+
+
+def _platform_wheel_entries(spec: EnvSpec, previous) -> list:
+    """Platform wheels as pip entries; sha256 carried over from the previous lock."""
+    from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency
+    wheel_dir = Path(load_config().get("wheel_dir")).expanduser()
+    known = {_file_name(d.url): d for d in previous or () if d.url.startswith("file:")}
+    entries = []
+    for file_name in spec.platform_wheels:
+        name, version = parse_wheel_filename(file_name)[:2]
+        old = known.get(file_name)
+        candidates = [wheel_dir / file_name] + sorted(wheel_dir.glob(f"*/{file_name}"))
+        found = next((c for c in candidates if c.is_file()), wheel_dir / file_name)
+        url = old.url if old and not found.is_file() else found.absolute().as_uri()
+        entries.append(LockedDependency(
+            name=name, version=str(version), manager="pip", platform=TARGET_PLATFORM,
+            dependencies={}, url=url, hash=HashModel(sha256=old.hash.sha256 if old else None),
+            categories={"main"}))
+    return entries
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def _write(spec: EnvSpec, packages: list, conda_locked: bool):
+    """Write the lock atomically through conda-lock's writer."""
+    from conda_lock.lockfile import write_conda_lock_file
+    from conda_lock.lockfile.v2prelim.models import LockMeta, Lockfile
+    path = spec.lock_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = ("locked" if conda_locked else
+             f"missing: run `sdrecipe lock --profile {spec.profile}` where the conda channels "
+             "are reachable; until then `sdrecipe env build` solves it once and asks to commit")
+    metadata = LockMeta(
+        content_hash={TARGET_PLATFORM: spec.content_hash()}, channels=list(spec.channels),
+        platforms=[TARGET_PLATFORM],
+        sources=[os.path.relpath(f, path.parent) for f in spec.files],
+        custom_metadata={META_CONDA_INPUTS: spec.conda_inputs_hash(), META_CONDA_PART: state,
+                         "sdrecipe-target": f"CPython {TARGET_PYTHON}, {TARGET_PIP_PLATFORM}, "
+                                            "conda virtual packages of env/virtual-packages.yaml"})
+    lockfile = Lockfile(package=packages, metadata=metadata)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lock-") as work:
+        temp = Path(work) / path.name  # conda-lock's help text names the file: keep its name
+        write_conda_lock_file(lockfile, temp, metadata_choices=None)
+        os.replace(temp, path)
+
+
+def _previous_packages(spec: EnvSpec):
+    lockfile = _parse(spec.lock_path)
+    return (lockfile.package, lockfile.metadata) if lockfile else ([], None)
+
+
+def write_lock(recipe, profile: str, pip_only: bool = False) -> Lock:
+    """`sdrecipe lock`: resolve env/ into lock/<profile>.conda-lock.yml."""
+    spec = load_env_spec(recipe, profile)
+    previous, metadata = _previous_packages(spec)
+    if pip_only:
+        same_inputs = bool(metadata and (metadata.custom_metadata or {}).get(META_CONDA_INPUTS)
+                           == spec.conda_inputs_hash())
+        conda = [d for d in previous if d.manager == "conda"] if same_inputs else []
+    else:
+        conda = solve_conda_part(spec)
+    index_url = load_config().get("pip_index_url")
+    pip = resolve_pip_part(spec, index_url) + _platform_wheel_entries(spec, previous)
+    _write(spec, conda + pip, conda_locked=bool(conda))
+    return load_lock(recipe, profile)
+
+
+def lock_conda_part(recipe, profile: str) -> Lock:
+    """Solve the conda part into an existing, current lock, keeping its pip part."""
+    reason = lock_staleness(recipe, profile)
+    if reason:
+        raise SdrecipeError(reason)
+    spec = load_env_spec(recipe, profile)
+    previous, _ = _previous_packages(spec)
+    conda = solve_conda_part(spec)
+    _write(spec, conda + [d for d in previous if d.manager == "pip"], conda_locked=True)
+    return load_lock(recipe, profile)
+
+
+def record_wheel_hash(recipe, profile: str, filename: str, sha256: str,
+                      path: Path | None = None) -> None:
+    """Trust on first use: record a platform wheel's sha256 (and where it was found)."""
+    spec = load_env_spec(recipe, profile)
+    previous, metadata = _previous_packages(spec)
+    for dep in previous:
+        if dep.manager == "pip" and dep.url.startswith("file:") and \
+                _file_name(dep.url) == filename:
+            if dep.hash.sha256 and dep.hash.sha256 != sha256:
+                raise SdrecipeError(f"{spec.lock_path} pins {filename} to sha256 "
+                                    f"{dep.hash.sha256}, not {sha256}: refusing to overwrite")
+            dep.hash.sha256 = sha256
+            if path is not None:
+                dep.url = Path(path).absolute().as_uri()
+            break
+    else:
+        raise SdrecipeError(f"{spec.lock_path} has no platform wheel {filename}: run "
+                            f"`sdrecipe lock --profile {profile} --pip-only`")
+    conda_locked = any(d.manager == "conda" for d in previous)
+    _write(spec, previous, conda_locked=conda_locked)
+
+
+# --- command and lint -----------------------------------------------------------------------
+
+
+def run_command(ctx) -> int:
+    args = ctx.args
+    profiles = list(ctx.recipe.profiles) if args.all else [ctx.profile()]
+    for profile in profiles:
+        lock = write_lock(ctx.recipe, profile, pip_only=args.pip_only)
+        conda = (f"{len(lock.conda)} conda packages" if lock.conda_locked else
+                 "conda part not locked (--pip-only): commit, and run `sdrecipe lock` where "
+                 "the channels are reachable")
+        wheels = f", {len(lock.platform_wheels)} platform wheels" if lock.platform_wheels else ""
+        print(f"wrote {lock.path.relative_to(ctx.recipe.root)}: {len(lock.pip)} pip packages"
+              f"{f' (+{len(lock.venv)} for the venv backend)' if lock.venv else ''}{wheels}; "
+              f"{conda}")
+    return 0
+
+
+@check("stale-lock", "each profile's lock/<profile>.conda-lock.yml matches env/ (content hash)")
+def check_locks(ctx):
+    for name, profile in ctx.recipe.profiles.items():
+        if not profile.env:
+            continue
+        try:
+            reason = lock_staleness(ctx.recipe, name)
+        except SdrecipeError as exc:
+            yield ctx.error("stale-lock", f"lock/{name}.conda-lock.yml", None, str(exc))
+            continue
+        if reason:
+            yield ctx.error("stale-lock", f"lock/{name}.conda-lock.yml", None, reason)
