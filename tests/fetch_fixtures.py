@@ -150,6 +150,9 @@ def isolate(monkeypatch, tmp_path: Path, mirror) -> Path:
     for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SDRECIPE_CA_BUNDLE",
                  "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "SDRECIPE_DEPLOY_DIR"):
         monkeypatch.delenv(name, raising=False)
+    # transfer.endpoints_from always appends huggingface.co as the last resort; a test
+    # must never reach the internet, so the last resort is the loopback mirror too.
+    monkeypatch.setattr("sdrecipe.transfer.DEFAULT_ENDPOINT", mirror.url)
     return cache
 
 
@@ -162,7 +165,3 @@ def tree_hashes(*roots: Path) -> dict:
                 out[f"{root.name}/{path.relative_to(root)}"] = sha256(path.read_bytes())
     return out
 
-
-def remove(path: Path) -> None:
-    """Remove a tree that may hold read-only files (cache entries are 0444)."""
-    shutil.rmtree(path, ignore_errors=False)

@@ -32,7 +32,8 @@ from .lint import check
 from .placement import (Cache, contained, is_safe_relative, place, read_stamp, sha256_file,
                         stamp_differs, write_stamp)
 from .schema import SHA1_RE, SHA256_RE, Node, load_yaml
-from .transfer import Download, Transfer, TransferError, endpoints_from, hf_resolve_urls
+from .transfer import (Download, IntegrityError, Transfer, TransferError, endpoints_from,
+                       hf_resolve_urls)
 
 ROOTS = ("models", "torch_home")
 LOCK_FILE = "lock/artifacts.lock"
@@ -80,8 +81,9 @@ class ArtifactFile:
             return [self.url]
         return list(hf_resolve_urls(endpoints, self.repo, self.revision, self.path))
 
-    def target(self, deployment) -> Path:
-        return contained(root_dir(deployment, self.root), self.dest)
+    def target(self, deployment, create=False) -> Path:
+        """Where the file goes; refuses escapes; `create` makes the folders on the way."""
+        return contained(root_dir(deployment, self.root), self.dest, create)
 
     def stamp(self, deployment) -> Path:
         return deployment.state / "stamps" / self.root / (self.dest + ".json")
@@ -320,7 +322,7 @@ def fetch_artifacts(recipe, deployment, profile: str, verify=False, with_optiona
             with cache.lock():
                 hashes = fill_cache(todo, lock, cache, verify, offline, extra_pins)
             for file in todo:
-                target = file.target(deployment)
+                target = file.target(deployment, create=True)
                 existed = os.path.lexists(target)
                 method = place(cache.path(hashes[file]), target)
                 write_stamp(file.stamp(deployment), target, hashes[file], method, file.key)
@@ -407,9 +409,11 @@ def _download(jobs, cache):
 
 def _lock_hint(exc, jobs, lock, extra_pins) -> str | None:
     """Name the lock when a trust-on-first-use hash is what a download failed against."""
+    mismatched = {f.download.label for f in exc.failures if isinstance(f, IntegrityError)}
     from_lock = [group[0].place for _, group, _, _ in jobs
-                 if expected(group[0], lock, extra_pins)[2] == "lock"]
-    if not from_lock or "sha256" not in str(exc):
+                 if group[0].place in mismatched
+                 and expected(group[0], lock, extra_pins)[2] == "lock"]
+    if not from_lock:
         return None
     return (f"(the expected hashes of {', '.join(from_lock)} come from {lock.path}, recorded "
             "on first fetch; if upstream legitimately changed a file, delete its entry and "

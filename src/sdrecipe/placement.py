@@ -47,16 +47,17 @@ def is_safe_relative(rel: str) -> bool:
     return all(part not in ("", ".", "..") for part in rel.split("/"))
 
 
-def contained(root: Path, rel: str) -> Path:
+def contained(root: Path, rel: str, create: bool = False) -> Path:
     """`root/rel`, refusing a path that leaves `root` by `..`, `/` or a symlink on the way.
 
-    The folders on the way are created; a symlinked folder that points outside
-    `root` is refused before anything is created behind it. `root` itself may be
-    a symlink (a site may keep models on another filesystem).
+    With `create`, the folders on the way are made; a symlinked folder that points
+    outside `root` is refused before anything is created behind it. `root` itself
+    may be a symlink (a site may keep models on another filesystem).
     """
     if not is_safe_relative(rel):
         raise SdrecipeError(f"refusing path {rel!r}: it must stay inside {root}")
-    root.mkdir(parents=True, exist_ok=True)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     real_root = root.resolve()
     target = root.joinpath(*PurePosixPath(rel).parts)
     folder = root
@@ -65,7 +66,8 @@ def contained(root: Path, rel: str) -> Path:
         if os.path.lexists(folder) and not folder.resolve().is_relative_to(real_root):
             raise SdrecipeError(f"refusing {target}: {folder} is a link to "
                                 f"{folder.resolve()}, outside {real_root}")
-        folder.mkdir(exist_ok=True)
+        if create:
+            folder.mkdir(exist_ok=True)
     return target
 
 
