@@ -33,7 +33,7 @@ DEP3_KNOWN = set(DEP3_REQUIRED) | set(DEP3_ALIASES) | {
 ORIGIN_KEYWORDS = ("upstream", "backport", "vendor", "other")
 _FIELD_RE = re.compile(r"^([A-Za-z][A-Za-z0-9-]*):(?:\s+(.*))?$")
 _URL_RE = re.compile(r"^https?://[^\s/$.?#][^\s<>]*$")
-_COMMIT_RE = re.compile(r"^[0-9a-f]{7,40}$")
+_COMMIT_RE = re.compile(r"^(commit:)?[0-9a-f]{7,40}$")  # DEP-3 spells a bare commit id `commit:<id>`
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # `<your name>` or TODO are left-over template text; `<a@b.org>` and `<https://..>` are not.
 # Only a field's first line is searched for `<...>`, so a long Description may say `<repo>/models`.
