@@ -56,7 +56,7 @@ def create_bundle(recipe, deployment, out: Path, profiles=None, with_optional=Fa
     with cache.lock():
         hashes = fill_cache(files, lock, cache, verify=False, offline=False, extra_pins=None)
     lock.save()
-    staging = out.parent / f".{out.name}.partial"
+    staging = out.parent / (f".{out.name}.partial" if fmt == "dir" else f".{out.name}.files")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     entries: dict[str, dict] = {}
