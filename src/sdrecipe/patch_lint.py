@@ -50,6 +50,7 @@ _GIT_PATH_RE = re.compile(r"error: (\S+): (?:No such file|does not exist|already
 class Hunk:
     line: int  # the `@@` line
     old_start: int
+    new_start: int
 
 
 @dataclass
@@ -145,7 +146,7 @@ def _parse_sections(lines):
             else:
                 old_count = int(match.group(2) or 1)
                 new_count = int(match.group(4) or 1)
-                current.hunks.append(Hunk(number, int(match.group(1))))
+                current.hunks.append(Hunk(number, int(match.group(1)), int(match.group(3))))
                 while old_count > 0 or new_count > 0:
                     i += 1
                     if i >= total or not lines[i][:1] in (" ", "-", "+", "\\", ""):
@@ -176,8 +177,7 @@ def _parse_sections(lines):
 
 
 @functools.lru_cache(maxsize=256)
-def _parse_cached(path: str, mtime_ns: int, size: int) -> ParsedPatch:
-    data = Path(path).read_bytes()
+def _parse_cached(path: str, data: bytes) -> ParsedPatch:
     text = data.decode("utf-8", errors="replace")
     lines = text.replace("\r\n", "\n").split("\n")
     header, header_problems = _parse_header(lines)
@@ -195,8 +195,8 @@ def _parse_cached(path: str, mtime_ns: int, size: int) -> ParsedPatch:
 
 
 def parse_patch(path: Path) -> ParsedPatch:
-    stat = Path(path).stat()
-    return _parse_cached(str(path), stat.st_mtime_ns, stat.st_size)
+    """Parse once per content: every check and every profile reads the same patches."""
+    return _parse_cached(str(path), Path(path).read_bytes())
 
 
 def locate_apply_error(path: Path, message: str | None) -> int | None:
@@ -209,7 +209,9 @@ def locate_apply_error(path: Path, message: str | None) -> int | None:
         name, start = failed.group(1), int(failed.group(2))
         for section in sections:
             if section.path == name:
-                hunk = next((h for h in section.hunks if h.old_start == start), None)
+                # a forward apply names the hunk's old start, a reverse apply its new start
+                hunk = next((h for h in section.hunks if h.old_start == start), None) or \
+                    next((h for h in section.hunks if h.new_start == start), None)
                 return hunk.line if hunk else section.line
     named = _GIT_PATH_RE.search(message)
     if named:

@@ -319,17 +319,16 @@ def _assess(checkout: Checkout, scratch: Scratch, recipe: Recipe, profile: str):
     foreign = tuple(p for p in paths if p not in mine and p not in drifted
                     and current[p] != pristine[p])
     failed = plan.failed
+    states_of = {p: plan.states(p) for p in mine}
+    patch_states = tuple(_patch_state(step, i, states_of, current, known)
+                         for i, step in enumerate(plan.steps) if not step.error)
     if failed:
-        patch_states = tuple(
-            PatchState(s.entry, CONFLICTING, "does not apply to the pinned upstream" if s is failed
-                       else "") for s in plan.steps)
+        patch_states += (PatchState(failed.entry, CONFLICTING,
+                                    "does not apply to the pinned upstream"),)
         patch_states += tuple(PatchState(e, NOT_APPLIED, "not checked: an earlier patch conflicts")
                               for e in recipe.series(profile)[len(plan.steps):])
         state = "conflicting"
     else:
-        states_of = {p: plan.states(p) for p in mine}
-        patch_states = tuple(_patch_state(step, i, states_of, current, known)
-                             for i, step in enumerate(plan.steps))
         final = _tree_blobs(scratch, plan.final_tree, paths)
         if drifted:
             state = "drift"
@@ -475,7 +474,7 @@ def revert_series(source, recipe: Recipe, profile: str, force: bool = False) -> 
 
 # --- the CLI ------------------------------------------------------------------------------
 
-def format_state(state: TreeState, recipe: Recipe) -> str:
+def format_state(state: TreeState) -> str:
     lines = [f"profile {state.profile}: {state.state}"]
     width = max((len(p.entry.file) for p in state.patches), default=0)
     for patch in state.patches:
@@ -505,7 +504,7 @@ def run_command(ctx, action: str) -> int:
     if action == "status":
         state = tree_state(args.source, recipe, profile)
         print(f"{Path(args.source).resolve()} at {recipe.upstream.commit[:12]} (pinned)")
-        print(format_state(state, recipe))
+        print(format_state(state))
         return 1 if state.conflict else 0
     run = apply_series if action == "apply" else revert_series
     print(run(args.source, recipe, profile, force=args.force))
