@@ -231,3 +231,17 @@ def test_cli_json_output_and_exit_code(tiny):
     assert {"check": "patch-dep3", "file": "patches/tiny/0001-main-syspath.patch", "line": 1,
             "severity": "error"}.items() <= next(
         f for f in report["findings"] if f["check"] == "patch-dep3").items()
+
+
+def test_upstream_lock_command_writes_ls_tree_of_the_pinned_commit(tiny):
+    lock = tiny["project"] / "lock" / "upstream.lock"
+    lock.unlink()
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    run = subprocess.run([sys.executable, "-m", "sdrecipe", "--recipe", str(tiny["recipe_path"]),
+                          "upstream-lock", "--source", str(tiny["source"])],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    body = [l for l in lock.read_text().splitlines() if not l.startswith("#")]
+    assert body[0] == f"commit {tiny['commit']}"
+    assert body[1:] == git(tiny["source"], "ls-tree", "-r", "HEAD").splitlines()
+    assert lint(tiny) == []

@@ -109,7 +109,8 @@ def test_upstream_that_conflicts_is_refused_before_anything_is_written(tiny):
     assert "nothing was changed" in message
     assert git(source, "status", "--porcelain") == ""  # 0001 and 0002 would apply: not written
     state = patches.tree_state(source, recipe, "cpu")
-    assert state.state == "conflicting" and states(state)[2] == "conflicting"
+    assert state.state == "conflicting"
+    assert states(state) == ["not applied", "not applied", "conflicting"]
     assert patches.tree_state(source, recipe, "cuda").state == "pristine"
 
 
