@@ -18,15 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from env_helpers import DTK_MODULE, bash_environ, dtk_module_tree, lmod
 from sdrecipe import doctor
-from sdrecipe.doctor import detect_profile, diagnose
+from sdrecipe.doctor import detect_profile
 from sdrecipe.layout import Deployment
 from sdrecipe.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 PY38 = os.environ.get("SDRECIPE_TEST_PY38", "/root/.pyenv/versions/3.8.18/bin/python")
-LMOD_INIT = "/usr/share/lmod/lmod/init/bash"
-DTK_MODULE = "compiler/rocm/dtk-22.10.1"
 
 
 @pytest.fixture
@@ -182,16 +181,9 @@ def test_kornia_downloads_hardnet_without_the_preseed(recipe, tmp_path):
 
 
 def lmod_environ(tmp_path: Path, *load) -> dict:
-    """The environment after real Lmod `module load` of a stand-in DTK module tree."""
-    tree = tmp_path / "site-modules"
-    module = tree / f"{DTK_MODULE}.lua"
-    module.parent.mkdir(parents=True, exist_ok=True)
-    # Stand-in for the cluster's DTK module (no DTK here): same name, sets ROCM_PATH.
-    module.write_text('whatis("DTK 22.10.1 stand-in")\nsetenv("ROCM_PATH", "/opt/dtk-22.10.1")\n')
-    loads = "".join(f"module load {m} || exit 3\n" for m in load)
-    out = subprocess.run(["bash", "-c", f"source {LMOD_INIT}\nmodule use {tree}\n{loads}env -0"],
-                         capture_output=True, text=True, check=True).stdout
-    return dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
+    """The environment after real Lmod `module load` from a stand-in DTK module tree."""
+    tree = dtk_module_tree(tmp_path / "site-modules")
+    return bash_environ(lmod(f"module use {tree}\n" + "".join(f"module load {m}\n" for m in load)))
 
 
 def test_dtk_module_not_loaded(recipe, tmp_path):
@@ -253,6 +245,22 @@ def test_unapplied_patch_series(tmp_path):
 
     apply_series(deployment.source, recipe, "cpu")
     assert run_check("patch-series", recipe, deployment, "cpu") == []
+
+
+def test_stale_lock(tmp_path):
+    project = tmp_path / "project"
+    for folder in ("recipe", "env", "lock", "patches"):
+        shutil.copytree(ROOT / folder, project / folder)
+    recipe = load_recipe(project / "recipe" / "stable-diffusion.yaml")
+    deployment = Deployment(tmp_path / "deploy")
+    assert run_check("stale-lock", recipe, deployment, "cpu") == []
+
+    base = project / "env" / "environment.yaml"
+    base.write_text(base.read_text().replace("einops==0.3.0", "einops==0.4.1"))
+    findings = run_check("stale-lock", recipe, deployment, "cpu")
+    assert [f.symptom for f in findings] == ["lock/cpu.conda-lock.yml is stale"]
+    assert "content hash" in findings[0].cause
+    assert findings[0].fix.startswith("sdrecipe lock --profile cpu")
 
 
 def test_doctor_command_reports_and_fails(tmp_path):
