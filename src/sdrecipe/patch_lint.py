@@ -418,7 +418,7 @@ def check_debris(ctx):
 def _series_findings(ctx, lock, profile):
     """Pre-image blob ids along one profile's series: (patch, line, message)."""
     expected = dict(lock.blobs)
-    origin = {path: f"the upstream lock" for path in expected}
+    origin = dict.fromkeys(expected, "the upstream lock")
     for entry in ctx.recipe.series(profile):
         path = ctx.recipe.patch_dir / entry.file
         if not path.is_file():

@@ -400,7 +400,7 @@ def _converge(checkout, scratch, target_tree, target, action, profile):
                 _remove_empty_parents(checkout.path, dest)
         else:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(stage / path), str(dest))  # a rename: atomic per file
+            shutil.move(str(stage / path), str(dest))  # a rename (atomic) unless .git is elsewhere
     checkout.journal.unlink()
     shutil.rmtree(stage, ignore_errors=True)
 
