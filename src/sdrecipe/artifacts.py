@@ -32,8 +32,6 @@ from .lint import check
 from .placement import (Cache, contained, is_safe_relative, place, read_stamp, sha256_file,
                         stamp_differs, write_stamp)
 from .schema import SHA1_RE, SHA256_RE, Node, load_yaml
-from .transfer import (Download, IntegrityError, Transfer, TransferError, endpoints_from,
-                       hf_resolve_urls)
 
 ROOTS = ("models", "torch_home")
 LOCK_FILE = "lock/artifacts.lock"
@@ -79,6 +77,7 @@ class ArtifactFile:
     def urls(self, endpoints) -> list[str]:
         if self.repo is None:
             return [self.url]
+        from .transfer import hf_resolve_urls
         return list(hf_resolve_urls(endpoints, self.repo, self.revision, self.path))
 
     def target(self, deployment, create=False) -> Path:
@@ -366,6 +365,7 @@ def fill_cache(files, lock, cache, verify, offline, extra_pins) -> dict:
         raise SdrecipeError(f"not in the bundle or the cache: {missing}. Make the bundle on a "
                             "node with network after `sdrecipe fetch` of this profile "
                             "(or pass --with-optional to bundle create)")
+    from .transfer import TransferError  # the downloader (and requests) only when needed
     jobs = [(dest, group, sha256, size) for dest, (group, sha256, size) in wanted.items()]
     try:
         results = _download(jobs, cache)
@@ -399,6 +399,7 @@ def _adopt(jobs, results, cache, lock, hashes) -> None:
 
 def _download(jobs, cache):
     """Run the one downloader over the jobs; results in job order."""
+    from .transfer import Download, Transfer, endpoints_from
     config = load_config()
     endpoints = endpoints_from(config)
     downloads = [Download(urls=group[0].urls(endpoints), dest=dest, sha256=sha256, size=size,
@@ -409,6 +410,7 @@ def _download(jobs, cache):
 
 def _lock_hint(exc, jobs, lock, extra_pins) -> str | None:
     """Name the lock when a trust-on-first-use hash is what a download failed against."""
+    from .transfer import IntegrityError
     mismatched = {f.download.label for f in exc.failures if isinstance(f, IntegrityError)}
     from_lock = [group[0].place for _, group, _, _ in jobs
                  if group[0].place in mismatched
