@@ -104,6 +104,8 @@ def test_altered_context_fails_to_apply_naming_the_hunk_line(tiny):
     ("Bug: https://example.org/upstream/issues/1", "Bug: issue 1", "Bug must be a URL"),
     ("Forwarded: not-needed", "Forwarded: maybe", "Forwarded must be"),
     ("Origin: vendor, https://example.org/sdrecipe", "Origin: upstream, somewhere", "Origin must be"),
+    ("Origin: vendor, https://example.org/sdrecipe", "Origin: from the seed", "Origin must be"),
+    ("Origin: vendor, https://example.org/sdrecipe", "Origin: vendor, https://exa mple", "malformed URL"),
     ("Last-Update: 2024-05-01", "Last-Update 2024-05-01", "not a DEP-3 `Field: value` line"),
 ])
 def test_dep3_header_problems_name_the_patch_and_line(tiny, old, new, message):
@@ -115,8 +117,15 @@ def test_dep3_header_problems_name_the_patch_and_line(tiny, old, new, message):
     assert [f.line for f in dep3 if message in f.message] == [1 if "lacks" in message else field_line]
 
 
-def test_bug_is_optional(tiny):
-    edit(tiny["dir"] / "0001-main-syspath.patch", "Bug: https://example.org/upstream/issues/1\n", "")
+@pytest.mark.parametrize("old, new", [
+    ("Bug: https://example.org/upstream/issues/1\n", ""),  # Bug is optional
+    ("Origin: vendor, https://example.org/sdrecipe", "Origin: vendor, the seed's section 3"),
+    ("Origin: vendor, https://example.org/sdrecipe", "Origin: vendor"),
+    ("Origin: vendor, https://example.org/sdrecipe", "Origin: upstream, commit:0123abcd"),
+    ("Origin: vendor, https://example.org/sdrecipe", "Origin: https://example.org/x.patch"),
+])
+def test_valid_dep3_variants_pass(tiny, old, new):
+    edit(tiny["dir"] / "0001-main-syspath.patch", old, new)
     assert only(lint(tiny), "patch-dep3") == []
 
 

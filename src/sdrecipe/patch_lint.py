@@ -281,14 +281,17 @@ def _dep3_value_problems(name, value):
         if value not in ("no", "not-needed") and not _URL_RE.match(value):
             yield f"Forwarded must be `no`, `not-needed` or a URL, got {value!r}"
     elif name == "Origin":
+        # DEP-3: a URL (or commit id), optionally after `<keyword>, `. A patch that claims
+        # to come from upstream must be traceable; our own (vendor/other) may cite a text.
         keyword, _, rest = value.partition(", ")
         if keyword not in ORIGIN_KEYWORDS:
             keyword, rest = None, value
-        if rest and not (_URL_RE.match(rest) or _COMMIT_RE.match(rest)):
-            yield (f"Origin must be `[{'|'.join(ORIGIN_KEYWORDS)}, ]<URL or commit id>` or "
-                   f"`vendor` alone (cite other sources in Description), got {value!r}")
-        if not rest and keyword not in ("vendor", "other"):
-            yield f"Origin {value!r} needs a URL or commit id"
+        traceable = bool(rest) and bool(_URL_RE.match(rest) or _COMMIT_RE.match(rest))
+        if keyword in (None, "upstream", "backport") and not traceable:
+            yield (f"Origin must be a URL or commit id, optionally after `upstream, ` or "
+                   f"`backport, ` (free text only after `vendor, ` or `other, `), got {value!r}")
+        elif rest.startswith(("http:", "https:")) and not traceable:
+            yield f"Origin has a malformed URL: {rest!r}"
     elif name == "Applied-Upstream":
         if not (_URL_RE.match(value) or _COMMIT_RE.match(value)):
             yield f"Applied-Upstream must be a URL or commit id, got {value!r}"
