@@ -440,7 +440,8 @@ def _virtual_packages(spec: EnvSpec) -> list:
     for name, value in packages.entries():
         version, _, build = str(value.value).partition(" ")
         result.append(rattler.GenericVirtualPackage(rattler.PackageName(name),
-                                                    rattler.Version(version), build or "0"))
+                                                    rattler.Version(version),
+                                                    rattler.BuildString(build or "0")))
     return result
 
 
@@ -454,8 +455,7 @@ def solve_conda_part(spec: EnvSpec, channel_alias: str | None = None) -> list:
     try:
         records = asyncio.run(rattler.solve(
             sources=channels, specs=list(spec.conda_specs),
-            platforms=[TARGET_PLATFORM, "noarch"], virtual_packages=_virtual_packages(spec),
-            timestamp_policy="ignore"))
+            platforms=[TARGET_PLATFORM, "noarch"], virtual_packages=_virtual_packages(spec)))
     except Exception as exc:  # py-rattler raises per-cause types (network, unsolvable)
         raise SdrecipeError(
             f"solving the conda part of {spec.profile} ({', '.join(spec.conda_specs)}) "
@@ -468,7 +468,7 @@ def solve_conda_part(spec: EnvSpec, channel_alias: str | None = None) -> list:
         name_and_spec = (d.split(" ", 1) for d in record.depends)
         locked.append(LockedDependency(
             name=record.name.normalized, version=str(record.version), manager="conda",
-            platform=TARGET_PLATFORM, build=record.build, url=str(record.url),
+            platform=TARGET_PLATFORM, build=str(record.build), url=str(record.url),
             dependencies={p[0]: (p[1] if len(p) > 1 else "") for p in name_and_spec},
             hash=HashModel(md5=record.md5.hex() if record.md5 else None,
                            sha256=record.sha256.hex() if record.sha256 else None),

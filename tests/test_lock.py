@@ -1,0 +1,266 @@
+"""Locks: `sdrecipe lock`, the committed pip-part locks, staleness and platform-wheel TOFU.
+
+Real tools throughout: a local conda channel built with py-rattler-build and
+indexed by py-rattler, solved by py-rattler and installed by py-rattler; the
+committed pip parts checked by pip's own resolver against the real PyPI
+(a package registry, the only network the tests use); conda-lock's own parser
+and renderer read what we write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from sdrecipe import lock as lock_module
+from sdrecipe.errors import RecipeError, SdrecipeError
+from sdrecipe.lint import LintContext
+from sdrecipe.recipe import load_recipe
+
+PROJECT = Path(__file__).resolve().parents[1]
+PROFILES = ("dtk-22.10", "cuda", "cpu")
+# Python 3.8 on x86_64 Linux, for evaluating the markers of locked packages' requirements.
+TARGET_MARKERS = dict(default_environment(), python_version="3.8", python_full_version="3.8.18",
+                      sys_platform="linux", platform_system="Linux", platform_machine="x86_64",
+                      implementation_name="cpython", platform_python_implementation="CPython",
+                      os_name="posix")
+
+
+def copy_project(dest: Path) -> Path:
+    """The parts of the project a lock depends on, copied so tests may edit them."""
+    for folder in ("recipe", "env", "lock", "patches"):
+        if (PROJECT / folder).exists():
+            shutil.copytree(PROJECT / folder, dest / folder)
+    return dest / "recipe" / "stable-diffusion.yaml"
+
+
+# --- a real conda round trip, offline ----------------------------------------------------
+
+
+def build_channel(root: Path) -> Path:
+    """A tiny conda channel: openmpi 4.1.1/4.1.2 (lib/libmpi.so.40), a base package, and
+    sdr-tool 1.0 (glibc 2.17) / 2.0 (glibc 2.28), so the target's virtual packages count."""
+    from rattler.index import index_fs
+    from rattler_build import assemble_package
+
+    channel = root / "channel"
+    specs = [("sdr-base", "1.0", "noarch", [], {"share/sdr-base/README": "base\n"}),
+             ("openmpi", "4.1.1", "linux-64", ["sdr-base"], {"lib/libmpi.so.40": "mpi 4.1.1\n"}),
+             ("openmpi", "4.1.2", "linux-64", ["sdr-base", "__glibc >=2.17"],
+              {"lib/libmpi.so.40": "mpi 4.1.2\n"}),
+             ("sdr-tool", "1.0", "linux-64", ["__glibc >=2.17"], {"bin/sdr-tool": "1.0\n"}),
+             ("sdr-tool", "2.0", "linux-64", ["__glibc >=2.28"], {"bin/sdr-tool": "2.0\n"})]
+    for name, version, subdir, depends, files in specs:
+        staged = root / "stage" / f"{name}-{version}"
+        for relative, text in files.items():
+            (staged / relative).parent.mkdir(parents=True, exist_ok=True)
+            (staged / relative).write_text(text)
+        (channel / subdir).mkdir(parents=True, exist_ok=True)
+        assemble_package(name=name, version=version, target_platform=subdir,
+                         build_string="h0_0", output_dir=channel / subdir, files_dir=staged,
+                         depends=depends, noarch="generic" if subdir == "noarch" else None)
+    asyncio.run(index_fs(channel))
+    return channel
+
+
+def test_conda_part_solved_offline_by_py_rattler_then_installed_from_the_lock(tmp_path):
+    recipe_file = copy_project(tmp_path / "project")
+    channel = build_channel(tmp_path)
+    env = tmp_path / "project" / "env"
+    (env / "environment.yaml").write_text(
+        f"channels: [{channel.as_uri()}]\ndependencies:\n  - sdr-tool\n")
+    (env / "profiles" / "cpu.yaml").write_text(
+        f"channels: [{channel.as_uri()}]\ndependencies:\n  - openmpi=4.1.2\n")
+    recipe = load_recipe(recipe_file)
+
+    locked = lock_module.write_lock(recipe, "cpu")
+
+    versions = {p.name: p.version for p in locked.conda}
+    assert versions == {"openmpi": "4.1.2", "sdr-base": "1.0", "sdr-tool": "1.0"}, \
+        "pinned openmpi, its dependency, and the newest sdr-tool that glibc 2.17 allows"
+    assert all(p.url.startswith(channel.as_uri()) and len(p.md5) == 32 and len(p.sha256) == 64
+               for p in locked.conda)
+    assert locked.conda_locked and locked.pip == () and lock_module.lock_staleness(recipe, "cpu") is None
+
+    # conda-lock's own CLI renders it (what `conda-lock install` feeds to conda/micromamba).
+    rendered = subprocess.run(
+        [sys.executable, "-m", "conda_lock", "render", "--kind", "explicit", "--platform",
+         "linux-64", "--filename-template", str(tmp_path / "explicit-{platform}.txt"),
+         str(locked.path)], capture_output=True, text=True)
+    assert rendered.returncode == 0, rendered.stderr
+    explicit = (tmp_path / "explicit-linux-64.txt").read_text()
+    assert all(f"{p.url}#{p.md5}" in explicit for p in locked.conda)
+
+    # Install exactly the locked records, no solve, with env build's py-rattler backend.
+    from sdrecipe.env import create_rattler, fetch_conda_packages
+    prefix = tmp_path / "prefix"
+    create_rattler(prefix, locked, fetch_conda_packages(locked, tmp_path / "pkgs"),
+                   tmp_path / "pkgs")
+    assert (prefix / "lib" / "libmpi.so.40").read_text() == "mpi 4.1.2\n"
+    assert (prefix / "bin" / "sdr-tool").read_text() == "1.0\n"
+    installed = {json.loads(p.read_text())["name"] for p in (prefix / "conda-meta").glob("*.json")}
+    assert installed == {"openmpi", "sdr-base", "sdr-tool"}
+
+
+def test_unreachable_channel_names_the_fix(tmp_path, monkeypatch):
+    recipe = load_recipe(copy_project(tmp_path))
+    monkeypatch.setenv("SDRECIPE_CONDA_CHANNEL_ALIAS", (tmp_path / "no-such-mirror").as_uri())
+    with pytest.raises(SdrecipeError, match=r"--pip-only") as caught:
+        lock_module.write_lock(recipe, "cpu")
+    assert "conda_channel_alias" in str(caught.value)
+    assert lock_module.lock_staleness(recipe, "cpu") is None, "a failed lock writes nothing"
+
+
+# --- the committed pip parts resolve for their target ------------------------------------
+
+
+def pip_dry_run(requirements: Path, target: Path) -> subprocess.CompletedProcess:
+    """pip's own resolver, for CPython 3.8 on manylinux2014 x86_64, hash-checked, no deps."""
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--isolated", "--disable-pip-version-check",
+         "--dry-run", "--no-deps", "--require-hashes", "--python-version", "3.8",
+         "--platform", "manylinux2014_x86_64", "--only-binary=:all:", "--target", str(target),
+         "--report", str(target / "report.json"), "-r", str(requirements)],
+        capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_committed_pip_part_installs_for_python38_manylinux_and_is_complete(profile, tmp_path):
+    recipe = load_recipe(PROJECT / "recipe" / "stable-diffusion.yaml")
+    assert lock_module.lock_staleness(recipe, profile) is None
+    locked = lock_module.load_lock(recipe, profile)
+    spec = lock_module.load_env_spec(recipe, profile)
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(locked.pip_requirements())
+    tmp_path.joinpath("target").mkdir()
+
+    result = pip_dry_run(requirements, tmp_path / "target")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "target" / "report.json").read_text())["install"]
+    chosen = {canonicalize_name(item["metadata"]["name"]): item for item in report}
+    assert {n: i["metadata"]["version"] for n, i in chosen.items()} == \
+        {p.name: p.version for p in locked.pip}
+    # Complete: every requirement of every locked package (on the target) is in the lock, or
+    # provided by the profile (conda torch, or the platform wheels with their stand-in).
+    available = {p.name: p.version for p in locked.pip} | spec.provided
+    for name, item in chosen.items():
+        for text in item["metadata"].get("requires_dist", []):
+            requirement = Requirement(text)
+            if requirement.marker and not requirement.marker.evaluate(TARGET_MARKERS | {"extra": ""}):
+                continue
+            dep = canonicalize_name(requirement.name)
+            assert dep in available, f"{name} needs {text}, missing from {locked.path.name}"
+            assert requirement.specifier.contains(available[dep], prereleases=True), \
+                f"{name} needs {text}, {locked.path.name} has {available[dep]}"
+    names = {p.name for p in locked.pip}
+    assert not names & {"torch", "torchvision", "clip"}, "pip never installs torch; `clip` is not CLIP"
+    if spec.platform_wheels:
+        assert [w.filename for w in locked.platform_wheels] == list(spec.platform_wheels)
+        assert locked.venv == ()
+    else:
+        assert {p.name: p.version for p in locked.venv} == spec.provided
+
+
+def test_a_wrong_hash_in_the_pip_part_fails(tmp_path):
+    locked = lock_module.load_lock(load_recipe(PROJECT / "recipe" / "stable-diffusion.yaml"), "cpu")
+    package = next(p for p in locked.pip if p.name == "einops")
+    flipped = ("0" if package.sha256[0] != "0" else "1") + package.sha256[1:]
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(package.requirement().replace(package.sha256, flipped) + "\n")
+    tmp_path.joinpath("target").mkdir()
+
+    result = pip_dry_run(requirements, tmp_path / "target")
+
+    assert result.returncode != 0
+    assert "THESE PACKAGES DO NOT MATCH THE HASHES" in result.stderr and flipped in result.stderr
+
+
+# --- staleness and validation ---------------------------------------------------------------
+
+
+def lint_findings(recipe):
+    return list(lock_module.check_locks(LintContext(recipe=recipe, source=None)))
+
+
+def test_lint_fails_on_a_lock_whose_env_changed(tmp_path):
+    recipe_file = copy_project(tmp_path)
+    assert lint_findings(load_recipe(recipe_file)) == []
+    base = tmp_path / "env" / "environment.yaml"
+    base.write_text(base.read_text().replace("einops==0.3.0", "einops==0.4.1"))
+
+    findings = lint_findings(load_recipe(recipe_file))
+
+    assert sorted(f.file for f in findings) == sorted(f"lock/{p}.conda-lock.yml" for p in PROFILES)
+    assert all(f.severity == "error" and "sdrecipe lock --profile" in f.message
+               for f in findings)
+    cli = subprocess.run([sys.executable, "-m", "sdrecipe", "--recipe", str(recipe_file), "lint",
+                          "--format", "json"], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(PROJECT / "src"), "PATH": "/usr/bin:/bin",
+                              "HOME": str(tmp_path)})
+    assert cli.returncode == 1
+    stale = [f for f in json.loads(cli.stdout)["findings"] if f["check"] == "stale-lock"]
+    assert {f["file"] for f in stale} == {f.file for f in findings}
+
+
+def test_a_profile_change_stales_only_that_profile(tmp_path):
+    recipe_file = copy_project(tmp_path)
+    profile = tmp_path / "env" / "profiles" / "dtk-22.10.yaml"
+    profile.write_text(profile.read_text().replace('torchvision: "0.11.3"', 'torchvision: "0.11.2"'))
+
+    findings = lint_findings(load_recipe(recipe_file))
+
+    assert [f.file for f in findings] == ["lock/dtk-22.10.conda-lock.yml"]
+    assert "is stale" in findings[0].message
+
+
+def test_an_unpinned_pip_requirement_is_an_error_naming_its_line(tmp_path):
+    recipe_file = copy_project(tmp_path)
+    base = tmp_path / "env" / "environment.yaml"
+    lines = base.read_text().splitlines()
+    number = next(i for i, line in enumerate(lines) if "diffusers==" in line)
+    lines[number] = lines[number].replace("diffusers==0.11.1", "diffusers>=0.11")
+    base.write_text("\n".join(lines) + "\n")
+
+    with pytest.raises(RecipeError) as caught:
+        lock_module.load_env_spec(load_recipe(recipe_file), "cpu")
+
+    assert caught.value.file == str(base) and caught.value.line == number + 1
+    assert "pin diffusers exactly" in str(caught.value)
+
+
+# --- platform wheels: trust on first use --------------------------------------------------
+
+
+def test_platform_wheel_hash_recorded_once_then_enforced_and_kept_by_relock(tmp_path,
+                                                                            monkeypatch):
+    recipe = load_recipe(copy_project(tmp_path / "project"))
+    wheel_dir = tmp_path / "site-wheels"
+    (wheel_dir / "pytorch").mkdir(parents=True)
+    monkeypatch.setenv("SDRECIPE_WHEEL_DIR", str(wheel_dir))
+    first = lock_module.load_lock(recipe, "dtk-22.10").platform_wheels[0]
+    assert first.sha256 is None
+    found = wheel_dir / "pytorch" / first.filename
+    found.write_bytes(b"the site's wheel")
+
+    lock_module.record_wheel_hash(recipe, "dtk-22.10", first.filename, "a" * 64, path=found)
+
+    recorded = lock_module.load_lock(recipe, "dtk-22.10").platform_wheels[0]
+    assert (recorded.sha256, recorded.url) == ("a" * 64, found.as_uri())
+    assert lock_module.lock_staleness(recipe, "dtk-22.10") is None, "a recorded hash is not drift"
+    with pytest.raises(SdrecipeError, match="refusing to overwrite"):
+        lock_module.record_wheel_hash(recipe, "dtk-22.10", first.filename, "b" * 64)
+
+    relocked = lock_module.write_lock(recipe, "dtk-22.10", pip_only=True)
+
+    assert relocked.platform_wheels[0].sha256 == "a" * 64
+    assert relocked.platform_wheels[1].sha256 is None
