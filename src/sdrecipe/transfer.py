@@ -20,7 +20,8 @@ Interface (the `artifacts` stage and anything else that downloads uses only this
 
 How one file arrives:
 - The body streams into `<dest>.part` in 1 MiB chunks (memory stays flat at any
-  size), hashed as it is written: one pass, never a second read. A sidecar
+  size), hashed as it is written: one pass, never a second read, and the hash
+  runs on a second thread so it overlaps the network and the disk. A sidecar
   `<dest>.part.json` records the URL, ETag/Last-Modified and expected sha256, so a
   later run (or the next retry) resumes with `Range: bytes=N-` and `If-Range`;
   the existing part is hashed once, then the rest is appended. A server that
@@ -65,6 +66,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import random
 import re
 import shutil
@@ -85,6 +87,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 CHUNK = 1 << 20
+RING = 4  # chunks in flight between the writer and the hasher: memory is RING MiB
 MAX_BACKOFF = 30.0
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -267,13 +270,41 @@ class _Part:
                      "sha256": self.download.sha256}
         self.meta_path.write_text(json.dumps(self.meta))
 
-    def append(self, fd: int, data: memoryview) -> None:
-        """Write all of `data`, hashing exactly what reached the file."""
-        while data:
-            written = os.write(fd, data)  # ENOSPC/EDQUOT propagate; the prefix stays valid
-            self.hasher.update(data[:written])
-            self.offset += written
-            data = data[written:]
+    def fill(self, read_into, advance) -> None:
+        """Append chunks from `read_into(buffer) -> n` until it returns 0.
+
+        One pass over the bytes: this thread reads and writes, a second one hashes
+        the same buffers (a ring of RING chunks), so hashing overlaps the network and
+        the disk instead of adding to them. Exactly what reached the file is hashed:
+        after ENOSPC the written prefix still counts and the part stays resumable.
+        """
+        free, written_chunks = queue.Queue(), queue.Queue()
+        for _ in range(RING):
+            free.put(memoryview(bytearray(CHUNK)))
+
+        def hash_chunks():
+            while (item := written_chunks.get()) is not None:
+                self.hasher.update(item[0][:item[1]])
+                free.put(item[0])
+
+        hasher = threading.Thread(target=hash_chunks, name="sha256", daemon=True)
+        hasher.start()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            while n := read_into(buffer := free.get()):
+                written = 0
+                try:
+                    while written < n:
+                        written += os.write(fd, buffer[written:n])
+                finally:
+                    if written:
+                        written_chunks.put((buffer, written))
+                        self.offset += written
+                advance(n)
+        finally:
+            os.close(fd)
+            written_chunks.put(None)
+            hasher.join()
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -527,23 +558,16 @@ class Transfer:
         raise _NextEndpoint(f"HTTP {status} {response.reason}")
 
     def _stream(self, response, part, progress, task) -> None:
-        """Copy the body into the part in one pass: readinto one buffer, write, hash."""
-        buffer = memoryview(bytearray(CHUNK))
-        fd = os.open(part.path, os.O_WRONLY | os.O_APPEND)
-        try:
-            while True:
-                try:
-                    n = response.raw.readinto(buffer)
-                except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException,
-                        ConnectionError, TimeoutError) as exc:
-                    raise _Retry(f"connection dropped at byte {part.offset} "
-                                 f"({_reason(exc)})") from None
-                if not n:
-                    return
-                part.append(fd, buffer[:n])
-                progress.advance(task, n)
-        finally:
-            os.close(fd)
+        """The body into the part: urllib3 `readinto` straight into the part's buffers."""
+        def read_into(buffer) -> int:
+            try:
+                return response.raw.readinto(buffer)
+            except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException,
+                    ConnectionError, TimeoutError) as exc:
+                raise _Retry(f"connection dropped at byte {part.offset} "
+                             f"({_reason(exc)})") from None
+
+        part.fill(read_into, lambda n: progress.advance(task, n))
 
     def _finish(self, download, url, part) -> Result:
         digest = part.hasher.hexdigest()
