@@ -95,7 +95,28 @@ def root_dir(deployment, root: str) -> Path:
 # --- the recipe section ---------------------------------------------------------------
 
 def parse_section(node: Node, recipe) -> tuple[ArtifactFile, ...]:
-    """Parse `artifacts:` (registered in recipe.SECTION_PARSERS); errors name file:line:field."""
+    """Parse `artifacts:` (registered in recipe.SECTION_PARSERS); errors name file:line:field.
+
+    The section is a list of entries:
+
+        - name: sd-v1-4               # unique; `fetch --only NAME` selects by it
+          description: ...            # optional, for humans
+          hf: {repo: owner/name, revision: <40-hex commit>, gated: true}
+                                      # a Hugging Face source; omit it for plain URLs
+          into: models/ldm/stable-diffusion-v1
+                                      # `models/...` or `torch_home/...` of the deployment
+          profiles: [cpu]             # optional: only these profiles (default: all)
+          optional: true              # optional: only with --with-optional (default: false)
+          files:
+            - path: sd-v1-4.ckpt      # in the repo (with `hf`), or `url: https://...`
+              as: model.ckpt          # optional: name under `into` (default: `path`, or
+                                      # the URL's last part)
+              size: 4265380512        # optional: bytes
+              sha256: fe4e...         # optional: else trusted on first use (lock/artifacts.lock)
+
+    Paths in `into`, `path` and `as` are relative and never leave their folder.
+    A `revision` that is not a commit sha loads, but `sdrecipe lint` warns.
+    """
     files: list[ArtifactFile] = []
     names: set = set()
     places: dict[str, int | None] = {}
