@@ -42,7 +42,7 @@ _TODO_RE = re.compile(r"\b(TODO|FIXME|TBD|XXX)\b")
 _HUNK_RE = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 _INDEX_RE = re.compile(r"^index ([0-9a-f]+)\.\.([0-9a-f]+)(?: \d{6})?$")
 _GIT_FAIL_RE = re.compile(r"patch failed: (.+):(\d+)")
-_GIT_PATH_RE = re.compile(r"error: (\S+): (?:No such file|does not exist|already exists|"
+_GIT_PATH_RE = re.compile(r"(?:^|; )(\S+): (?:No such file|does not exist|already exists|"
                           r"patch does not apply|does not match index)")
 
 
@@ -459,11 +459,32 @@ def check_index_blobs(ctx):
         return
     found: dict = {}
     for profile in ctx.recipe.profiles:
-        for path, line, message in _series_findings(ctx, lock, profile):
-            found.setdefault((str(path), line, message), []).append(profile)
+        for key in _series_findings(ctx, lock, profile):
+            found.setdefault(key, []).append(profile)
+    yield from _per_profile(ctx, "patch-index-blobs", found)
+
+
+def _per_profile(ctx, check_name, found):
+    """One finding per (patch, line, message), naming the profiles it concerns."""
     for (path, line, message), profiles in found.items():
-        suffix = "" if len(profiles) == len(ctx.recipe.profiles) else f" (profile {', '.join(profiles)})"
-        yield ctx.error("patch-index-blobs", _rel(ctx.recipe, path), line, message + suffix)
+        which = "" if len(profiles) == len(ctx.recipe.profiles) else \
+            f" (profile {', '.join(profiles)})"
+        yield ctx.error(check_name, _rel(ctx.recipe, path), line, message + which)
+
+
+def _apply_findings(plan):
+    """(patch path, line, message) for one profile's plan: where it stops, and index lines
+    whose post-image id differs from what applying really gives."""
+    for step in plan.steps:
+        if step.error:
+            yield step.path, locate_apply_error(step.path, step.error), step.error
+            return
+        for section in parse_patch(step.path).sections:
+            post = step.files.get(section.path, (None, None))[1]
+            if post and section.post and len(section.post) == 40 and post != section.post:
+                yield (step.path, section.index_line,
+                       f"{section.path}: applying gives blob {post}, the index line says "
+                       f"{section.post}: a hunk was edited after the diff was made")
 
 
 @check("patch-applies", "with --source: every profile's series applies in order with zero "
@@ -475,27 +496,10 @@ def check_applies(ctx):
     except SdrecipeError as exc:
         yield ctx.error("patch-applies", str(ctx.source), None, str(exc))
         return
-    reported = set()
+    found: dict = {}
     with Scratch(checkout) as scratch:
         for profile in ctx.recipe.profiles:
             plan = plan_series(scratch, ctx.recipe, profile, reverse_check=True)
-            for step in plan.steps:
-                if step.error:
-                    line = locate_apply_error(step.path, step.error)
-                    key = (step.entry.file, line, step.error)
-                    if key not in reported:
-                        reported.add(key)
-                        yield ctx.error("patch-applies", _rel(ctx.recipe, step.path), line,
-                                        f"profile {profile}: {step.error}")
-                    break
-                for section in parse_patch(step.path).sections:
-                    post = step.files.get(section.path, (None, None))[1]
-                    if section.post and len(section.post) == 40 and set(section.post) != {"0"} \
-                            and post and post != section.post:
-                        key = (step.entry.file, section.index_line, "post")
-                        if key not in reported:
-                            reported.add(key)
-                            yield ctx.error(
-                                "patch-applies", _rel(ctx.recipe, step.path), section.index_line,
-                                f"{section.path}: applying gives blob {post}, the index line says "
-                                f"{section.post}: a hunk was edited after the diff was made")
+            for key in _apply_findings(plan):
+                found.setdefault(key, []).append(profile)
+    yield from _per_profile(ctx, "patch-applies", found)

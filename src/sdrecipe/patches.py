@@ -173,6 +173,12 @@ def _diff_trees(scratch: Scratch, old: str, new: str) -> dict:
     return changes
 
 
+def _git_message(stderr: str, status: int) -> str:
+    """git's error lines as one line, without the `error: ` prefixes."""
+    lines = [line.strip().removeprefix("error: ") for line in stderr.splitlines() if line.strip()]
+    return "; ".join(lines) or f"git apply exited {status}"
+
+
 def plan_series(scratch: Scratch, recipe: Recipe, profile: str, reverse_check=False) -> Plan:
     """Apply `profile`'s series in the scratch index, recording the tree after each patch.
 
@@ -189,7 +195,7 @@ def plan_series(scratch: Scratch, recipe: Recipe, profile: str, reverse_check=Fa
         status, _, err = scratch.git("apply", "--cached", "-p1", "--whitespace=nowarn",
                                      str(step.path), check=False)
         if status:
-            step.error = err.strip() or f"git apply exited {status}"
+            step.error = _git_message(err, status)
             return plan
         _, tree, _ = scratch.git("write-tree")
         plan.trees.append(tree.strip())
@@ -199,7 +205,7 @@ def plan_series(scratch: Scratch, recipe: Recipe, profile: str, reverse_check=Fa
             status, _, err = scratch.git("apply", "--cached", "-R", "-p1", "--whitespace=nowarn",
                                          str(step.path), check=False)
             if status:
-                step.error = f"does not reverse cleanly: {err.strip()}"
+                step.error = f"does not reverse cleanly: {_git_message(err, status)}"
                 return plan
         _, tree, _ = scratch.git("write-tree")
         if tree.strip() != head_tree:
