@@ -254,3 +254,11 @@ def test_upstream_lock_command_writes_ls_tree_of_the_pinned_commit(tiny):
     assert body[0] == f"commit {tiny['commit']}"
     assert body[1:] == git(tiny["source"], "ls-tree", "-r", "HEAD").splitlines()
     assert lint(tiny) == []
+
+
+def test_the_shipped_series_passes_the_patch_checks():
+    """CI has no upstream: the committed series must at least agree with lock/upstream.lock."""
+    recipe = load_recipe(ROOT / "recipe" / "stable-diffusion.yaml")
+    findings = [f for f in run_checks(LintContext(recipe, None)) if f.check.startswith("patch-")]
+    assert [str(f) for f in findings if f.severity == "error"] == []
+    assert recipe.series("cpu"), "the shipped recipe lists no patches"
