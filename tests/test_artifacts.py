@@ -123,6 +123,21 @@ def test_verify_catches_a_corrupted_placed_file_that_stamps_cannot_see(env, worl
     assert list((env["cache"] / "quarantine").iterdir())  # the damaged cache copy is kept aside
 
 
+def test_a_hand_copied_file_with_the_right_bytes_is_adopted_not_downloaded(env, world, capsys):
+    """The seed copied its 4 GB checkpoint by hand; fetch must not fetch it again."""
+    target = env["deploy"] / "stable-diffusion/models/ldm/stable-diffusion-v1/model.ckpt"
+    fetch(env, "--only", "hardnet", capsys=capsys)  # clone the source first
+    target.parent.mkdir(parents=True)
+    target.write_bytes(HF_FILES["tiny/sd"]["sd-tiny.ckpt"])
+    before = world["mirror"].bytes_sent()
+    out = fetch(env, "--only", "tiny-ckpt", capsys=capsys)
+    assert "adopted    models/ldm/stable-diffusion-v1/model.ckpt" in out
+    assert world["mirror"].bytes_sent() == before
+    digest = sha256(HF_FILES["tiny/sd"]["sd-tiny.ckpt"])
+    assert (env["cache"] / "sha256" / digest[:2] / digest).is_file()  # now bundle-able
+    assert "1 in place" in fetch(env, "--only", "tiny-ckpt", capsys=capsys)
+
+
 def test_status_reports_missing_then_done_then_stale(env, world, capsys):
     recipe = load_recipe(env["recipe"])
     deployment = Deployment(env["deploy"])

@@ -305,7 +305,7 @@ def artifact_status(recipe, deployment, profile: str, with_optional=False,
 class Placed:
     file: ArtifactFile
     target: Path
-    action: str  # "in place", "verified", "placed" or "repaired"
+    action: str  # "in place", "verified", "adopted", "placed" or "repaired"
     method: str | None  # hardlink, reflink or copy, when placed this run
 
 
@@ -318,7 +318,9 @@ def fetch_artifacts(recipe, deployment, profile: str, verify=False, with_optiona
     """Make the profile's files present and correct in the deployment; report what was done.
 
     Files whose stamp matches are trusted (near-instant re-runs); `verify` rehashes
-    everything placed and repairs what differs. `offline` (restore from a bundle)
+    everything placed and repairs what differs. A file already there without a valid
+    stamp (copied by hand) is hashed once and adopted if its bytes are right, which
+    spares a 4 GB download. `offline` (restore from a bundle)
     never downloads: what the cache lacks is an error. `extra_pins` (key -> size,
     sha256) are hashes vouched for by a bundle's manifest.
     """
@@ -334,8 +336,10 @@ def fetch_artifacts(recipe, deployment, profile: str, verify=False, with_optiona
             status = _status(file, deployment, sha256)
             if status.state == "done" and not verify:
                 done[file] = Placed(file, status.target, "in place", None)
-            elif verify and status.state != "missing" and _rehash_ok(file, deployment, sha256, cache):
-                done[file] = Placed(file, status.target, "verified", None)
+            elif (verify or status.state == "stale") and status.state != "missing" \
+                    and _rehash_ok(file, deployment, sha256, cache):
+                action = "verified" if status.state == "done" else "adopted"
+                done[file] = Placed(file, status.target, action, None)
             else:
                 todo.append(file)
         if todo:
@@ -352,16 +356,20 @@ def fetch_artifacts(recipe, deployment, profile: str, verify=False, with_optiona
 
 
 def _rehash_ok(file, deployment, sha256, cache) -> bool:
-    """--verify: rehash a placed file; on a mismatch drop the cache copy too if it is bad."""
+    """Rehash a placed file: stamp (and cache) it if right; if wrong, drop a shared cache copy."""
     target = file.target(deployment)
     if sha256 is None or os.path.islink(target) or not target.is_file():
         return False
     if sha256_file(target) == sha256:
-        write_stamp(file.stamp(deployment), target, sha256,
-                    (read_stamp(file.stamp(deployment)) or {}).get("method", "unknown"), file.key)
+        method = (read_stamp(file.stamp(deployment)) or {}).get("method", "adopted")
+        if not cache.has(sha256):  # keep the bytes for other deployments and bundles
+            with cache.lock():
+                cache.path(sha256).parent.mkdir(parents=True, exist_ok=True)
+                place(target, cache.path(sha256))
+                cache.seal(sha256)
+        write_stamp(file.stamp(deployment), target, sha256, method, file.key)
         return True
-    if cache.has(sha256) and (os.path.samefile(target, cache.path(sha256))
-                              or sha256_file(cache.path(sha256)) != sha256):
+    if cache.has(sha256) and os.path.samefile(target, cache.path(sha256)):
         cache.quarantine(sha256)  # a hardlink shares the damage
     return False
 

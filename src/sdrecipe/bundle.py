@@ -50,6 +50,9 @@ def create_bundle(recipe, deployment, out: Path, profiles=None, with_optional=Fa
     if os.path.lexists(out):
         raise SdrecipeError(f"{out} already exists; choose a new name (bundles are not updated "
                             "in place, so a half-written one is never mistaken for complete)")
+    missing = [str(folder) for folder in wheels if not Path(folder).is_dir()]
+    if missing:
+        raise SdrecipeError(f"--wheels: no such folder: {', '.join(missing)}")
     files = _bundle_files(recipe, profiles or list(recipe.profiles), with_optional)
     cache = Cache(cache_dir())
     lock = ArtifactLock.for_recipe(recipe)
