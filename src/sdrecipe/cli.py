@@ -149,8 +149,44 @@ def _add_lock(sub):
     parser.set_defaults(func=lock.run_command)
 
 
+def _add_verify(sub):
+    from . import verify
+    parser = sub.add_parser("verify", help="run a short txt2img sample in the built environment, "
+                                           "offline; check it and write report.json/report.html")
+    _profile_option(parser)
+    parser.add_argument("--smoke", action="store_true",
+                        help="use the tiny generated models (seconds; made by deploy --smoke)")
+    parser.add_argument("--out", help="report folder (default: <deploy>/reports/<profile>/"
+                                      "sample or .../smoke)")
+    parser.set_defaults(func=verify.run_command)
+
+
+def _add_deploy(sub):
+    from . import deploy
+    parser = sub.add_parser("deploy", help="fetch, patch, build, preseed and verify: every stage "
+                                           "that is not done yet")
+    _profile_option(parser)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny generated models instead of the real weights: nothing is "
+                             "downloaded, the whole pipeline runs in minutes")
+    parser.add_argument("--python", metavar="PATH",
+                        help="build the environment as a venv of this Python 3.8 (no conda)")
+    parser.add_argument("--prefix", type=Path, help="environment folder (default: "
+                                                    "<deploy>/envs/<profile>)")
+    parser.add_argument("--upstream", metavar="DIR",
+                        help="copy this local checkout of the pinned commit instead of cloning "
+                             "(default: $SDRECIPE_UPSTREAM or the upstream_checkout setting)")
+    parser.set_defaults(func=deploy.deploy_command)
+    status = sub.add_parser("status", help="each deploy stage: done, stale or missing, why, "
+                                           "and what a re-run would do")
+    _profile_option(status)
+    status.add_argument("--smoke", action="store_true", help="the smoke deployment's status")
+    status.add_argument("--format", choices=("text", "json"), default="text")
+    status.set_defaults(func=deploy.status_command)
+
+
 COMMANDS = (_add_patch, _add_lint, _add_upstream_lock, _add_env, _add_doctor, _add_fetch,
-            _add_bundle, _add_lock)
+            _add_bundle, _add_lock, _add_verify, _add_deploy)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,8 @@
     <deploy>/torch-home/              $TORCH_HOME: torch.hub's preseeded checkpoints
     <deploy>/hf-home/                 $HF_HOME: kept empty and offline
     <deploy>/envs/<profile>/          the built environment
-    <deploy>/reports/<profile>/       verify reports
+    <deploy>/reports/<profile>/       verify reports (sample/ and smoke/)
+    <deploy>/smoke/                   smoke mode's tiny generated models, config, $TORCH_HOME
     <deploy>/.sdrecipe/               stamps and state of each stage
     <deploy>/provenance.json          what was deployed, by hash
 """
@@ -50,6 +51,10 @@ class Deployment:
 
     def reports(self, profile: str) -> Path:
         return self.root / "reports" / profile
+
+    @property
+    def smoke(self) -> Path:
+        return self.root / "smoke"
 
 
 def deployment_dir(explicit: str | None, project_root: Path) -> Deployment:

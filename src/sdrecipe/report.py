@@ -1,0 +1,149 @@
+"""The verify report: `report.json` (the contract in verify.py's docstring) and a
+self-contained `report.html` a person can open anywhere, e.g. copied off the cluster:
+thumbnails are inline base64 PNGs, the style is inline, nothing is fetched.
+
+`deployed_inputs` (upstream commit, each patch with its sha256 and state, lock and
+recipe hashes) is shared with `deploy.py`'s provenance.json, so both say the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+from .errors import SdrecipeError
+
+THUMBNAIL_PX = 256
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def lock_hash(recipe, profile: str) -> str | None:
+    """The content hash of the profile's environment lock, or None when there is no lock yet."""
+    from .lock import load_lock
+    try:
+        return load_lock(recipe, profile).content_hash
+    except SdrecipeError:
+        return None
+
+
+def deployed_inputs(recipe, deployment, profile: str, tree=None, lock=None) -> dict:
+    """What the deployment was made from: recipe, upstream commit, patches, lock.
+
+    `tree` (a patches.TreeState) and `lock` (the lock's content hash) may be passed
+    by a caller that has them already; each costs a few hundred milliseconds."""
+    import git
+    from .patches import tree_state
+    try:
+        head = git.Repo(deployment.source).head.commit.hexsha
+    except (git.GitError, ValueError, OSError):
+        head = None
+    states = {}
+    if head == recipe.upstream.commit:
+        tree = tree or tree_state(deployment.source, recipe, profile)
+        states = {p.entry.file: p.state for p in tree.patches}
+    patches = []
+    for entry in recipe.series(profile):
+        path = recipe.patch_dir / entry.file
+        patches.append({"file": entry.file,
+                        "sha256": sha256_file(path) if path.is_file() else None,
+                        "state": states.get(entry.file, "unknown")})
+    return {"recipe_sha256": sha256_file(recipe.path), "upstream_pinned": recipe.upstream.commit,
+            "upstream_commit": head, "patches": patches,
+            "lock_hash": lock if lock is not None else lock_hash(recipe, profile)}
+
+
+def provenance(recipe, deployment, profile: str, runtime: dict, models: str) -> dict:
+    return {**deployed_inputs(recipe, deployment, profile), "runtime": runtime, "models": models}
+
+
+# --- writing ---------------------------------------------------------------------------
+
+def _atomic_write(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)
+
+
+def _thumbnail(path: Path) -> str:
+    from PIL import Image
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _rows(pairs) -> str:
+    return "\n".join(f"<tr><th>{html.escape(str(k))}</th><td class=\"mono\">{html.escape(str(v))}</td></tr>"
+                     for k, v in pairs)
+
+
+def _seconds(value) -> str:
+    return "not measured" if value is None else f"{value:.2f} s"
+
+
+def render_html(out: Path, data: dict) -> str:
+    template = Template(resources.files("sdrecipe").joinpath("templates/report.html")
+                        .read_text(encoding="utf-8"))
+    figures = []
+    for relative in data["images"]:
+        src = _thumbnail(out / relative)
+        figures.append(f'<figure><img src="{src}" alt="{html.escape(relative)}">'
+                       f"<figcaption>{html.escape(relative)}</figcaption></figure>")
+    checks = "\n".join(
+        f'<tr><td class="{"ok" if c["ok"] else "bad"}">{"ok" if c["ok"] else "FAIL"}</td>'
+        f"<th>{html.escape(c['name'])}</th><td>{html.escape(c['message'])}</td></tr>"
+        for c in data["checks"])
+    prov = data["provenance"]
+    runtime = prov.get("runtime") or {}
+    pairs = [("upstream commit", prov.get("upstream_commit") or "not a checkout"),
+             ("pinned commit", prov.get("upstream_pinned"))]
+    pairs += [(f"patch {p['file']}", f"{p['sha256']} ({p['state']})") for p in prov.get("patches", [])]
+    pairs += [("environment lock hash", prov.get("lock_hash") or "no lock"),
+              ("recipe sha256", prov.get("recipe_sha256")), ("models", prov.get("models"))]
+    pairs += [(name, runtime.get(name, "not reported"))
+              for name in ("device", "backend", "python", "torch", "transformers", "diffusers")]
+    return template.substitute(
+        title=html.escape(f"sdrecipe verify: {data['profile']}"
+                          + (" (smoke)" if data.get("smoke") else "")),
+        verdict="PASSED" if data["ok"] else "FAILED",
+        verdict_class="pass" if data["ok"] else "fail",
+        created=html.escape(data.get("created", "")), profile=html.escape(data["profile"]),
+        smoke_note=(" &middot; smoke run on tiny random models: the image is noise by design"
+                    if data.get("smoke") else ""),
+        prompt=html.escape(data["prompt"]),
+        images="\n".join(figures) or '<p class="note">no image was written</p>',
+        checks=checks,
+        settings=_rows(sorted(data["settings"].items())),
+        timings=_rows((k.removesuffix("_s").replace("_", " "), _seconds(v))
+                      for k, v in data["timings"].items()),
+        provenance=_rows(pairs))
+
+
+def write(out: Path, data: dict) -> None:
+    """Write report.json and report.html into `out` (each atomically)."""
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "report.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
+    _atomic_write(out / "report.html", render_html(out, data))
+
+
+def read(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
