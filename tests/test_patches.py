@@ -130,6 +130,18 @@ def test_drift_is_reported_refused_and_overwritten_only_with_force(tiny):
     assert git(source, "status", "--porcelain") == ""
 
 
+def test_a_patch_that_differs_from_its_pinned_sha256_is_never_applied(tiny):
+    source, recipe = tiny["source"], tiny["recipe"]
+    patch = recipe.patch_dir / "0002-util-helper.patch"
+    patch.write_text(patch.read_text().replace("+    return 10", "+    return 11"))
+    with pytest.raises(SdrecipeError, match=r"test\.yaml:\d+: .*0002-util-helper\.patch has sha256"):
+        patches.apply_series(source, recipe, "cpu")
+    patch.unlink()
+    with pytest.raises(SdrecipeError, match="0002-util-helper.patch is missing"):
+        patches.apply_series(source, recipe, "cpu")
+    assert git(source, "status", "--porcelain") == ""
+
+
 def test_wrong_head_is_refused_naming_the_commit_found(tiny):
     source, recipe = tiny["source"], tiny["recipe"]
     (source / "README.md").write_text("local change\n")

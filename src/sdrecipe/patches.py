@@ -16,6 +16,7 @@ Why this mechanism (details in ARCHITECTURE.md, "Applying the series"):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -427,8 +428,25 @@ def _drift_error(checkout: Checkout, drifted, action: str) -> SdrecipeError:
         f"`sdrecipe patch {action}` with --force to overwrite them")
 
 
+def verify_patch_files(recipe: Recipe, profile: str):
+    """Refuse to apply a series whose files are missing or differ from the recipe's sha256."""
+    for entry in recipe.series(profile):
+        path = recipe.patch_dir / entry.file
+        try:
+            actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        except FileNotFoundError:
+            raise SdrecipeError(f"{recipe.path}:{entry.line}: patch file {path} is missing") from None
+        if actual != entry.sha256:
+            raise SdrecipeError(
+                f"{recipe.path}:{entry.line}: {path} has sha256 {actual}, the recipe pins "
+                f"{entry.sha256}; nothing was changed (restore the patch, or update the recipe "
+                "and check it with `sdrecipe lint`)")
+
+
 def _run(source, recipe: Recipe, profile: str, force: bool, action: str) -> str:
     checkout = check_pinned_head(source, recipe)
+    if action == "apply":
+        verify_patch_files(recipe, profile)
     lock = _lock(checkout)
     try:
         lock.acquire()
