@@ -45,3 +45,24 @@ def no_hf_credentials(monkeypatch, tmp_path):
                  "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SDRECIPE_CA_BUNDLE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+
+
+# --- Slurm + Lmod cluster (slurm) ---------------------------------------------------------
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real single-node Slurm cluster with munge and an Lmod module tree (see
+    tests/slurm_cluster.py), shared by every slurm test; its daemons are stopped by
+    PID when the session ends, whatever the tests did."""
+    from slurm_cluster import SlurmCluster, missing_tools
+
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"the Slurm test cluster needs {', '.join(missing)}: "
+                    "apt-get install slurm-wlm munge lmod (bash .ci/run does)")
+    cluster = SlurmCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        cluster.remove()

@@ -136,6 +136,68 @@ def _add_bundle(sub):
     create.set_defaults(func=bundle.create_command)
 
 
+def _slurm_resource_options(parser):
+    group = parser.add_argument_group("Slurm resources (default: the recipe's slurm: section "
+                                      "for the profile; partition/account/qos from site config)")
+    for flag, kind, help_text in (
+            ("--partition", str, "partition (default: $SDRECIPE_PARTITION or the config file)"),
+            ("--account", str, "account to charge"), ("--qos", str, "quality of service"),
+            ("--nodes", int, "nodes"), ("--ntasks", int, "tasks"),
+            ("--cpus-per-task", int, "CPUs per task"),
+            ("--gres", str, "generic resources, e.g. dcu:2 or gpu:1 ('none': no devices)"),
+            ("--time", str, "time limit: minutes, HH:MM:SS or D-HH:MM:SS")):
+        group.add_argument(flag, type=kind, help=help_text)
+    group.add_argument("--sbatch-arg", action="append", metavar="OPTION",
+                       help="one more sbatch/salloc option as is, e.g. --sbatch-arg=--mem=64G "
+                            "(repeatable)")
+
+
+def _add_submit(sub):
+    from . import jobs
+    parser = sub.add_parser("submit", help="run verify or a prompt batch as a Slurm job, "
+                                           "follow it and collect its results",
+                            epilog=jobs.EXIT_HELP)
+    kinds = parser.add_subparsers(dest="kind", required=True)
+    verify = kinds.add_parser("verify", help="run sdrecipe verify in a job; collect report.json",
+                              epilog=jobs.EXIT_HELP)
+    verify.add_argument("--smoke", action="store_true", help="verify on tiny models (seconds)")
+    generate = kinds.add_parser("generate", help="a job array over a prompt file; gallery.html",
+                                epilog=jobs.EXIT_HELP)
+    generate.add_argument("--prompts", required=True, type=Path,
+                          help="prompt file: one prompt per line, # comments")
+    generate.add_argument("--out", help="output folder (default: <deploy>/outputs/<prompt file name>)")
+    generate.add_argument("--array-tasks", type=int, help="array tasks to spread prompts over "
+                                                          "(default: the recipe's array_tasks)")
+    generate.add_argument("--max-running", type=int, help="run at most this many tasks at once")
+    generate.add_argument("--sampler", choices=("plms", "ddim", "dpm"), help="default plms")
+    generate.add_argument("--steps", type=int, help="sampling steps (default 50)")
+    generate.add_argument("--n-samples", type=int, help="images per pass (default 3)")
+    generate.add_argument("--n-iter", type=int, help="passes per prompt (default 1)")
+    generate.add_argument("--height", type=int, help="default 512")
+    generate.add_argument("--width", type=int, help="default 512")
+    generate.add_argument("--scale", type=float, help="guidance scale (default 7.5)")
+    generate.add_argument("--seed", type=int, help="seed of every prompt (default 42)")
+    for kind in (verify, generate):
+        _profile_option(kind)
+        _slurm_resource_options(kind)
+        kind.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
+        kind.add_argument("--no-wait", action="store_true", help="submit and return")
+        kind.add_argument("--quiet", action="store_true", help="do not print the job's log")
+        kind.set_defaults(func=jobs.submit_command)
+
+
+def _add_salloc(sub):
+    from . import jobs
+    parser = sub.add_parser("salloc", help="print (or --run) the interactive sequence: "
+                                           "salloc, a shell on the node, module and environment")
+    _profile_option(parser)
+    _slurm_resource_options(parser)
+    parser.add_argument("--run", action="store_true", help="run it: salloc + srun --pty bash, set up")
+    parser.add_argument("command", nargs="*", help="with --run: run this command on the node "
+                                                   "instead of a shell")
+    parser.set_defaults(func=jobs.salloc_command)
+
+
 def _add_lock(sub):
     from . import lock
     parser = sub.add_parser("lock", help="resolve env/ into lock/<profile>.conda-lock.yml "
@@ -186,7 +248,7 @@ def _add_deploy(sub):
 
 
 COMMANDS = (_add_patch, _add_lint, _add_upstream_lock, _add_env, _add_doctor, _add_fetch,
-            _add_bundle, _add_lock, _add_verify, _add_deploy)
+            _add_bundle, _add_submit, _add_salloc, _add_lock, _add_verify, _add_deploy)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,8 @@ SETTINGS: dict[str, tuple[str | None, type, Any]] = {
     # a local checkout of the pinned upstream that `deploy` copies instead of cloning
     # (e.g. a site's shared copy, or an incomplete mirror that cannot serve git)
     "upstream_checkout": ("SDRECIPE_UPSTREAM", str, None),
+    # how compute nodes run sdrecipe (for `submit verify`); default: this interpreter
+    "engine": ("SDRECIPE_ENGINE", str, None),
 }
 
 

@@ -7,6 +7,8 @@
     <deploy>/envs/<profile>/          the built environment
     <deploy>/reports/<profile>/       verify reports (sample/ and smoke/)
     <deploy>/smoke/                   smoke mode's tiny generated models, config, $TORCH_HOME
+    <deploy>/jobs/                    Slurm jobs: each submission's script, log and report
+    <deploy>/outputs/<batch>/         prompt batches: a folder per prompt, gallery.html
     <deploy>/.sdrecipe/               stamps and state of each stage
     <deploy>/provenance.json          what was deployed, by hash
 """
@@ -55,6 +57,14 @@ class Deployment:
     @property
     def smoke(self) -> Path:
         return self.root / "smoke"
+
+    @property
+    def jobs(self) -> Path:
+        return self.root / "jobs"
+
+    @property
+    def outputs(self) -> Path:
+        return self.root / "outputs"
 
 
 def deployment_dir(explicit: str | None, project_root: Path) -> Deployment:

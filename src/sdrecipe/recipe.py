@@ -28,6 +28,7 @@ DEFAULT_RECIPE = "recipe/stable-diffusion.yaml"
 # section name -> "module:function" taking (Node, Recipe) and returning the parsed section.
 SECTION_PARSERS: dict[str, str] = {
     "artifacts": "artifacts:parse_section",
+    "slurm": "slurm:parse_section",
     "verify": "verify:parse_section",
 }
 

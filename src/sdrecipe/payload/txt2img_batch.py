@@ -1,0 +1,164 @@
+"""Run upstream's txt2img.py for many prompts in one process, loading the model once.
+
+    python txt2img_batch.py MANIFEST TASK COUNT
+
+Runs inside a Slurm array task, under the target environment's Python (3.8,
+stdlib only). MANIFEST (written by `sdrecipe submit generate`) lists the prompts,
+the sampling settings and the output folder; this task takes every COUNT-th
+prompt starting at TASK, so the split is deterministic and needs no coordination.
+
+Why one process per task and not one `python txt2img.py` per prompt: loading the
+4 GB checkpoint (plus importing torch) takes longer than sampling one prompt on a
+DCU. Why not upstream's `--from-file`: it seeds once for the whole list, so a
+prompt's images would depend on its position in the list, and a resubmitted
+batch would not reproduce them. So we import txt2img.py as a module, memoise its
+`load_model_from_config`, and call its unchanged `main()` once per prompt with
+that prompt's own `--seed`: every prompt's images are exactly what the standalone
+command `python scripts/txt2img.py --prompt P --seed S ...` makes.
+
+Each prompt is written to `<folder>.partial-<job>` and renamed into place with its
+`prompt.json` sidecar, so a folder that exists is complete. A prompt whose folder
+exists is skipped: resubmitting a batch that died halfway finishes the rest.
+"""
+
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+
+SIDECAR = "prompt.json"
+
+
+def share(entries, task, count):
+    """This task's prompts: every `count`-th one from `task` on."""
+    return entries[task::count]
+
+
+def is_done(folder):
+    """A prompt is done when its sidecar exists and lists images that all exist."""
+    try:
+        with open(os.path.join(folder, SIDECAR)) as handle:
+            images = json.load(handle)["images"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return bool(images) and all(os.path.isfile(os.path.join(folder, name)) for name in images)
+
+
+def txt2img_args(settings):
+    """Upstream txt2img.py's own options for our settings."""
+    args = ["--seed", str(settings["seed"]), "--ddim_steps", str(settings["steps"]),
+            "--n_samples", str(settings["n_samples"]), "--n_iter", str(settings["n_iter"]),
+            "--H", str(settings["H"]), "--W", str(settings["W"]), "--scale", str(settings["scale"]),
+            "--skip_grid"]
+    sampler = {"plms": ["--plms"], "dpm": ["--dpm_solver"], "ddim": []}[settings["sampler"]]
+    return args + sampler
+
+
+class Upstream:
+    """upstream's scripts/txt2img.py as a module, with the model loaded once per process."""
+
+    def __init__(self, source):
+        script = os.path.join(source, "scripts", "txt2img.py")
+        sys.path.insert(0, source)
+        sys.path.insert(0, os.path.dirname(script))
+        spec = importlib.util.spec_from_file_location("sdrecipe_txt2img", script)
+        self.module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(self.module)  # imports torch, loads the safety checker
+        self.script = script
+        self.load_seconds = 0.0
+        self._models = {}
+        load = self.module.load_model_from_config
+
+        def load_once(config, ckpt, *args, **kwargs):
+            if ckpt not in self._models:
+                started = time.time()
+                self._models[ckpt] = load(config, ckpt, *args, **kwargs)
+                self.load_seconds += time.time() - started
+            return self._models[ckpt]
+
+        self.module.load_model_from_config = load_once
+
+    def run(self, prompt, outdir, settings):
+        sys.argv = [self.script, "--prompt", prompt, "--outdir", outdir] + txt2img_args(settings)
+        self.module.main()
+
+
+def run_prompt(upstream, entry, settings, out, job):
+    """Make one prompt's images in a partial folder, then rename it into place."""
+    folder = os.path.join(out, entry["folder"])
+    for stale in glob.glob(glob.escape(folder) + ".partial-*"):  # left by a killed job
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = "%s.partial-%s" % (folder, job["id"])
+    os.makedirs(partial)
+    loaded_before = upstream.load_seconds
+    started = time.time()
+    try:
+        upstream.run(entry["prompt"], partial, settings)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    total = time.time() - started
+    samples = os.path.join(partial, "samples")
+    images = []
+    for name in sorted(os.listdir(samples)):
+        if name.endswith(".png"):
+            os.rename(os.path.join(samples, name), os.path.join(partial, name))
+            images.append(name)
+    shutil.rmtree(samples)
+    if not images:
+        raise RuntimeError("txt2img.py finished without writing an image")
+    model_load = upstream.load_seconds - loaded_before
+    sidecar = {"prompt": entry["prompt"], "index": entry["index"], "seed": settings["seed"],
+               "settings": settings, "images": images,
+               "timing": {"model_load_s": round(model_load, 3),
+                          "sampling_s": round(total - model_load, 3), "total_s": round(total, 3)},
+               "node": socket.gethostname(), "job": job,
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with open(os.path.join(partial, SIDECAR), "w") as handle:
+        json.dump(sidecar, handle, indent=2, ensure_ascii=False)
+    if os.path.isdir(folder):  # an incomplete folder from an older layout: replace it
+        shutil.rmtree(folder)
+    os.rename(partial, folder)
+    return sidecar
+
+
+def main(argv):
+    manifest_path, task, count = argv[0], int(argv[1]), int(argv[2])
+    with open(manifest_path) as handle:
+        manifest = json.load(handle)
+    out, settings = manifest["out"], manifest["settings"]
+    job = {"id": os.environ.get("SLURM_JOB_ID", str(os.getpid())),
+           "array_job": os.environ.get("SLURM_ARRAY_JOB_ID"), "array_task": task}
+    mine = share(manifest["prompts"], task, count)
+    todo = [e for e in mine if not is_done(os.path.join(out, e["folder"]))]
+    print("sdrecipe: task %d of %d: %d prompts, %d already done" % (task, count, len(mine),
+                                                                   len(mine) - len(todo)), flush=True)
+    if not todo:
+        return 0
+    upstream = Upstream(manifest["source"])
+    failed = []
+    for entry in todo:
+        print("sdrecipe: prompt %d: %s" % (entry["index"], entry["prompt"]), flush=True)
+        try:
+            sidecar = run_prompt(upstream, entry, settings, out, job)
+        except Exception as exc:  # keep going: the other prompts are worth having
+            print("sdrecipe: prompt %d failed: %s: %s" % (entry["index"], type(exc).__name__, exc),
+                  file=sys.stderr, flush=True)
+            failed.append(entry["index"])
+            continue
+        print("sdrecipe: prompt %d done: %d images in %.1f s -> %s" % (
+            entry["index"], len(sidecar["images"]), sidecar["timing"]["total_s"],
+            entry["folder"]), flush=True)
+    if failed:
+        print("sdrecipe: %d prompts failed (%s); resubmit to retry them" % (
+            len(failed), ", ".join(map(str, failed))), file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,298 @@
+"""`sdrecipe submit` and `sdrecipe salloc` against a real Slurm and Lmod on this machine.
+
+The cluster (munged, slurmctld, slurmd; tests/slurm_cluster.py) and the module
+system are real, and so are the generated batch scripts, the activation script
+written by the build stage, the polling, log streaming, array splitting and the
+batch runner. CI has no upstream checkout and no built environment, so the
+payloads are stand-ins (tests/payloads/): `standin_sdrecipe.py` plays `sdrecipe
+verify` and writes a report in verify's format, `standin_txt2img.py` plays
+upstream's scripts/txt2img.py for the batch runner; the "environment" is a
+folder whose python is the Python 3.8 the real one would be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sdrecipe.env import write_activation
+from sdrecipe.layout import Deployment
+from sdrecipe.recipe import load_recipe
+
+pytestmark = pytest.mark.slurm
+
+ROOT = Path(__file__).resolve().parents[1]
+PAYLOADS = Path(__file__).resolve().parent / "payloads"
+PY38 = Path("/root/.pyenv/versions/3.8.18/bin/python")
+PROFILE = "dtk-22.10"
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """A deployment with a stand-in upstream script and an environment whose python is 3.8,
+    activated by the build stage's own activation script (which checks the DTK module)."""
+    root = tmp_path_factory.mktemp("deploy")
+    deployment = Deployment(root)
+    scripts = deployment.source / "scripts"
+    scripts.mkdir(parents=True)
+    shutil.copy(PAYLOADS / "standin_txt2img.py", scripts / "txt2img.py")
+    prefix = deployment.env_prefix(PROFILE)
+    (prefix / "bin").mkdir(parents=True)
+    (prefix / "bin" / "python").symlink_to(PY38 if PY38.exists() else Path(sys.executable))
+    write_activation(load_recipe(ROOT / "recipe" / "stable-diffusion.yaml"), deployment, PROFILE,
+                     prefix)
+    return deployment
+
+
+@pytest.fixture(scope="module")
+def slurm_env(slurm_cluster, tmp_path_factory):
+    config = tmp_path_factory.mktemp("config") / "config.yaml"
+    config.write_text(f"partition: {slurm_cluster.partition}\n")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SDRECIPE_", "STANDIN_", "SLURM_"))}
+    python = PY38 if PY38.exists() else Path(sys.executable)
+    env.update(slurm_cluster.env, SDRECIPE_CONFIG=str(config), PYTHONPATH=str(ROOT / "src"),
+               SDRECIPE_ENGINE=f"{python} {PAYLOADS / 'standin_sdrecipe.py'}")
+    return env
+
+
+def sdrecipe(deployment, *args, env, extra_env=None, background=False):
+    argv = [sys.executable, "-m", "sdrecipe", "--deploy-dir", str(deployment.root), *args]
+    full_env = dict(env, **(extra_env or {}))
+    if background:
+        return subprocess.Popen(argv, env=full_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=120)
+
+
+def submit_verify(deployment, env, *options, extra_env=None, background=False):
+    return sdrecipe(deployment, "submit", "verify", "--profile", PROFILE, *options, env=env,
+                    extra_env=extra_env, background=background)
+
+
+def job_id_from(stdout_line: str) -> str:
+    return re.search(r"submitted job (\d+)", stdout_line).group(1)
+
+
+def wait_for_line(stream, pattern: str, timeout=60.0) -> list[str]:
+    """Read lines from a child's pipe until one matches; returns what was read."""
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return seen
+    raise AssertionError(f"no line matching {pattern!r} in:\n{''.join(seen)}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def timeout_run(deployment, slurm_env):
+    """A 1-minute job that sleeps, started first: Slurm's smallest time limit is a minute
+    (and it checks limits every 30 s), so it runs while the other tests do."""
+    proc = submit_verify(deployment, slurm_env, "--time", "1", "--ntasks", "1", "--gres", "none",
+                         extra_env={"STANDIN_VERIFY": "sleep"}, background=True)
+    yield proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # without a TTY: leaves the job, which the cluster ends
+        proc.communicate(timeout=30)
+
+
+# --- verify jobs --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def verify_ok(deployment, slurm_env):
+    return submit_verify(deployment, slurm_env, "--smoke")
+
+
+def test_verify_job_completes_streams_its_log_and_collects_the_report(verify_ok, deployment,
+                                                                      slurm_cluster):
+    assert verify_ok.returncode == 0, verify_ok.stderr
+    out = verify_ok.stdout
+    assert re.search(r"job \d+: COMPLETED\n", out)
+    assert f" on {slurm_cluster.node} at " in out  # the job's first log line, streamed
+    assert "standin: verify ok" in out  # streamed from the job's log
+    assert "verify report: OK (2/2 checks, 1 images" in out
+    job_dir = next((deployment.root / "jobs").glob("verify-*/report")).parent
+    report = json.loads((job_dir / "report" / "report.json").read_text())
+    assert report["ok"] and report["settings"] == {"smoke": True}
+    script = (job_dir / "job.sh").read_text()
+    for option in (f"--partition={slurm_cluster.partition}", "--ntasks=16", "--gres=dcu:2",
+                   "--nodes=1"):
+        assert f"#SBATCH {option}\n" in script
+
+
+def test_module_load_happens_inside_the_job(verify_ok, deployment, slurm_env):
+    assert "DTK_TEST_LOADED" not in slurm_env  # not inherited from the submitting shell
+    out = verify_ok.stdout
+    assert "sdrecipe: loaded module compiler/rocm/dtk-22.10.1" in out
+    assert "standin: DTK_TEST_LOADED=1" in out
+    assert re.search(r"standin: ROCM_PATH=\S+/dtk-22.10.1", out)
+    assert f"standin: SDRECIPE_PROFILE={PROFILE}" in out  # the build stage's activation ran
+    assert f"standin: cwd={deployment.source}" in out
+    assert re.search(r"standin: MIOPEN_USER_DB_PATH=/tmp/\w+-\d+/miopen", out)
+
+
+def test_failed_job_gives_its_exit_code_and_log_tail(deployment, slurm_env):
+    done = submit_verify(deployment, slurm_env, extra_env={"STANDIN_VERIFY": "fail"})
+    assert done.returncode == 10, done.stdout + done.stderr
+    assert re.search(r"job \d+ failed with exit code 3 on ", done.stderr)
+    assert "  | standin: check images failed" in done.stderr  # the log tail
+    assert "failed check images: stand-in failure: the image is blank" in done.stdout
+
+
+def test_impossible_request_is_rejected_with_slurms_reason(deployment, slurm_env):
+    done = submit_verify(deployment, slurm_env, "--gres", "dcu:3")
+    assert done.returncode == 13, done.stdout + done.stderr
+    assert "never started" in done.stderr
+    assert "Requested node configuration is not available" in done.stderr
+
+
+def test_gres_of_the_wrong_kind_is_refused_before_submitting(deployment, slurm_env):
+    done = submit_verify(deployment, slurm_env, "--gres", "gpu:1")
+    assert done.returncode == 2
+    assert "devices are requested as dcu:N" in done.stderr
+
+
+def test_cancelled_job_is_reported(deployment, slurm_env, slurm_cluster):
+    proc = submit_verify(deployment, slurm_env, "--ntasks", "1",
+                         extra_env={"STANDIN_VERIFY": "sleep"}, background=True)
+    seen = wait_for_line(proc.stdout, r"standin: sleeping")
+    job_id = job_id_from("".join(seen))
+    subprocess.run(["scancel", job_id], env=slurm_env, check=True)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 12, out + err
+    assert f"job {job_id} was cancelled on {slurm_cluster.node}" in err
+
+
+def test_interrupt_without_a_tty_leaves_the_job_and_says_how_to_cancel(deployment, slurm_env):
+    proc = submit_verify(deployment, slurm_env, "--ntasks", "1",
+                         extra_env={"STANDIN_VERIFY": "sleep"}, background=True)
+    seen = wait_for_line(proc.stdout, r"standin: sleeping")
+    job_id = job_id_from("".join(seen))
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    try:
+        assert proc.returncode == 130
+        assert f"Cancel it with: scancel {job_id}" in err
+        state = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=slurm_env,
+                               capture_output=True, text=True).stdout
+        assert "JobState=RUNNING" in state
+    finally:
+        subprocess.run(["scancel", job_id], env=slurm_env)
+
+
+def test_job_over_its_time_limit_times_out(timeout_run):
+    out, err = timeout_run.communicate(timeout=150)
+    assert timeout_run.returncode == 11, out + err
+    assert re.search(r"job \d+ hit its time limit \(00:01:00\) and was stopped", err)
+    assert "standin: sleeping" in out
+
+
+# --- prompt batches ---------------------------------------------------------------------------
+
+
+PROMPTS = ["a photograph of a cat playing a white ball in a lovely garden",
+           "a stylish woman walks down a Tokyo street <neon>",
+           "# a comment, not a prompt",
+           "",
+           "an astronaut riding a horse",
+           "a lighthouse in a storm",
+           "a bowl of ramen, studio lighting"]
+
+
+def generate(deployment, env, prompts_file, out, *options, extra_env=None):
+    return sdrecipe(deployment, "submit", "generate", "--profile", PROFILE, "--prompts",
+                    str(prompts_file), "--out", str(out), "--height", "16", "--width", "24",
+                    "--n-samples", "2", "--steps", "5", "--ntasks", "1", "--gres", "dcu:1",
+                    *options, env=env, extra_env=extra_env)
+
+
+def prompt_folders(out: Path) -> dict[str, dict]:
+    return {json.loads(p.read_text())["prompt"]: json.loads(p.read_text())
+            for p in out.glob("*/prompt.json")}
+
+
+def test_prompt_array_splits_prompts_and_writes_the_gallery(deployment, slurm_env, tmp_path,
+                                                            slurm_cluster):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "out"
+    done = generate(deployment, slurm_env, prompts, out, "--array-tasks", "3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "5 of 5 prompts to make (0 already done), over 3 array tasks" in done.stdout
+    made = prompt_folders(out)
+    assert sorted(made) == sorted(p for p in PROMPTS if p and not p.startswith("#"))
+    tasks = {}
+    for prompt, sidecar in made.items():
+        assert sidecar["seed"] == 42 and sidecar["settings"]["steps"] == 5
+        assert sidecar["settings"]["H"] == 16 and sidecar["node"]
+        assert set(sidecar["timing"]) == {"model_load_s", "sampling_s", "total_s"}
+        assert sidecar["images"] == ["00000.png", "00001.png"]
+        tasks.setdefault(sidecar["job"]["array_task"], set()).add(sidecar["index"])
+    # Deterministic split: every 3rd prompt from the task's index on, in file order.
+    assert tasks == {0: {1, 6}, 1: {2, 7}, 2: {5}}
+    logs = sorted(out.glob("jobs/generate-*/slurm-*_*.out"))
+    assert len(logs) == 3
+    for log in logs:  # the model is loaded once per task, however many prompts it has
+        assert log.read_text().count("Loading model from") == 1
+    page = (out / "gallery.html").read_text()
+    assert "5 of 5 prompts done" in page
+    assert page.count('src="data:image/png;base64,') == 10
+    assert "a stylish woman walks down a Tokyo street &lt;neon&gt;" in page
+    assert "comment" not in page
+    assert f"gallery: {out / 'gallery.html'} (5 of 5 prompts done)" in done.stdout
+
+
+def test_resubmitted_array_skips_finished_prompts(deployment, slurm_env, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\na blue whale CRASH\na green frog\n")
+    out = tmp_path / "out"
+    first = generate(deployment, slurm_env, prompts, out, "--array-tasks", "2",
+                     extra_env={"STANDIN_TXT2IMG_FAIL": "CRASH"})
+    assert first.returncode == 10, first.stdout + first.stderr
+    assert "1 prompts failed (2); resubmit to retry them" in first.stderr
+    assert sorted(prompt_folders(out)) == ["a green frog", "a red fox"]
+    assert "2 of 3 prompts done" in (out / "gallery.html").read_text()
+    finished = {p: s["finished"] for p, s in prompt_folders(out).items()}
+    time.sleep(1)  # so a redone prompt would get a different "finished" time
+
+    second = generate(deployment, slurm_env, prompts, out)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "1 of 3 prompts to make (2 already done), over 1 array tasks" in second.stdout
+    made = prompt_folders(out)
+    assert sorted(made) == ["a blue whale CRASH", "a green frog", "a red fox"]
+    assert {p: made[p]["finished"] for p in finished} == finished  # not redone
+    assert not list(out.glob("*.partial-*"))
+    assert "3 of 3 prompts done" in (out / "gallery.html").read_text()
+
+    third = generate(deployment, slurm_env, prompts, out)
+    assert third.returncode == 0
+    assert "all 3 prompts" in third.stdout and "submitted job" not in third.stdout
+
+
+# --- interactive ------------------------------------------------------------------------------
+
+
+def test_salloc_runs_a_command_on_the_node_with_the_module_and_environment(deployment,
+                                                                          slurm_env):
+    done = sdrecipe(deployment, "salloc", "--profile", PROFILE, "--ntasks", "1", "--run", "--",
+                    "bash", "-c", 'echo "module=$DTK_TEST_LOADED profile=$SDRECIPE_PROFILE '
+                                  'cwd=$PWD node=$SLURMD_NODENAME"', env=slurm_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"module=1 profile={PROFILE} cwd={deployment.source} node=" in done.stdout
+    printed = sdrecipe(deployment, "salloc", "--profile", PROFILE, env=slurm_env)
+    assert "salloc --job-name=sdrecipe-dtk-22.10 --partition=sdtest --nodes=1 --ntasks=16 " \
+           "--gres=dcu:2" in printed.stdout
+    assert "module load compiler/rocm/dtk-22.10.1" in printed.stdout
