@@ -245,6 +245,9 @@ def test_lint_warns_while_an_artifact_is_unpinned(env, world, capsys):
     branch = [f for f in run_checks(LintContext(load_recipe(env["recipe"]), None))
               if f.check == "artifacts-pinned"]
     assert any("'main'" in str(f) and "not a commit sha" in str(f) for f in branch)
+    stale = [str(f) for f in run_checks(LintContext(load_recipe(env["recipe"]), None))
+             if f.check == "artifacts-lock"]
+    assert len(stale) == 2 and all("tiny/clip@" in m and "delete it" in m for m in stale)
 
 
 def test_gated_file_without_a_token_fails_clearly_and_places_nothing(env, world, monkeypatch,

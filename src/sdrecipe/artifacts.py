@@ -465,3 +465,13 @@ def _check_pinned(ctx):
             yield ctx.warning("artifacts-pinned", file.file, file.line,
                               f"{file.place}: no sha256 in the recipe or {LOCK_FILE}; the first "
                               "`sdrecipe fetch` records it (trust on first use): commit the lock")
+
+
+@check("artifacts-lock", "lock/artifacts.lock has no entries the recipe no longer names")
+def _check_lock_entries(ctx):
+    lock = ArtifactLock.for_recipe(ctx.recipe)
+    named = {file.key for file in artifact_files(ctx.recipe)}
+    for key in sorted(set(lock.entries) - named):
+        yield ctx.warning("artifacts-lock", lock.path, None,
+                          f"entry {key} matches no artifact of the recipe (a changed revision "
+                          "or URL?); delete it")
