@@ -5,6 +5,7 @@
     <deploy>/torch-home/              $TORCH_HOME: torch.hub's preseeded checkpoints
     <deploy>/hf-home/                 $HF_HOME: kept empty and offline
     <deploy>/envs/<profile>/          the built environment
+    <deploy>/modulefiles/sdrecipe/    Lmod modulefiles, one per built profile (`module use` it)
     <deploy>/reports/<profile>/       verify reports (sample/ and smoke/)
     <deploy>/smoke/                   smoke mode's tiny generated models, config, $TORCH_HOME
     <deploy>/jobs/                    Slurm jobs: each submission's script, log and report
@@ -50,6 +51,10 @@ class Deployment:
 
     def env_prefix(self, profile: str) -> Path:
         return self.root / "envs" / profile
+
+    @property
+    def modulefiles(self) -> Path:
+        return self.root / "modulefiles"
 
     def reports(self, profile: str) -> Path:
         return self.root / "reports" / profile
