@@ -153,16 +153,16 @@ def _slurm_resource_options(parser):
 
 
 def _add_submit(sub):
-    from . import jobs
+    from . import jobs, watch
     parser = sub.add_parser("submit", help="run verify or a prompt batch as a Slurm job, "
                                            "follow it and collect its results",
-                            epilog=jobs.EXIT_HELP)
+                            epilog=watch.EXIT_HELP)
     kinds = parser.add_subparsers(dest="kind", required=True)
     verify = kinds.add_parser("verify", help="run sdrecipe verify in a job; collect report.json",
-                              epilog=jobs.EXIT_HELP)
+                              epilog=watch.EXIT_HELP)
     verify.add_argument("--smoke", action="store_true", help="verify on tiny models (seconds)")
     generate = kinds.add_parser("generate", help="a job array over a prompt file; gallery.html",
-                                epilog=jobs.EXIT_HELP)
+                                epilog=watch.EXIT_HELP)
     generate.add_argument("--prompts", required=True, type=Path,
                           help="prompt file: one prompt per line, # comments")
     generate.add_argument("--out", help="output folder (default: <deploy>/outputs/<prompt file name>)")

@@ -371,7 +371,7 @@ def _query_sacct(job_id: str) -> list[TaskState] | None:
 # --- interactive ------------------------------------------------------------------------------
 
 
-def interactive_lines(resources: Resources, modules, activation: str, workdir: str) -> list[str]:
+def interactive_lines(modules, activation: str, workdir: str) -> list[str]:
     """What to run inside an allocation: the seed's module/activate/cd lines, generated."""
     lines = [f"module load {shlex.quote(m)}" for m in modules]
     return lines + [f". {shlex.quote(activation)}", f"cd {shlex.quote(workdir)}"]

@@ -1,0 +1,117 @@
+"""The Slurm stage's pure parts: recipe section, resources, scontrol parsing, verdicts, prompt plans.
+
+No cluster here (tests/test_slurm.py drives the real one); these pin the rules
+that decide what is submitted and what exit code a user gets.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sdrecipe import batch, slurm
+from sdrecipe.config import Config
+from sdrecipe.errors import RecipeError, SdrecipeError
+from sdrecipe.recipe import load_recipe
+from sdrecipe.watch import judge
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipe" / "stable-diffusion.yaml"
+
+
+def recipe_with_slurm(tmp_path, section: str):
+    """A copy of the shipped recipe whose slurm: section is `section`."""
+    root = tmp_path / "project"
+    shutil.copytree(RECIPE.parents[1] / "recipe", root / "recipe")
+    path = root / "recipe" / "stable-diffusion.yaml"
+    text = path.read_text()
+    path.write_text(text[:text.index("\nslurm:\n")] + "\nslurm:\n" + section)
+    return path
+
+
+def test_seed_resources_are_the_dtk_profile_defaults():
+    recipe = load_recipe(RECIPE)
+    config = Config({"partition": "kshdtest", "account": None, "qos": None}, None)
+    resources = slurm.resolve_resources(recipe, "dtk-22.10", config, {})
+    assert resources.options() == ["--partition=kshdtest", "--nodes=1", "--ntasks=16",
+                                   "--gres=dcu:2", "--time=01:00:00"]
+    cpu = slurm.resolve_resources(recipe, "cpu", config, {"time": "10", "qos": "debug"})
+    assert "--time=10" in cpu.options() and "--qos=debug" in cpu.options()
+    assert not any(o.startswith("--gres") for o in cpu.options())
+    no_devices = slurm.resolve_resources(recipe, "dtk-22.10", config, {"gres": "none"})
+    assert no_devices.gres is None
+
+
+@pytest.mark.parametrize("section, message", [
+    ("  dtk-22.10: {gres: \"gpu:2\"}\n", "devices are requested as dcu:N"),
+    ("  cpu: {gres: \"dcu:1\"}\n", "no accelerator: leave gres out"),
+    ("  cuda: {time: \"1 hour\"}\n", "expected a Slurm time limit"),
+    ("  cuda: {ntasks: 0}\n", "must be at least 1"),
+    ("  cuda: {partition: kshdtest}\n", "unknown field"),
+    ("  rocm: {}\n", "unknown profile"),
+])
+def test_bad_slurm_section_names_the_line(tmp_path, section, message):
+    path = recipe_with_slurm(tmp_path, section)
+    line = path.read_text().splitlines().index(section.rstrip("\n")) + 1
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert message in str(info.value)
+    assert f"{path}:{line}:" in str(info.value)
+
+
+def test_bad_time_option_is_refused():
+    recipe = load_recipe(RECIPE)
+    with pytest.raises(SdrecipeError, match="--time 'soon'"):
+        slurm.resolve_resources(recipe, "cpu", Config({"partition": None, "account": None,
+                                                       "qos": None}, None), {"time": "soon"})
+
+
+def test_scontrol_fields_keep_values_with_spaces():
+    line = ("JobId=7 ArrayJobId=5 ArrayTaskId=2 JobName=a b JobState=PENDING "
+            "Reason=ReqNodeNotAvail, UnavailableNodes:n1 Dependency=(null) "
+            "StdOut=/home/u/my jobs/slurm-5_2.out TRES=cpu=1,node=1")
+    fields = slurm.parse_scontrol(line)
+    assert fields["Reason"] == "ReqNodeNotAvail, UnavailableNodes:n1"
+    assert fields["StdOut"] == "/home/u/my jobs/slurm-5_2.out"
+    assert fields["TRES"] == "cpu=1,node=1" and fields["JobName"] == "a b"
+
+
+def task(job_id, state, started=True, exit_code="0:0", reason="None"):
+    return slurm.TaskState(job_id=job_id, state=state, reason=reason, exit_code=exit_code,
+                           log=None, nodes="n1" if started else None, time_limit="00:01:00")
+
+
+def test_verdicts_follow_the_job_state():
+    assert judge("1", [task("1", "COMPLETED")])[0] == 0
+    code, lines = judge("1", [task("1", "FAILED", exit_code="3:0")])
+    assert code == 10 and "failed with exit code 3 on n1" in lines[0]
+    assert judge("1", [task("1", "TIMEOUT")])[0] == 11
+    assert judge("1", [task("1", "CANCELLED")])[0] == 12
+    code, lines = judge("1", [task("1", "CANCELLED", started=False, reason="BadConstraints")])
+    assert code == 13 and "never started (CANCELLED: BadConstraints)" in lines[0]
+    assert judge("1", [task("1", "OUT_OF_MEMORY")])[0] == 14
+    assert judge("1", [task("1", "NODE_FAIL")])[0] == 15
+    # An array: the most severe ending decides, every bad task is named.
+    code, lines = judge("5", [task("5_0", "COMPLETED"), task("5_1", "CANCELLED"),
+                              task("5_2", "FAILED", exit_code="1:0")])
+    assert code == 10 and any("5_1 was cancelled" in line for line in lines)
+
+
+def test_prompt_folders_survive_edits_but_not_new_settings(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n# skipped\n\na dog\na cat\n")
+    first = batch.plan(prompts, batch.DEFAULT_SETTINGS)
+    assert [(e.index, e.prompt) for e in first] == [(1, "a cat"), (4, "a dog")]  # deduplicated
+    prompts.write_text("a new one\na dog\na cat\n")
+    second = {e.prompt: e.folder for e in batch.plan(prompts, batch.DEFAULT_SETTINGS)}
+    assert {e.prompt: e.folder for e in first}.items() <= second.items()
+    more_steps = dict(batch.DEFAULT_SETTINGS, steps=80)
+    assert batch.plan(prompts, more_steps)[2].folder != second["a cat"]
+
+
+def test_an_empty_prompt_file_is_an_error_naming_it(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# only comments\n\n")
+    with pytest.raises(SdrecipeError, match=f"{prompts}: no prompts"):
+        batch.plan(prompts, batch.DEFAULT_SETTINGS)
