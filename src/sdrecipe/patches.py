@@ -360,7 +360,11 @@ def tree_state(source, recipe: Recipe, profile: str) -> TreeState:
 # --- changing the work tree -------------------------------------------------------------
 
 def _lock(checkout: Checkout) -> FileLock:
-    checkout.state_dir.mkdir(exist_ok=True)
+    try:
+        checkout.state_dir.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise SdrecipeError(f"{checkout.state_dir}: cannot create ({exc.strerror}); the checkout "
+                            "must be writable by you to apply or revert patches") from None
     return FileLock(str(checkout.state_dir / "lock"), timeout=LOCK_TIMEOUT_S)
 
 
