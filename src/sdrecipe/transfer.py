@@ -50,8 +50,8 @@ How one file arrives:
 
 Why requests: it follows redirects and strips Authorization when the host
 changes, honours the proxy variables (`HTTPS_PROXY`, `NO_PROXY`) that cluster
-login nodes rely on, and streams from urllib3 with `readinto` into one reused
-buffer, so the Python layer costs little: the benchmark (benchmarks/README.md)
+login nodes rely on, and streams from urllib3 in 1 MiB reads with one copy out
+of the socket, so the Python layer costs little: the benchmark (benchmarks/README.md)
 measures fetch+verify against `curl -o`. httpx would add h11's pure-Python
 parsing; bare urllib3 would need proxy and redirect handling written by hand.
 The token lookup is implemented here (a few lines, same order as
@@ -87,7 +87,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 CHUNK = 1 << 20
-RING = 4  # chunks in flight between the writer and the hasher: memory is RING MiB
+RING = 4  # chunks queued between the writer and the hasher: memory stays a few MiB
 MAX_BACKOFF = 30.0
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -270,40 +270,37 @@ class _Part:
                      "sha256": self.download.sha256}
         self.meta_path.write_text(json.dumps(self.meta))
 
-    def fill(self, read_into, advance) -> None:
-        """Append chunks from `read_into(buffer) -> n` until it returns 0.
+    def fill(self, chunks, advance) -> None:
+        """Append the byte strings that `chunks` yields.
 
-        One pass over the bytes: this thread reads and writes, a second one hashes
-        the same buffers (a ring of RING chunks), so hashing overlaps the network and
-        the disk instead of adding to them. Exactly what reached the file is hashed:
-        after ENOSPC the written prefix still counts and the part stays resumable.
+        One pass over the bytes: this thread writes, a second one hashes the same
+        chunks (at most RING queued), so hashing overlaps the network and the disk
+        instead of adding to them. Exactly what reached the file is hashed: after
+        ENOSPC the written prefix still counts and the part stays resumable.
         """
-        free, written_chunks = queue.Queue(), queue.Queue()
-        for _ in range(RING):
-            free.put(memoryview(bytearray(CHUNK)))
+        to_hash: queue.Queue = queue.Queue(maxsize=RING)
 
         def hash_chunks():
-            while (item := written_chunks.get()) is not None:
-                self.hasher.update(item[0][:item[1]])
-                free.put(item[0])
+            while (data := to_hash.get()) is not None:
+                self.hasher.update(data)
 
         hasher = threading.Thread(target=hash_chunks, name="sha256", daemon=True)
         hasher.start()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         try:
-            while n := read_into(buffer := free.get()):
-                written = 0
+            for data in chunks:
+                view, written = memoryview(data), 0
                 try:
-                    while written < n:
-                        written += os.write(fd, buffer[written:n])
+                    while written < len(view):
+                        written += os.write(fd, view[written:])
                 finally:
                     if written:
-                        written_chunks.put((buffer, written))
+                        to_hash.put(view[:written])
                         self.offset += written
-                advance(n)
+                advance(len(view))
         finally:
             os.close(fd)
-            written_chunks.put(None)
+            to_hash.put(None)
             hasher.join()
 
     def discard(self) -> None:
@@ -558,16 +555,21 @@ class Transfer:
         raise _NextEndpoint(f"HTTP {status} {response.reason}")
 
     def _stream(self, response, part, progress, task) -> None:
-        """The body into the part: urllib3 `readinto` straight into the part's buffers."""
-        def read_into(buffer) -> int:
-            try:
-                return response.raw.readinto(buffer)
-            except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException,
-                    ConnectionError, TimeoutError) as exc:
-                raise _Retry(f"connection dropped at byte {part.offset} "
-                             f"({_reason(exc)})") from None
+        """The body into the part, 1 MiB reads (urllib3's `read` copies once from the
+        socket; its `readinto` would copy twice)."""
+        def chunks():
+            while True:
+                try:
+                    data = response.raw.read(CHUNK)
+                except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException,
+                        ConnectionError, TimeoutError) as exc:
+                    raise _Retry(f"connection dropped at byte {part.offset} "
+                                 f"({_reason(exc)})") from None
+                if not data:
+                    return
+                yield data
 
-        part.fill(read_into, lambda n: progress.advance(task, n))
+        part.fill(chunks(), lambda n: progress.advance(task, n))
 
     def _finish(self, download, url, part) -> Result:
         digest = part.hasher.hexdigest()
