@@ -13,7 +13,8 @@ Report folder (default `<deploy>/reports/<profile>/{sample,smoke}/`):
     report.json   the contract below (the slurm stage reads and writes the same format)
     report.html   self-contained: inline thumbnails, settings, timings, provenance
     samples/*.png the images txt2img wrote
-    txt2img.log   the full console output (stdout and stderr, one line per tqdm update)
+    txt2img.log   the full console output (stdout and stderr, one line per tqdm update),
+                  each line prefixed with the seconds since the process started
 
 report.json (all keys always present; paths relative to the report folder):
     {"ok": bool,                      every check passed
@@ -271,28 +272,37 @@ class Run:
     def text(self) -> str:
         return "\n".join(line for _, line in self.lines)
 
+    @property
+    def timed_text(self) -> str:
+        """The log as written to txt2img.log: each line with its arrival time in seconds."""
+        return "\n".join(f"[{seconds:7.2f}s] {line}" for seconds, line in self.lines)
+
 
 def run_logged(command: list[str], env: dict, cwd: Path, echo=None) -> Run:
     """Run `command`, timestamping each console line (tqdm's \\r updates count as lines)."""
     start = time.monotonic()
-    lines, pending = [], b""
+    lines, pending, since = [], b"", 0.0  # since: when the unfinished line began to arrive
     proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     while True:
         chunk = proc.stdout.read1(65536)
         now = time.monotonic() - start
+        if not pending:
+            since = now
         pending += chunk
         *complete, pending = re.split(rb"[\r\n]", pending)
-        for raw in complete:
+        for index, raw in enumerate(complete):
             line = raw.decode("utf-8", "replace").rstrip()
             if line:
-                lines.append((now, line))
+                lines.append((since if index == 0 else now, line))
                 if echo:
                     echo(line)
+        if complete:
+            since = now
         if not chunk:
             break
     if pending.strip():
-        lines.append((time.monotonic() - start, pending.decode("utf-8", "replace").rstrip()))
+        lines.append((since, pending.decode("utf-8", "replace").rstrip()))
     code = proc.wait()
     runtime = {}
     for _, line in lines:
@@ -389,7 +399,7 @@ def verify(recipe, deployment, profile: str, smoke: bool = False, out: Path | No
                                        out, models.config, models.ckpt)
     with tempfile.TemporaryDirectory(prefix="sdrecipe-verify-") as scratch:  # cwd outside the repo
         run = run_logged(command, sample_environment(deployment, profile, models), Path(scratch), echo)
-    (out / "txt2img.log").write_text(run.text + "\n", encoding="utf-8")
+    (out / "txt2img.log").write_text(run.timed_text + "\n", encoding="utf-8")
     images = sorted((out / "samples").glob("*.png"))
     timings = stage_timings(run)
     checks = [check_exit_code(run.code), check_completion(run.text), check_images(images, sample)]
