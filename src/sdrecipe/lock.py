@@ -52,7 +52,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.tags import Tag
+from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 
 from .config import load_config
@@ -78,7 +78,7 @@ META_CONDA_PART = "sdrecipe-conda-part"
 
 
 def _target_tags() -> list[Tag]:
-    """Wheel tags pip accepts on CPython 3.8 / manylinux2014 x86_64, best first."""
+    """Wheel tags pip accepts on CPython 3.8 / manylinux2014 x86_64 (glibc 2.17), best first."""
     platforms = []
     for minor in range(17, 4, -1):
         platforms.append(f"manylinux_2_{minor}_x86_64")
@@ -86,11 +86,8 @@ def _target_tags() -> list[Tag]:
         if legacy:
             platforms.append(f"{legacy}_x86_64")
     platforms.append("linux_x86_64")
-    tags = [Tag(interp, abi, plat) for interp, abi in (("cp38", "cp38"), ("cp38", "abi3"),
-                                                       ("cp38", "none")) for plat in platforms]
-    for interp in ("py38", "py3"):
-        tags += [Tag(interp, "none", plat) for plat in platforms]
-    return tags + [Tag(interp, "none", "any") for interp in ("cp38", "py38", "py3")]
+    return (list(cpython_tags((3, 8), abis=["cp38"], platforms=platforms))
+            + list(compatible_tags((3, 8), "cp38", platforms)))
 
 
 # --- the inputs: env/ files, validated -----------------------------------------------------
@@ -111,12 +108,7 @@ class EnvSpec:
 
     @property
     def lock_path(self) -> Path:
-        return self.root / "lock" / f"{self.profile}.conda-lock.yml"
-
-    @property
-    def provided_category(self) -> str:
-        """Platform wheels provide torch everywhere; else the venv backend takes PyPI's."""
-        return STAND_IN_CATEGORY if self.platform_wheels else VENV_CATEGORY
+        return _lock_file(self.root, self.profile)
 
     def content_hash(self) -> str:
         from conda_lock.content_hash import compute_content_hashes
@@ -220,6 +212,7 @@ def load_env_spec(recipe, profile: str) -> EnvSpec:
         name = parse_wheel_filename(file_name)[0]
         added.append(PathDependency(name=name, manager="pip", path=file_name,
                                     is_directory=False))
+    # Platform wheels provide torch in every backend; else the venv backend takes PyPI's.
     category = STAND_IN_CATEGORY if wheels else VENV_CATEGORY
     for name, version in sorted(provided.items()):
         added.append(VersionedDependency(name=name, manager="pip", version=f"=={version}",
@@ -292,8 +285,12 @@ class Lock:
         return "".join(p.requirement() + "\n" for p in packages)
 
 
+def _lock_file(root: Path, profile: str) -> Path:
+    return root / "lock" / f"{profile}.conda-lock.yml"
+
+
 def lock_path(recipe, profile: str) -> Path:
-    return recipe.root / "lock" / f"{profile}.conda-lock.yml"
+    return _lock_file(recipe.root, profile)
 
 
 def _file_name(url: str) -> str:
