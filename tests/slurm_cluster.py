@@ -2,7 +2,8 @@
 
 The slurm tests drive Debian's `slurm-wlm` (22.05) for real: this module writes a
 slurm.conf for one node named after this host (32 CPUs declared with
-`config_overrides`, so the seed's `-n 16` fits on a 2-core CI machine; `Gres=dcu:2`
+`config_overrides`, so the seed's `-n 16` fits on a 2-core CI machine beside a
+long-running test job; `Gres=dcu:2`
 as a count-only generic resource), starts `munged` as the munge user with its own
 key, socket and PID file, then `slurmctld` and `slurmd` in the foreground, each
 on a free loopback port, all state under one temporary folder. No accounting
@@ -14,8 +15,9 @@ It also writes an Lmod module tree with `compiler/rocm/dtk-22.10.1.lua`, which
 sets `DTK_TEST_LOADED=1` and `ROCM_PATH`, so a job can show that its `module
 load` really happened.
 
-`SlurmCluster.start()` returns once the node is idle; `stop()` ends every daemon
-it started, by PID. `python tests/slurm_cluster.py` starts one by hand and
+`SlurmCluster.start()` returns once the node is idle; `stop()` cancels the jobs
+still queued or running (their slurmstepd would outlive slurmd), then ends every
+daemon it started, by PID. `python tests/slurm_cluster.py` starts one by hand and
 prints the environment to use it until Ctrl-C.
 """
 
@@ -31,7 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol")
+TOOLS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue",
+           "scancel")
 LMOD_INIT = Path("/usr/share/lmod/lmod/init/bash")
 DTK_MODULE = "compiler/rocm/dtk-22.10.1"
 NODE_CPUS = 32
@@ -40,7 +43,7 @@ DCU_COUNT = 2
 
 def missing_tools() -> list[str]:
     """The programs (and Lmod) the cluster needs that this machine lacks."""
-    missing = [tool for tool in DAEMONS if not shutil.which(tool)
+    missing = [tool for tool in TOOLS if not shutil.which(tool)
                and not Path("/usr/sbin", tool).exists()]
     if not LMOD_INIT.exists():
         missing.append(str(LMOD_INIT))
@@ -193,8 +196,26 @@ setenv("ROCM_PATH", "{self.root}/dtk-22.10.1")
             raise
         return self
 
+    def _cancel_jobs(self, timeout=15.0):
+        """Cancel what is still queued or running: slurmstepd and job processes outlive slurmd."""
+        def jobs():
+            done = subprocess.run([_tool("squeue"), "-h", "-o", "%A"], capture_output=True,
+                                  text=True, env=dict(os.environ, **self.env))
+            return sorted(set(done.stdout.split())) if done.returncode == 0 else []
+        pending = jobs()
+        if pending:
+            subprocess.run([_tool("scancel"), *pending], capture_output=True,
+                           env=dict(os.environ, **self.env))
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pending = jobs()
+
     def stop(self):
-        """End every daemon this cluster started, by PID, newest first."""
+        """Cancel leftover jobs, then end every daemon this cluster started, by PID, newest first."""
+        alive = [name for name, proc in self.processes.items() if proc.poll() is None]
+        if {"slurmctld", "slurmd"} <= set(alive):
+            self._cancel_jobs()
         for name, proc in reversed(list(self.processes.items())):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -193,6 +193,41 @@ def test_interrupt_without_a_tty_leaves_the_job_and_says_how_to_cancel(deploymen
         subprocess.run(["scancel", job_id], env=slurm_env)
 
 
+def test_interrupt_in_a_terminal_offers_to_cancel_the_job(deployment, slurm_env):
+    """Ctrl-C at a terminal: the question is asked on the TTY and 'y' runs scancel."""
+    import pty
+    master, slave = pty.openpty()
+    argv = [sys.executable, "-m", "sdrecipe", "--deploy-dir", str(deployment.root), "submit",
+            "verify", "--profile", PROFILE, "--ntasks", "1"]
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
+                            env=dict(slurm_env, STANDIN_VERIFY="sleep"))
+    os.close(slave)
+
+    def read_until(pattern, timeout=60.0):
+        seen, deadline = "", time.monotonic() + timeout
+        while time.monotonic() < deadline and not re.search(pattern, seen):
+            try:
+                seen += os.read(master, 4096).decode(errors="replace")
+            except OSError:
+                break
+        assert re.search(pattern, seen), seen
+        return seen
+
+    try:
+        job_id = job_id_from(read_until(r"standin: sleeping"))
+        proc.send_signal(signal.SIGINT)
+        read_until(rf"cancel job {job_id} with scancel\? \[y/N\]")
+        os.write(master, b"y\n")
+        assert proc.wait(timeout=30) == 130
+        state = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=slurm_env,
+                               capture_output=True, text=True).stdout
+        assert "JobState=CANCELLED" in state
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+
+
 def test_job_over_its_time_limit_times_out(timeout_run):
     out, err = timeout_run.communicate(timeout=150)
     assert timeout_run.returncode == 11, out + err
