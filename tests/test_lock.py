@@ -81,8 +81,9 @@ def test_conda_part_solved_offline_by_py_rattler_then_installed_from_the_lock(tm
     (env / "profiles" / "cpu.yaml").write_text(
         f"channels: [{channel.as_uri()}]\ndependencies:\n  - openmpi=4.1.2\n")
     recipe = load_recipe(recipe_file)
+    assert not lock_module.write_lock(recipe, "cpu", pip_only=True).conda_locked
 
-    locked = lock_module.write_lock(recipe, "cpu")
+    locked = lock_module.lock_conda_part(recipe, "cpu")  # what `env build` does, once
 
     versions = {p.name: p.version for p in locked.conda}
     assert versions == {"openmpi": "4.1.2", "sdr-base": "1.0", "sdr-tool": "1.0"}, \
@@ -90,6 +91,8 @@ def test_conda_part_solved_offline_by_py_rattler_then_installed_from_the_lock(tm
     assert all(p.url.startswith(channel.as_uri()) and len(p.md5) == 32 and len(p.sha256) == 64
                for p in locked.conda)
     assert locked.conda_locked and locked.pip == () and lock_module.lock_staleness(recipe, "cpu") is None
+    assert lock_module.write_lock(recipe, "cpu", pip_only=True).conda == locked.conda, \
+        "a pip-only relock keeps a conda part locked from the same inputs"
 
     # conda-lock's own CLI renders it (what `conda-lock install` feeds to conda/micromamba).
     rendered = subprocess.run(
