@@ -317,6 +317,31 @@ def test_resubmitted_array_skips_finished_prompts(deployment, slurm_env, tmp_pat
     assert "all 3 prompts" in third.stdout and "submitted job" not in third.stdout
 
 
+def test_a_batch_still_running_is_not_submitted_twice(deployment, slurm_env, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a slow snail\n")
+    out = tmp_path / "out"
+    first = generate(deployment, slurm_env, prompts, out, "--no-wait",
+                     extra_env={"STANDIN_TXT2IMG_SLEEP": "600"})
+    assert first.returncode == 0, first.stdout + first.stderr
+    job_id = job_id_from(first.stdout)
+    assert f"rerun this command to write {out / 'gallery.html'}" in first.stdout
+    again = generate(deployment, slurm_env, prompts, out)
+    assert again.returncode == 2
+    assert f"job {job_id} of this batch ({out}) is still queued or running" in again.stderr
+    subprocess.run(["scancel", job_id], env=slurm_env, check=True)
+    for _ in range(50):  # until Slurm has ended it
+        state = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=slurm_env,
+                               capture_output=True, text=True).stdout
+        if "JobState=CANCELLED" in state:
+            break
+        time.sleep(0.2)
+    finished = generate(deployment, slurm_env, prompts, out)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "1 of 1 prompts to make" in finished.stdout
+    assert sorted(prompt_folders(out)) == ["a slow snail"]
+
+
 # --- interactive ------------------------------------------------------------------------------
 
 

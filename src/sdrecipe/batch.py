@@ -67,14 +67,11 @@ def pending(entries: list[PromptEntry], out: Path) -> list[PromptEntry]:
     return [e for e in entries if not runner.is_done(str(out / e.folder))]
 
 
-def write_manifest(path: Path, entries: list[PromptEntry], settings: dict, out: Path,
-                   source: Path) -> Path:
+def manifest_text(entries: list[PromptEntry], settings: dict, out: Path, source: Path) -> str:
     """What the in-job runner reads: prompts, settings, where to write, which upstream."""
-    manifest = {"out": str(out), "source": str(source), "settings": settings,
-                "prompts": [{"index": e.index, "prompt": e.prompt, "folder": e.folder}
-                            for e in entries]}
-    path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-    return path
+    return json.dumps({"out": str(out), "source": str(source), "settings": settings,
+                       "prompts": [{"index": e.index, "prompt": e.prompt, "folder": e.folder}
+                                   for e in entries]}, indent=2, ensure_ascii=False)
 
 
 def load_sidecar(folder: Path) -> dict | None:

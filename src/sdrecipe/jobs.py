@@ -37,6 +37,7 @@ class PreparedJob:
     spec: slurm.JobSpec
     files: dict[Path, str] = field(default_factory=dict)
     collect: Callable[[list], None] = lambda tasks: None
+    later: str = ""  # where the results will be, for --no-wait
 
     @property
     def script(self) -> Path:
@@ -92,7 +93,8 @@ def prepare_verify(ctx, profile: str, resources, config) -> PreparedJob:
                f"--deploy-dir {shlex.quote(str(deployment.root))} verify --profile {profile}"
                + (" --smoke" if ctx.args.smoke else "") + f" --out {shlex.quote(str(report))}")
     spec = _spec(ctx, profile, resources, f"sdrecipe-verify-{profile}", folder, command)
-    return PreparedJob(folder, spec, collect=lambda tasks: collect_report(report, tasks))
+    return PreparedJob(folder, spec, collect=lambda tasks: collect_report(report, tasks),
+                       later=f"its report will be in {report}")
 
 
 def collect_report(report: Path, tasks, wait_s: float = 30.0):
@@ -132,19 +134,37 @@ def generation_settings(args) -> dict:
     return settings
 
 
+JOB_ID_FILE = "job_id"
+
+
+def _unfinished_jobs(out: Path) -> list[str]:
+    """Jobs submitted earlier for this batch that Slurm still runs or queues."""
+    unfinished = []
+    for record in sorted(out.glob(f"jobs/*/{JOB_ID_FILE}")):
+        job_id = record.read_text().strip()
+        tasks = slurm.query(job_id)
+        if tasks and not all(t.done for t in tasks):
+            unfinished.append(job_id)
+    return unfinished
+
+
 def prepare_generate(ctx, profile: str, resources, config) -> PreparedJob | None:
     """An array job over the prompts not done yet; None when every prompt is done."""
     args, deployment = ctx.args, ctx.deployment
     settings = generation_settings(args)
     entries = batch.plan(args.prompts, settings)
     out = Path(args.out).resolve() if args.out else deployment.outputs / Path(args.prompts).stem
+    running = [] if args.dry_run else _unfinished_jobs(out)
+    if running:
+        raise SdrecipeError(f"job {', '.join(running)} of this batch ({out}) is still queued or "
+                            "running: wait for it (it finishes the same prompts) or scancel it, "
+                            "then rerun to finish the rest")
     todo = batch.pending(entries, out)
     title = f"{Path(args.prompts).name}: {len(entries)} prompts"
-    write = lambda tasks=None: _report_gallery(entries, out, title)  # noqa: E731
     if not todo:
         print(f"sdrecipe: all {len(entries)} prompts of {args.prompts} are done in {out}")
         if not args.dry_run:
-            write()
+            _report_gallery(entries, out, title)
         return None
     tasks = min(args.array_tasks or slurm.profile_defaults(ctx.recipe, profile).array_tasks,
                 len(todo))
@@ -158,12 +178,10 @@ def prepare_generate(ctx, profile: str, resources, config) -> PreparedJob | None
     array = f"0-{tasks - 1}" + (f"%{args.max_running}" if args.max_running else "")
     spec = _spec(ctx, profile, resources, f"sdrecipe-generate-{profile}", folder, command,
                  array=array, log="slurm-%A_%a.out")
-    job = PreparedJob(folder, spec, collect=write)
+    job = PreparedJob(folder, spec, collect=lambda tasks: _report_gallery(entries, out, title),
+                      later=f"rerun this command to write {out / gallery.GALLERY}")
     job.files[payload] = Path(runner.__file__).read_text()
-    job.files[manifest] = json.dumps(
-        {"out": str(out), "source": str(deployment.source), "settings": settings,
-         "prompts": [{"index": e.index, "prompt": e.prompt, "folder": e.folder} for e in todo]},
-        indent=2, ensure_ascii=False)
+    job.files[manifest] = batch.manifest_text(todo, settings, out, deployment.source)
     return job
 
 
@@ -220,10 +238,11 @@ def submit_command(ctx) -> int:
         path.write_text(text)
     job.script.write_text(script)
     job_id = slurm.sbatch(job.script)
+    (job.folder / JOB_ID_FILE).write_text(job_id + "\n")
     log_hint = job.spec.output.replace("%j", job_id).replace("%A", job_id).replace("%a", "*")
     print(f"sdrecipe: submitted job {job_id} ({job.script})", flush=True)
     if args.no_wait:
-        print(f"sdrecipe: follow it with: tail -f {log_hint}; rerun this command to collect")
+        print(f"sdrecipe: follow it with: tail -f {log_hint}; {job.later}")
         return 0
     try:
         tasks = follow(job_id, stream=not args.quiet)

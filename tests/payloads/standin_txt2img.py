@@ -6,7 +6,8 @@ same options from sys.argv, writes `<outdir>/samples/NNNNN.png` and prints
 "Enjoy.". Images are small PNGs whose pixels depend on the prompt and seed,
 written with the standard library only (it runs under Python 3.8).
 If $STANDIN_TXT2IMG_FAIL is set, a prompt containing that text raises, to play
-a prompt that crashes halfway through a batch.
+a prompt that crashes halfway through a batch; $STANDIN_TXT2IMG_SLEEP makes each
+prompt take that many seconds, to play a batch that is still running.
 """
 
 import argparse
@@ -57,6 +58,7 @@ def main():
     fail = os.environ.get("STANDIN_TXT2IMG_FAIL")
     if fail and fail in opt.prompt:
         raise RuntimeError("stand-in failure for prompt %r" % opt.prompt)
+    time.sleep(float(os.environ.get("STANDIN_TXT2IMG_SLEEP", "0")))
     samples = os.path.join(opt.outdir, "samples")
     os.makedirs(samples, exist_ok=True)
     for n in range(opt.n_iter * opt.n_samples):
