@@ -59,8 +59,8 @@ def make_file(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
-def run(argv: list[str]) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS (KiB) of the process itself, and its stdout."""
+def run(argv: list[str]) -> tuple[float, int, str, float]:
+    """Wall seconds, peak RSS (KiB), stdout, and CPU seconds (user+sys, with children)."""
     started = time.perf_counter()
     child = subprocess.Popen(argv, stdout=subprocess.PIPE)
     out = child.stdout.read().decode()
@@ -69,7 +69,7 @@ def run(argv: list[str]) -> tuple[float, int, str]:
     wall = time.perf_counter() - started
     if child.returncode:
         raise SystemExit(f"{argv[0]} failed with {child.returncode}")
-    return wall, usage.ru_maxrss, out
+    return wall, usage.ru_maxrss, out, usage.ru_utime + usage.ru_stime
 
 
 def fetch_argv(url: str, dest: Path, sha: str, size: int) -> list[str]:
@@ -111,22 +111,24 @@ http {{ access_log off; sendfile on; tcp_nopush on;
 
 
 def bench_wall(url: str, sha: str, size: int, out: Path, rounds: int) -> dict:
-    times = {"curl -o": [], "curl -o && sha256sum": [], "sdrecipe fetch+verify": [],
-             "sdrecipe fetch+verify (in-process)": []}
+    """Median (wall s, CPU s) per contender; rounds interleave the contenders."""
+    dest = out / "wall.bin"
+    contenders = {
+        "curl -o": ["curl", "-sS", "-o", str(dest), url],
+        "curl -o && sha256sum": ["sh", "-c", f'curl -sS -o "{dest}" "{url}" && sha256sum "{dest}"'],
+        "sdrecipe fetch+verify": fetch_argv(url, dest, sha, size)}
+    times = {name: [] for name in [*contenders, "sdrecipe fetch+verify (in-process)"]}
     for _ in range(rounds):
-        for name in ("curl -o", "curl -o && sha256sum", "sdrecipe fetch+verify"):
-            dest = out / "wall.bin"
+        for name, argv in contenders.items():
             dest.unlink(missing_ok=True)
-            if name == "curl -o":
-                wall, _, _ = run(["curl", "-sS", "-o", str(dest), url])
-            elif name == "curl -o && sha256sum":
-                wall, _, _ = run(["sh", "-c", f'curl -sS -o "{dest}" "{url}" && sha256sum "{dest}"'])
-            else:
-                wall, _, inner = run(fetch_argv(url, dest, sha, size))
-                times["sdrecipe fetch+verify (in-process)"].append(float(inner))
-            times[name].append(wall)
-    (out / "wall.bin").unlink(missing_ok=True)
-    return {name: statistics.median(values) for name, values in times.items()}
+            wall, _, stdout, cpu = run(argv)
+            times[name].append((wall, cpu))
+            if name.startswith("sdrecipe"):
+                times["sdrecipe fetch+verify (in-process)"].append((float(stdout), None))
+    dest.unlink(missing_ok=True)
+    return {name: (statistics.median(w for w, _ in values),
+                   statistics.median(c for _, c in values) if values[0][1] is not None else None)
+            for name, values in times.items()}
 
 
 def bench_resend(path: Path, sha: str, size: int, out: Path) -> dict:
@@ -158,14 +160,14 @@ def bench_resend(path: Path, sha: str, size: int, out: Path) -> dict:
 
 
 def bench_memory(url_of, files: dict, out: Path) -> dict:
-    _, baseline, _ = run([sys.executable, "-c",
+    _, baseline, _, _ = run([sys.executable, "-c",
                           f"import sys; sys.path.insert(0, {str(ROOT / 'src')!r}); "
                           "import sdrecipe.transfer, rich.progress"])
     results = {"import only (baseline)": baseline}
     for name, (sha, size) in files.items():
         dest = out / "mem.bin"
         dest.unlink(missing_ok=True)
-        _, rss, _ = run(fetch_argv(url_of(name), dest, sha, size))
+        _, rss, _, _ = run(fetch_argv(url_of(name), dest, sha, size))
         results[f"fetch {size // 2**20} MiB"] = rss
         dest.unlink()
     return results
@@ -196,6 +198,7 @@ def main() -> None:
              "small.bin": (make_file(www / "small.bin", small), small)}
     use_nginx = args.server == "nginx" or (args.server == "auto" and shutil.which("nginx"))
     print(f"machine: {machine()}")
+    print("load average before: %.2f %.2f %.2f" % os.getloadavg())
     fstype = subprocess.run(["stat", "-f", "-c", "%T", str(out)], capture_output=True,
                             text=True).stdout.strip()
     print(f"downloads written to: {out} ({fstype})")
@@ -210,11 +213,14 @@ def main() -> None:
         memory = bench_memory(lambda name: f"{server.url}/{name}", files, out)
     resend = bench_resend(www / "big.bin", sha, size, out)
 
-    curl = wall["curl -o"]
+    print("load average after: %.2f %.2f %.2f" % os.getloadavg())
+    curl = wall["curl -o"][0]
     print(f"\n## wall time, {args.size_mib} MiB, median of {args.rounds} interleaved rounds")
-    print("| contender | median s | MiB/s | vs curl -o |\n| --- | ---: | ---: | ---: |")
-    for name, seconds in wall.items():
-        print(f"| {name} | {seconds:.2f} | {size / 2**20 / seconds:.0f} | {seconds / curl:.2f}x |")
+    print("| contender | wall s | MiB/s | vs curl -o | CPU s (user+sys) |\n"
+          "| --- | ---: | ---: | ---: | ---: |")
+    for name, (seconds, cpu) in wall.items():
+        print(f"| {name} | {seconds:.2f} | {size / 2**20 / seconds:.0f} | {seconds / curl:.2f}x "
+              f"| {'' if cpu is None else f'{cpu:.2f}'} |")
     print("\n## bytes resent after a cut at 50% (second request's body / file size)")
     print("| case | resent |\n| --- | ---: |")
     for name, ratio in resend.items():
