@@ -320,9 +320,9 @@ def fetch_artifacts(recipe, deployment, profile: str, verify=False, with_optiona
     Files whose stamp matches are trusted (near-instant re-runs); `verify` rehashes
     everything placed and repairs what differs. A file already there without a valid
     stamp (copied by hand) is hashed once and adopted if its bytes are right, which
-    spares a 4 GB download. `offline` (restore from a bundle)
-    never downloads: what the cache lacks is an error. `extra_pins` (key -> size,
-    sha256) are hashes vouched for by a bundle's manifest.
+    spares a 4 GB download. `offline` (restore from a bundle) never downloads: what
+    the cache lacks is an error. `extra_pins` (key -> size, sha256) are hashes
+    vouched for by a bundle's manifest.
     """
     files = select(recipe, profile, with_optional, only)
     lock = ArtifactLock.for_recipe(recipe)
