@@ -138,6 +138,29 @@ def test_a_hand_copied_file_with_the_right_bytes_is_adopted_not_downloaded(env, 
     assert "1 in place" in fetch(env, "--only", "tiny-ckpt", capsys=capsys)
 
 
+def test_fetch_survives_a_cut_connection_and_leaves_nothing_corrupt_on_bad_bytes(env, world,
+                                                                                 capsys):
+    mirror = world["mirror"]
+    ckpt = HF_FILES["tiny/sd"]["sd-tiny.ckpt"]
+    url = f"{mirror.url}/tiny/sd/resolve/{world['hf_commits']['tiny/sd']}/sd-tiny.ckpt"
+    target = env["deploy"] / "stable-diffusion/models/ldm/stable-diffusion-v1/model.ckpt"
+    try:
+        mirror.fault(url, corrupt=True, times=None)  # every copy is wrong
+        code = main(["--recipe", str(env["recipe"]), "--deploy-dir", str(env["deploy"]),
+                     "fetch", "--profile", "cpu", "--only", "tiny-ckpt"])
+        assert code == 2 and "quarantine" in capsys.readouterr().err
+        assert not target.exists()
+        assert not list((env["cache"] / "sha256").rglob(sha256(ckpt)))
+        mirror.faults.clear()
+        mirror.fault(url, cut_after=len(ckpt) // 2)  # once: the retry resumes the rest
+        before = mirror.bytes_sent(url)
+        fetch(env, "--only", "tiny-ckpt", capsys=capsys)
+        assert target.read_bytes() == ckpt
+        assert mirror.bytes_sent(url) - before <= len(ckpt) + 1024  # no full second copy
+    finally:
+        mirror.faults.clear()
+
+
 def test_status_reports_missing_then_done_then_stale(env, world, capsys):
     recipe = load_recipe(env["recipe"])
     deployment = Deployment(env["deploy"])
