@@ -352,7 +352,12 @@ def stage_status(t: Target, stage: str) -> StageStatus:
 
 def status(recipe, deployment, profile: str, smoke: bool) -> list[StageStatus]:
     target = Target(recipe, deployment, profile, smoke)
-    return [stage_status(target, stage) for stage in STAGES]
+    found = [stage_status(target, stage) for stage in STAGES]
+    pending = [s.stage for s in found[:-1] if s.state not in ("done", "skipped")]
+    if pending and found[-1].state == "done":  # verified, but what it verified is not whole now
+        found[-1] = StageStatus("verify", "stale", f"passed, but {', '.join(pending)} must be "
+                                "redone first", "verify again if that changes the deployment")
+    return found
 
 
 # --- running the stages ---------------------------------------------------------------------
