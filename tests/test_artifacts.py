@@ -15,6 +15,7 @@ import pytest
 from fetch_fixtures import (HARDNET, HF_FILES, GitDaemon, build_world, isolate, make_project,
                             sha256)
 from mirror_server import MirrorServer
+from patch_fixtures import git
 from sdrecipe.artifacts import LOCK_FILE, ArtifactLock, artifact_status
 from sdrecipe.cli import main
 from sdrecipe.errors import RecipeError, SdrecipeError
@@ -68,6 +69,7 @@ def test_fetch_builds_a_deployment_that_matches_the_recipe(env, world, capsys):
     assert not (deploy / "stable-diffusion/models/ldm/stable-diffusion-v1/sd-tiny-full.ckpt"
                 ).exists()  # optional: not fetched by default
     assert "(cloned)" in out and "placed" in out and "by hardlink" in out
+    assert git(deploy / "stable-diffusion", "status", "--porcelain") == ""  # models excluded
     # the placed checkpoint is the cache's file (same inode), read-only
     ckpt = deploy / "stable-diffusion/models/ldm/stable-diffusion-v1/model.ckpt"
     digest = sha256(EXPECTED["stable-diffusion/models/ldm/stable-diffusion-v1/model.ckpt"])

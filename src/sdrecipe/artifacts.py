@@ -351,8 +351,31 @@ def fetch_artifacts(recipe, deployment, profile: str, verify=False, with_optiona
                 method = place(cache.path(hashes[file]), target)
                 write_stamp(file.stamp(deployment), target, hashes[file], method, file.key)
                 done[file] = Placed(file, target, "repaired" if existed else "placed", method)
+            _hide_from_git(deployment, todo)
         lock.save()
     return [done[f] for f in files]
+
+
+def _hide_from_git(deployment, files) -> None:
+    """List placed model files in the checkout's .git/info/exclude: `git status` stays
+    clean and nobody commits a 4 GB checkpoint by accident."""
+    exclude = deployment.source / ".git" / "info" / "exclude"
+    if not exclude.parent.parent.is_dir():
+        return
+    have = exclude.read_text().splitlines() if exclude.is_file() else []
+    source = deployment.source.resolve()
+    new = []
+    for file in files:
+        target = file.target(deployment).resolve()
+        if file.root == "models" and target.is_relative_to(source):
+            pattern = "/" + target.relative_to(source).as_posix()
+            if pattern not in have and pattern not in new:
+                new.append(pattern)
+    if new:
+        exclude.parent.mkdir(exist_ok=True)
+        lines = ["# model files placed by sdrecipe fetch", *new]
+        with open(exclude, "a") as handle:
+            handle.write("\n".join(lines) + "\n")
 
 
 def _rehash_ok(file, deployment, sha256, cache) -> bool:
