@@ -82,7 +82,8 @@ def test_cpu_env_builds_and_kornia_needs_the_preseed(cpu_env):
     requirements = (Path(record["prefix"]) / "etc/sdrecipe/requirements.txt").read_text()
     lines = [l for l in requirements.splitlines() if l and not l.startswith("#")]
     assert lines and all("--hash=sha256:" in l for l in lines)
-    assert any(l.startswith("torch @ ") for l in lines)  # the venv category: PyPI's torch
+    assert any("/torch-1.11.0-cp38-cp38-manylinux1_x86_64.whl --hash" in l for l in lines), \
+        "the venv category: PyPI's torch, from the download cache"
 
 
 def test_cpu_import_check_passes_after_preseed_and_second_build_is_a_noop(cpu_env):
@@ -145,6 +146,22 @@ def test_lmod_modulefile_loads_the_env(cpu_env):
     assert "TORCH_HOME" not in unloaded or unloaded["TORCH_HOME"] == os.environ.get("TORCH_HOME")
 
 
+def test_a_foreign_prefix_is_never_removed(cpu_env, tmp_path):
+    deployment, _ = cpu_env
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("my work")
+    result = sdrecipe(ROOT / "scripts" / "build-env.sh", "--profile", "cpu", "--python", PY38,
+                      "--prefix", foreign, deploy=deployment.root)
+    assert result.returncode == 2
+    assert f"{foreign} exists, is not empty and was not built by sdrecipe" in result.stderr
+    assert (foreign / "notes.txt").read_text() == "my work"
+    wrong = sdrecipe(ROOT / "scripts" / "build-env.sh", "--profile", "cpu", "--python",
+                     sys.executable, "--prefix", tmp_path / "new", deploy=deployment.root)
+    assert wrong.returncode == 2 and "is locked for Python 3.8" in wrong.stderr
+    assert not (tmp_path / "new").exists()
+
+
 def test_changed_lock_rebuilds(cpu_env, tmp_path):
     """A lock that changed (here: a copy of the project with an edited lock) rebuilds."""
     deployment, _ = cpu_env
@@ -201,11 +218,18 @@ def dtk_project(tmp_path_factory):
     recipe = load_recipe(project / "recipe" / "stable-diffusion.yaml")
     lock = write_lock(recipe, "dtk-22.10", pip_only=True)
     assert [w.sha256 for w in lock.platform_wheels] == [None, None]
-    wheels = root / "wheels" / "pytorch"  # the seed's site keeps them one folder down
+    # Downloaded once into a persistent folder (pip skips files already there), then
+    # linked into the test's wheel folder, one level down as the seed's site keeps them.
+    persistent = Path(os.environ.get("SDRECIPE_TEST_WHEELS",
+                                     Path.home() / ".cache" / "sdrecipe-tests" / "wheels"))
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
                     "--no-deps", "--only-binary=:all:", "--python-version", "3.8",
-                    "--platform", "manylinux1_x86_64", "-d", str(wheels),
+                    "--platform", "manylinux1_x86_64", "-d", str(persistent),
                     "torch==1.10.2", "torchvision==0.11.3"], check=True)
+    wheels = root / "wheels" / "pytorch"
+    wheels.mkdir(parents=True)
+    for name in STAND_INS:
+        (wheels / name).symlink_to(persistent / name)
     return {"recipe": project / "recipe" / "stable-diffusion.yaml", "wheels": root / "wheels",
             "lock": project / "lock" / "dtk-22.10.conda-lock.yml", "deploy": root / "deploy"}
 

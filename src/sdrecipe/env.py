@@ -220,13 +220,13 @@ def _python_version(python: str) -> str:
     return out.stdout.strip()
 
 
-def create_venv(python: str, prefix: Path, lock):
-    wanted = lock.python_version  # e.g. "3.8"
+def check_python(python: str, lock):
+    """The venv's interpreter must be the one the lock was resolved for (3.8)."""
     have = _python_version(python)
-    if wanted and have != wanted:
+    if lock.python_version and have != lock.python_version:
         raise SdrecipeError(f"--python {python} is Python {have}, but {lock.path} is locked for "
-                            f"Python {wanted}: pass a Python {wanted} interpreter")
-    _run([python, "-m", "venv", prefix], "creating the venv")
+                            f"Python {lock.python_version}: pass a Python "
+                            f"{lock.python_version} interpreter")
 
 
 @dataclass(frozen=True)
@@ -397,21 +397,29 @@ def _stamp(lock, wheels: list[LocalFile], backend: str, python: str | None, depl
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
+def _owner_mark(prefix: Path) -> Path:
+    """Written beside a prefix before sdrecipe creates it: a half-built env is still ours."""
+    return prefix.parent / f".{prefix.name}.sdrecipe"
+
+
 def _clear_prefix(prefix: Path):
     """Remove a previous build, but only one sdrecipe made: never a user's folder."""
-    if not prefix.exists():
-        return
-    if (prefix / "etc" / "sdrecipe").is_dir():
-        shutil.rmtree(prefix)
-    elif any(prefix.iterdir()):
-        raise SdrecipeError(f"{prefix} exists, is not empty and was not built by sdrecipe: "
-                            f"choose another --prefix or remove it yourself")
+    if prefix.exists():
+        if _owner_mark(prefix).exists() or (prefix / "etc" / "sdrecipe").is_dir():
+            shutil.rmtree(prefix)
+        elif any(prefix.iterdir()):
+            raise SdrecipeError(f"{prefix} exists, is not empty and was not built by sdrecipe: "
+                                f"choose another --prefix or remove it yourself")
+    _owner_mark(prefix).write_text("sdrecipe builds the environment next to this file\n")
 
 
 def _load_lock(recipe, profile: str, backend: str):
     """The profile's lock; a conda part not locked yet is solved once and written into it."""
-    from .lock import load_lock, lock_conda_part
+    from .lock import load_lock, lock_conda_part, lock_staleness
     lock = load_lock(recipe, profile)
+    stale = lock_staleness(recipe, profile)
+    if stale:
+        print(f"warning: {stale}. Building the lock as committed.", file=sys.stderr)
     if backend != "venv" and not lock.conda:
         print(f"{lock.path} has no conda part yet: solving it once from env/ ...", file=sys.stderr)
         lock_conda_part(recipe, profile)
@@ -446,7 +454,8 @@ def build_env(recipe, deployment, profile: str, prefix: Path | None = None,
         wheel_dir = Path(load_config().get("wheel_dir")).expanduser()
         wheels = find_platform_wheels(recipe, profile, lock, wheel_dir)
         if any(entry.sha256 is None for entry in lock.platform_wheels):
-            lock = _load_lock(recipe, profile, backend)  # re-read: hashes were just recorded
+            from .lock import load_lock
+            lock = load_lock(recipe, profile)  # re-read: the hashes were just recorded
         stamp = _stamp(lock, wheels, backend, python, deployment)
         stamp_file = prefix / "etc" / "sdrecipe" / "stamp"
         if not force and stamp_file.is_file() and stamp_file.read_text().strip() == stamp:
@@ -454,20 +463,22 @@ def build_env(recipe, deployment, profile: str, prefix: Path | None = None,
                   f"backend unchanged): nothing to do", file=sys.stderr)
             _write_record(deployment, profile, prefix, backend, stamp)
             return Built(prefix, backend, rebuilt=False)
-        _clear_prefix(prefix)
+        # Everything is downloaded and checked before the old environment is touched.
         cache = Path(load_config().get("cache_dir")).expanduser()
         if backend == "venv":
-            create_venv(python, prefix, lock)
-        else:
-            files = fetch_conda_packages(lock, cache / "conda-pkgs")
-            if backend == "rattler":
-                create_rattler(prefix, lock, files, cache / "conda-pkgs" / "rattler")
-            else:
-                with tempfile.TemporaryDirectory(prefix="sdrecipe-env-") as work:
-                    create_conda(backend, prefix, lock, files, Path(work))
-        (prefix / "etc" / "sdrecipe").mkdir(parents=True, exist_ok=True)
-        requirements = prefix / "etc" / "sdrecipe" / "requirements.txt"
+            check_python(python, lock)
+        conda_files = [] if backend == "venv" else fetch_conda_packages(lock, cache / "conda-pkgs")
         pip_files = fetch_pip_files(lock, backend == "venv", cache / "pip")
+        _clear_prefix(prefix)
+        if backend == "venv":
+            _run([python, "-m", "venv", prefix], "creating the venv")
+        elif backend == "rattler":
+            create_rattler(prefix, lock, conda_files, cache / "conda-pkgs" / "rattler")
+        else:
+            with tempfile.TemporaryDirectory(prefix="sdrecipe-env-") as work:
+                create_conda(backend, prefix, lock, conda_files, Path(work))
+        requirements = prefix / "etc" / "sdrecipe" / "requirements.txt"
+        requirements.parent.mkdir(parents=True, exist_ok=True)
         requirements.write_text(requirements_text(lock, wheels + pip_files))
         _run([prefix / "bin" / "python", "-m", "pip", "install", "--require-hashes", "--no-deps",
               "--no-input", "--disable-pip-version-check", "-r", requirements],
