@@ -103,14 +103,16 @@ def test_round_trip_restores_the_same_deployment_with_no_network(fetched, world,
     restored = tmp_path / "compute-node"
     command = prefix + [sys.executable, "-m", "sdrecipe", "--recipe",
                         str(bundle / "recipe" / "test.yaml"), "--deploy-dir", str(restored),
-                        "fetch", "--profile", "cpu", "--from-bundle", str(bundle)]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+                        "fetch", "--profile", "cpu", "--from-bundle", bundle.name]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
+                         cwd=bundle.parent)  # a relative bundle path, as users type it
     assert run.returncode == 0, run.stderr
     assert "4 placed" in run.stdout
     assert git(restored / "stable-diffusion", "rev-parse", "HEAD").strip() == world["commit"]
     assert deployment_manifest(restored) == deployment_manifest(fetched["deploy"])
 
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
+                           cwd=bundle.parent)
     assert again.returncode == 0 and "4 in place" in again.stdout
 
 

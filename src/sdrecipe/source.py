@@ -49,7 +49,9 @@ def ensure_source(recipe, dest, profile: str | None = None, bundle: Path | None 
                             "(or choose another --deploy-dir) and run again")
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.parent / f".{dest.name}.partial"
-    sources = [str(bundle)] if bundle else list(recipe.upstream.urls)
+    # git runs inside the new clone: local paths must not stay relative to our cwd.
+    sources = [str(Path(bundle).resolve())] if bundle else [
+        os.path.abspath(url) if os.path.exists(url) else url for url in recipe.upstream.urls]
     failures = []
     for url in sources:
         shutil.rmtree(staging, ignore_errors=True)
