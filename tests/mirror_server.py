@@ -362,8 +362,9 @@ def _handler_for(server: MirrorServer):
                 repo, blob = server._lookup(match["repo"], match["rev"], match["path"])
                 if repo and repo.token and resolve and \
                         self.headers.get("Authorization") != f"Bearer {repo.token}":
-                    return self._status(hit, 401, "gated repo: token required",
-                                        {"X-Error-Code": "GatedRepo"})
+                    return self._status(hit, 401, "gated repo: token required", {
+                        "X-Error-Code": "GatedRepo",
+                        "X-Error-Message": "Access to this repo is restricted: log in"})
                 if blob is None:
                     return self._status(hit, 404, "entry not found",
                                         {"X-Error-Code": "EntryNotFound"})

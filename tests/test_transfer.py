@@ -217,8 +217,12 @@ def test_gated_file_without_token_says_how_to_get_access(mirror, tmp_path):
         Transfer(backoff=0.01, progress=False).fetch([pinned([url], tmp_path / "m", gated=True)])
     [failure] = caught.value.failures
     assert isinstance(failure, GatedError) and GATED_HINT in str(failure)
-    assert "HTTP 401" in str(failure) and url in str(failure)
+    assert "HTTP 401: Access to this repo is restricted" in str(failure) and url in str(failure)
     assert len(mirror.requests_for(url)) == 1  # 4xx: not retried
+
+    with pytest.raises(TransferError, match="mark it `gated: true` in the recipe"):
+        fast(token=TOKEN).fetch([pinned([url], tmp_path / "m")])  # not marked gated: no token
+    assert all("Authorization" not in h.headers for h in mirror.requests_for(url))
 
 
 def test_token_goes_only_to_gated_files_never_to_the_cdn_and_never_into_logs(

@@ -322,7 +322,11 @@ class _NextEndpoint(Exception):
 
 
 class _AuthRefused(_NextEndpoint):
-    pass
+    """401/403; `gated_repo` when the server said so (X-Error-Code: GatedRepo)."""
+
+    def __init__(self, message: str, gated_repo: bool):
+        super().__init__(message)
+        self.gated_repo = gated_repo
 
 
 class _Mismatch(_NextEndpoint):
@@ -444,6 +448,8 @@ class Transfer:
                     except _NextEndpoint as exc:
                         attempts.append(self._redact(f"{url}: {exc}"))
                         kinds.add(type(exc))
+                        if isinstance(exc, _AuthRefused) and exc.gated_repo:
+                            kinds.add("gated repo")
                 if not part.offset:
                     part.discard()
         except OSError as exc:  # local trouble: full disk, quota, permissions
@@ -463,6 +469,10 @@ class Transfer:
                 "the server refused your token: check that it is valid and that your account "
                 "accepted this repo's license on huggingface.co")
             raise GatedError(download, summary, attempts)
+        if "gated repo" in kinds:
+            raise GatedError(download, "the server says this repo is gated, but the download is "
+                             "not marked gated, so no token was sent: mark it `gated: true` in "
+                             "the recipe", attempts)
         if kinds == {_Mismatch}:
             raise IntegrityError(download, "every URL served different bytes than pinned "
                                  "(bad copies are quarantined)", attempts)
@@ -525,6 +535,8 @@ class Transfer:
                 part.remember(url, response)
             progress.restart(task, part.offset, total)
             self._stream(response, part, progress, task)
+            if total is not None and part.offset != total:  # urllib3 1.x does not raise here
+                raise _Retry(f"body ended at byte {part.offset} of {total}")
         return self._finish(download, url, part)
 
     def _check_status(self, download, part, response) -> None:
@@ -546,8 +558,9 @@ class Transfer:
             part.reset()
             raise _Retry("server refused the resume range; starting over", wait=0)
         if status in (401, 403):
-            raise _AuthRefused(f"HTTP {status}" + (" (gated repo)" if download.gated else
-                                                   " (needs authentication)"))
+            detail = response.headers.get("X-Error-Message")
+            raise _AuthRefused(f"HTTP {status}" + (f": {detail}" if detail else ""),
+                               gated_repo=response.headers.get("X-Error-Code") == "GatedRepo")
         if status == 429 or status >= 500:
             retry_after = response.headers.get("Retry-After", "")
             wait = min(float(retry_after), MAX_BACKOFF) if retry_after.isdigit() else None
