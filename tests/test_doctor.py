@@ -67,17 +67,29 @@ def test_libmpi_not_found_is_found_by_ldd_and_fixed_by_the_env_lib(recipe, tmp_p
     subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libmpi.so.40", "-o",
                     str(stub / "libmpi.so.40"), str(stub / "mpi.c")], check=True)
     (stub / "libmpi.so").symlink_to("libmpi.so.40")
-    (stub / "c10d.c").write_text("int MPI_Init(int *c, char ***v);\n"
-                                 "int start(void) { return MPI_Init(0, 0); }\n")
-    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(torch_lib / "libc10d_stub.so"),
-                    str(stub / "c10d.c"), "-L", str(stub), "-lmpi"], check=True)
+    # torch's layout: _C*.so -> lib/libtorch_cpu.so (rpath $ORIGIN/lib) -> libmpi.so.40
+    (stub / "cpu.c").write_text("int MPI_Init(int *c, char ***v);\n"
+                                "int start(void) { return MPI_Init(0, 0); }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(torch_lib / "libtorch_cpu.so"),
+                    str(stub / "cpu.c"), "-L", str(stub), "-lmpi"], check=True)
+    (stub / "c.c").write_text("int start(void);\nint init(void) { return start(); }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o",
+                    str(site / "torch" / "_C.cpython-38-x86_64-linux-gnu.so"), str(stub / "c.c"),
+                    "-L", str(torch_lib), "-ltorch_cpu", "-Wl,-rpath,$ORIGIN/lib"], check=True)
+    # A library torch opens only on demand, needing the CUDA driver: not an error.
+    (stub / "nvrtc.c").write_text("int cuInit(unsigned f);\nint go(void) { return cuInit(0); }\n")
+    (stub / "cuda.c").write_text("int cuInit(unsigned f) { return 0; }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o",
+                    str(stub / "libcuda.so"), str(stub / "cuda.c")], check=True)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(torch_lib / "libcaffe2_nvrtc.so"),
+                    str(stub / "nvrtc.c"), "-L", str(stub), "-lcuda"], check=True)
     environ = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
 
     findings = run_check("shared-libraries", recipe, deployment, "dtk-22.10", environ)
     assert len(findings) == 1
     assert findings[0].symptom == ("OSError: libmpi.so.40: cannot open shared object file: "
                                    "No such file or directory")
-    assert "libc10d_stub.so" in findings[0].cause
+    assert "_C.cpython-38-x86_64-linux-gnu.so" in findings[0].cause
     assert "openmpi=4.1.2" in findings[0].fix and "activate" in findings[0].fix
 
     # What the conda part's openmpi does: libmpi.so.40 in <prefix>/lib, on LD_LIBRARY_PATH.
@@ -89,6 +101,8 @@ TXT2IMG_HEAD = """import argparse, os, sys, glob
 import cv2
 import torch
 from omegaconf import OmegaConf
+from contextlib import contextmanager, nullcontext
+x = torch.zeros(1)
 {patch}
 from ldm.util import instantiate_from_config
 """
@@ -110,9 +124,12 @@ def test_no_module_named_ldm_until_the_syspath_patch(recipe, tmp_path):
     assert [f.symptom for f in findings] == ["ModuleNotFoundError: No module named 'ldm'"]
     assert f"apply-patches.sh --source {source}" in findings[0].fix
 
-    script.write_text(TXT2IMG_HEAD.format(
-        patch='sys.path.append(os.path.join(os.path.dirname(__file__), ".."))'))
-    assert run_check("ldm-import", recipe, deployment, "cpu") == []
+    # The seed's hand fix, and the series' patch (a name defined first, then used).
+    for patch in ('sys.path.append(os.path.join(os.path.dirname(__file__), ".."))',
+                  "REPO_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))\n"
+                  "sys.path.insert(0, REPO_ROOT)"):
+        script.write_text(TXT2IMG_HEAD.format(patch=patch))
+        assert run_check("ldm-import", recipe, deployment, "cpu") == [], patch
 
 
 def test_vectorquantizer2_missing_from_taming_0_0_1(recipe, tmp_path):

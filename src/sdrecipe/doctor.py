@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -114,21 +115,21 @@ def _missing_libraries(library: Path, environ: dict) -> list[str]:
     return re.findall(r"^\s*(\S+) => not found", result.stdout, re.M)
 
 
-@diagnosis("shared-libraries", "torch's shared libraries resolve under the activated env (ldd)")
+@diagnosis("shared-libraries", "what `import torch` loads resolves under the activated env (ldd)")
 def check_shared_libraries(ctx):
+    # Only torch._C and what it needs, as ldd resolves them: libraries torch opens
+    # lazily (libcaffe2_nvrtc needs the CUDA driver) are no error on a CPU node.
     site = ctx.site_packages()
-    torch_dir = site / "torch" if site else None
-    if not torch_dir or not torch_dir.is_dir():
-        return
+    extensions = sorted(site.glob("torch/_C*.so")) if site else []
     environ = ctx.activated()
     missing: dict[str, list[str]] = {}
-    for library in sorted(list(torch_dir.glob("_C*.so")) + list(torch_dir.glob("lib/*.so*"))):
+    for library in extensions:
         for name in _missing_libraries(library, environ):
             missing.setdefault(name, []).append(library.name)
     modules = " ".join(ctx.recipe.profile(ctx.profile).modules)
     for name, users in sorted(missing.items()):
         symptom = f"OSError: {name}: cannot open shared object file: No such file or directory"
-        needed_by = f"{name} is needed by torch's {', '.join(users[:3])}"
+        needed_by = f"`import torch` loads torch/{users[0]}, whose dependencies need {name}"
         if name.startswith("libmpi"):
             fix = (f"the lock's conda part installs openmpi=4.1.2, which puts {name} in "
                    f"{ctx.prefix}/lib: build with a conda backend ({_build_command(ctx.profile)} "
@@ -208,28 +209,47 @@ def check_taming(ctx):
 # --- the upstream checkout and its data ----------------------------------------------------------
 
 
-def _ldm_importable_from_script(python: Path, script: Path, environ: dict) -> str | None:
-    """Replay the script's sys.path setup and `ldm` imports; return the error, if any.
+# Runs in the env's Python before the replayed statements: which imports are stdlib.
+_REPLAY_PRELUDE = """\
+import importlib.util as _util, sys as _sys, sysconfig as _sysconfig
+_STD = tuple(_sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib"))
+def _is_std(name):
+    spec = _util.find_spec(name.split(".")[0])
+    origin = (spec.origin or "") if spec else ""
+    return bool(spec) and "-packages" not in origin and (
+        origin in ("built-in", "frozen") or origin.startswith(_STD))
+"""
 
-    Only the statements that matter run (imports of os/sys, sys.path edits, imports
-    from ldm), so the check does not import torch.
+
+def _replay_statement(node, text: str) -> str | None:
+    """One top-level statement of the script, made safe to run without its third-party imports."""
+    if isinstance(node, ast.Import):
+        return "\n".join(f"if _is_std({a.name!r}): {ast.unparse(ast.Import([a]))}"
+                         for a in node.names)
+    if isinstance(node, ast.ImportFrom):
+        return f"if _is_std({node.module or ''!r}): {text}" if node.level == 0 else None
+    # sys.path edits and what they use (REPO_ROOT = ...); NameError: it used a skipped import
+    return "try:\n" + textwrap.indent(text, "    ") + "\nexcept NameError:\n    pass"
+
+
+def _ldm_importable_from_script(python: Path, script: Path, environ: dict) -> str | None:
+    """Replay the script's top level up to its first `ldm` import; return the error, if any.
+
+    Third-party imports are skipped (so torch is not imported), everything else runs
+    as `python scripts/txt2img.py` would run it: sys.path[0] is scripts/.
     """
     source = script.read_text(encoding="utf-8")
-    kept = []
+    replayed = []
     for node in ast.parse(source).body:
-        text = ast.get_source_segment(source, node) or ""
-        if isinstance(node, ast.Import) and all(a.name in ("os", "sys") for a in node.names):
-            kept.append(text)
-        elif isinstance(node, ast.Import) and any(a.name in ("os", "sys") for a in node.names):
-            kept.append("import os, sys")
-        elif "sys.path" in text and not isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            kept.append(text)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "ldm":
-            kept.append(f"import importlib.util as _u\nif _u.find_spec({node.module.split('.')[0]!r})"
-                        f" is None: raise ModuleNotFoundError(\"No module named 'ldm'\")")
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "ldm":
+            replayed.append("if _util.find_spec('ldm') is None: "
+                            "raise ModuleNotFoundError(\"No module named 'ldm'\")")
             break
-    program = ("import sys; sys.path[0] = %r; __file__ = %r\n" % (str(script.parent), str(script))
-               + "\n".join(kept))
+        statement = _replay_statement(node, ast.get_source_segment(source, node) or "")
+        if statement:
+            replayed.append(statement)
+    program = (f"import sys; sys.path[0] = {str(script.parent)!r}; __file__ = {str(script)!r}\n"
+               + _REPLAY_PRELUDE + "\n".join(replayed) + "\n")
     result = subprocess.run([str(python), "-c", program], capture_output=True, text=True,
                             cwd=str(script.parent.parent), env=environ)
     if result.returncode != 0:
