@@ -10,10 +10,14 @@ and renderer read what we write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import http.server
 import json
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -46,13 +50,12 @@ def copy_project(dest: Path) -> Path:
 # --- a real conda round trip, offline ----------------------------------------------------
 
 
-def build_channel(root: Path) -> Path:
+def build_channel(channel: Path, stage: Path) -> Path:
     """A tiny conda channel: openmpi 4.1.1/4.1.2 (lib/libmpi.so.40), a base package, and
     sdr-tool 1.0 (glibc 2.17) / 2.0 (glibc 2.28), so the target's virtual packages count."""
     from rattler.index import index_fs
     from rattler_build import assemble_package
 
-    channel = root / "channel"
     specs = [("sdr-base", "1.0", "noarch", [], {"share/sdr-base/README": "base\n"}),
              ("openmpi", "4.1.1", "linux-64", ["sdr-base"], {"lib/libmpi.so.40": "mpi 4.1.1\n"}),
              ("openmpi", "4.1.2", "linux-64", ["sdr-base", "__glibc >=2.17"],
@@ -60,7 +63,7 @@ def build_channel(root: Path) -> Path:
              ("sdr-tool", "1.0", "linux-64", ["__glibc >=2.17"], {"bin/sdr-tool": "1.0\n"}),
              ("sdr-tool", "2.0", "linux-64", ["__glibc >=2.28"], {"bin/sdr-tool": "2.0\n"})]
     for name, version, subdir, depends, files in specs:
-        staged = root / "stage" / f"{name}-{version}"
+        staged = stage / f"{name}-{version}"
         for relative, text in files.items():
             (staged / relative).parent.mkdir(parents=True, exist_ok=True)
             (staged / relative).write_text(text)
@@ -72,46 +75,68 @@ def build_channel(root: Path) -> Path:
     return channel
 
 
-def test_conda_part_solved_offline_by_py_rattler_then_installed_from_the_lock(tmp_path):
+@contextlib.contextmanager
+def serve_folder(folder: Path):
+    """A plain HTTP server on 127.0.0.1 for `folder` (a channel or PyPI-files mirror)."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_conda_part_solved_by_py_rattler_via_a_channel_mirror_then_installed_from_the_lock(
+        tmp_path, monkeypatch):
     recipe_file = copy_project(tmp_path / "project")
-    channel = build_channel(tmp_path)
+    build_channel(tmp_path / "mirror" / "sdr-test", tmp_path / "stage")  # `sdr-test` under an alias
     env = tmp_path / "project" / "env"
-    (env / "environment.yaml").write_text(
-        f"channels: [{channel.as_uri()}]\ndependencies:\n  - sdr-tool\n")
+    (env / "environment.yaml").write_text("channels: [sdr-test]\ndependencies:\n  - sdr-tool\n")
     (env / "profiles" / "cpu.yaml").write_text(
-        f"channels: [{channel.as_uri()}]\ndependencies:\n  - openmpi=4.1.2\n")
+        "channels: [sdr-test]\ndependencies:\n  - openmpi=4.1.2\n")
     recipe = load_recipe(recipe_file)
     assert not lock_module.write_lock(recipe, "cpu", pip_only=True).conda_locked
 
-    locked = lock_module.lock_conda_part(recipe, "cpu")  # what `env build` does, once
+    with serve_folder(tmp_path / "mirror") as mirror:
+        monkeypatch.setenv("SDRECIPE_CONDA_CHANNEL_ALIAS", mirror)
+        locked = lock_module.lock_conda_part(recipe, "cpu")  # what `env build` does, once
 
-    versions = {p.name: p.version for p in locked.conda}
-    assert versions == {"openmpi": "4.1.2", "sdr-base": "1.0", "sdr-tool": "1.0"}, \
-        "pinned openmpi, its dependency, and the newest sdr-tool that glibc 2.17 allows"
-    assert all(p.url.startswith(channel.as_uri()) and len(p.md5) == 32 and len(p.sha256) == 64
-               for p in locked.conda)
-    assert locked.conda_locked and locked.pip == () and lock_module.lock_staleness(recipe, "cpu") is None
-    assert lock_module.write_lock(recipe, "cpu", pip_only=True).conda == locked.conda, \
-        "a pip-only relock keeps a conda part locked from the same inputs"
+        versions = {p.name: p.version for p in locked.conda}
+        assert versions == {"openmpi": "4.1.2", "sdr-base": "1.0", "sdr-tool": "1.0"}, \
+            "pinned openmpi, its dependency, and the newest sdr-tool that glibc 2.17 allows"
+        assert all(p.url.startswith(mirror + "sdr-test/") and len(p.md5) == 32
+                   and len(p.sha256) == 64 for p in locked.conda), "fetched via the mirror"
+        assert locked.conda_locked and locked.pip == ()
+        assert lock_module.lock_staleness(recipe, "cpu") is None
+        assert lock_module.write_lock(recipe, "cpu", pip_only=True).conda == locked.conda, \
+            "a pip-only relock keeps a conda part locked from the same inputs"
 
-    # conda-lock's own CLI renders it (what `conda-lock install` feeds to conda/micromamba).
+        # Install exactly the locked records, no solve, with env build's py-rattler backend.
+        from sdrecipe.env import create_rattler, fetch_conda_packages
+        prefix = tmp_path / "prefix"
+        create_rattler(prefix, locked, fetch_conda_packages(locked, tmp_path / "pkgs"),
+                       tmp_path / "pkgs")
+
+    assert (prefix / "lib" / "libmpi.so.40").read_text() == "mpi 4.1.2\n"
+    assert (prefix / "bin" / "sdr-tool").read_text() == "1.0\n"
+    installed = {json.loads(p.read_text())["name"] for p in (prefix / "conda-meta").glob("*.json")}
+    assert installed == {"openmpi", "sdr-base", "sdr-tool"}
+    # The committed file names the canonical host, not this site's mirror, and conda-lock's own
+    # CLI renders it (what `conda-lock install` feeds to conda/micromamba).
+    raw = locked.path.read_text()
+    assert mirror not in raw and "https://conda.anaconda.org/sdr-test/linux-64/openmpi-4.1.2" in raw
     rendered = subprocess.run(
         [sys.executable, "-m", "conda_lock", "render", "--kind", "explicit", "--platform",
          "linux-64", "--filename-template", str(tmp_path / "explicit-{platform}.txt"),
          str(locked.path)], capture_output=True, text=True)
     assert rendered.returncode == 0, rendered.stderr
     explicit = (tmp_path / "explicit-linux-64.txt").read_text()
-    assert all(f"{p.url}#{p.md5}" in explicit for p in locked.conda)
-
-    # Install exactly the locked records, no solve, with env build's py-rattler backend.
-    from sdrecipe.env import create_rattler, fetch_conda_packages
-    prefix = tmp_path / "prefix"
-    create_rattler(prefix, locked, fetch_conda_packages(locked, tmp_path / "pkgs"),
-                   tmp_path / "pkgs")
-    assert (prefix / "lib" / "libmpi.so.40").read_text() == "mpi 4.1.2\n"
-    assert (prefix / "bin" / "sdr-tool").read_text() == "1.0\n"
-    installed = {json.loads(p.read_text())["name"] for p in (prefix / "conda-meta").glob("*.json")}
-    assert installed == {"openmpi", "sdr-base", "sdr-tool"}
+    assert all(f"{p.url.replace(mirror, 'https://conda.anaconda.org/')}#{p.md5}" in explicit
+               for p in locked.conda)
 
 
 def test_unreachable_channel_names_the_fix(tmp_path, monkeypatch):
@@ -126,10 +151,11 @@ def test_unreachable_channel_names_the_fix(tmp_path, monkeypatch):
 # --- the committed pip parts resolve for their target ------------------------------------
 
 
-def pip_dry_run(requirements: Path, target: Path) -> subprocess.CompletedProcess:
+def pip_dry_run(requirements: Path, target: Path, *options: str) -> subprocess.CompletedProcess:
     """pip's own resolver, for CPython 3.8 on manylinux2014 x86_64, hash-checked, no deps."""
     return subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--isolated", "--disable-pip-version-check",
+        [sys.executable, "-m", "pip", "install", *options, "--isolated",
+         "--disable-pip-version-check",
          "--dry-run", "--no-deps", "--require-hashes", "--python-version", "3.8",
          "--platform", "manylinux2014_x86_64", "--only-binary=:all:", "--target", str(target),
          "--report", str(target / "report.json"), "-r", str(requirements)],
@@ -186,6 +212,34 @@ def test_a_wrong_hash_in_the_pip_part_fails(tmp_path):
 
     assert result.returncode != 0
     assert "THESE PACKAGES DO NOT MATCH THE HASHES" in result.stderr and flipped in result.stderr
+
+
+def test_pip_files_come_from_the_sites_pypi_mirror_and_are_still_hash_checked(tmp_path,
+                                                                              monkeypatch):
+    recipe = load_recipe(PROJECT / "recipe" / "stable-diffusion.yaml")
+    package = next(p for p in lock_module.load_lock(recipe, "cpu").pip if p.name == "einops")
+    path_below_host = package.url.removeprefix(lock_module.CANONICAL_PYPI_FILES)
+    mirrored = tmp_path / "mirror" / path_below_host
+    mirrored.parent.mkdir(parents=True)
+    fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--isolated", "--no-deps",
+                              "--disable-pip-version-check", "-d", str(tmp_path / "dl"),
+                              f"einops=={package.version}"], capture_output=True, text=True)
+    assert fetched.returncode == 0, fetched.stderr
+    shutil.copy(tmp_path / "dl" / mirrored.name, mirrored)
+    requirements = tmp_path / "requirements.txt"
+    (tmp_path / "target").mkdir()
+
+    with serve_folder(tmp_path / "mirror") as mirror:
+        monkeypatch.setenv("SDRECIPE_PYPI_FILES_MIRROR", mirror)
+        via_mirror = next(p for p in lock_module.load_lock(recipe, "cpu").pip
+                          if p.name == "einops")
+        assert via_mirror.url == mirror + path_below_host and via_mirror.sha256 == package.sha256
+        requirements.write_text(via_mirror.requirement() + "\n")
+        assert pip_dry_run(requirements, tmp_path / "target", "--no-cache-dir").returncode == 0
+        mirrored.write_bytes(mirrored.read_bytes()[:-1] + b"!")  # a mirror serving other bytes
+        tampered = pip_dry_run(requirements, tmp_path / "target", "--no-cache-dir")
+
+    assert tampered.returncode != 0 and "DO NOT MATCH THE HASHES" in tampered.stderr
 
 
 # --- staleness and validation ---------------------------------------------------------------

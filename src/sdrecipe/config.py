@@ -22,10 +22,14 @@ SETTINGS: dict[str, tuple[str | None, type, Any]] = {
     "ca_bundle": ("SDRECIPE_CA_BUNDLE", str, None),
     "hf_endpoints": ("HF_ENDPOINT", list, None),
     "wheel_dir": ("SDRECIPE_WHEEL_DIR", str, "/public/software/apps/DeepLearning/whl/dtk-22.10/"),
-    # conda channels by name are looked up under this alias: point it at a mirror
+    # conda channels by name are looked up (and locked packages fetched) under this alias:
+    # point it at a mirror
     "conda_channel_alias": ("SDRECIPE_CONDA_CHANNEL_ALIAS", str, "https://conda.anaconda.org/"),
     # the PyPI index `sdrecipe lock` resolves the pip layer from (default: pypi.org)
     "pip_index_url": ("SDRECIPE_PIP_INDEX_URL", str, None),
+    # a PyPI mirror's file host (e.g. https://pypi.tuna.tsinghua.edu.cn/): locked pip files
+    # are fetched from it instead of https://files.pythonhosted.org/ (sha256 still checked)
+    "pypi_files_mirror": ("SDRECIPE_PYPI_FILES_MIRROR", str, None),
     "partition": ("SDRECIPE_PARTITION", str, None),
     "account": ("SDRECIPE_ACCOUNT", str, None),
     "qos": ("SDRECIPE_QOS", str, None),

@@ -75,6 +75,9 @@ VIRTUAL_PACKAGES_FILE = "env/virtual-packages.yaml"
 MAPPING_FILE = "env/pypi-to-conda.yaml"
 META_CONDA_INPUTS = "sdrecipe-conda-inputs"
 META_CONDA_PART = "sdrecipe-conda-part"
+# Committed locks name these hosts; `load_lock` swaps in the site's mirrors (config).
+CANONICAL_CHANNEL_ALIAS = "https://conda.anaconda.org/"
+CANONICAL_PYPI_FILES = "https://files.pythonhosted.org/"
 
 
 def _target_tags() -> list[Tag]:
@@ -298,6 +301,13 @@ def _file_name(url: str) -> str:
     return unquote(url.rsplit("/", 1)[-1])
 
 
+def _rebase(url: str, base: str, mirror: str | None) -> str:
+    """`url` under `mirror` instead of `base` (same path below it); others unchanged."""
+    if mirror and url.startswith(base):
+        return mirror.rstrip("/") + "/" + url[len(base):]
+    return url
+
+
 def _build_number(build: str | None) -> int:
     match = re.search(r"_(\d+)$", build or "")
     return int(match.group(1)) if match else 0
@@ -316,7 +326,13 @@ def _parse(path: Path):
 
 
 def load_lock(recipe, profile: str) -> Lock:
-    """The profile's lock as plain records; SdrecipeError when there is none."""
+    """The profile's lock as plain records; SdrecipeError when there is none.
+
+    URLs are where this site fetches from: conda packages under `conda_channel_alias`,
+    PyPI files under `pypi_files_mirror` when set (md5/sha256 are checked as locked).
+    """
+    config = load_config()
+    alias, pypi_mirror = config.get("conda_channel_alias"), config.get("pypi_files_mirror")
     path = lock_path(recipe, profile)
     lockfile = _parse(path)
     if lockfile is None:
@@ -330,7 +346,8 @@ def load_lock(recipe, profile: str) -> Lock:
         if dep.manager == "conda":
             conda.append(CondaPackage(
                 name=dep.name, version=dep.version, build=dep.build or "",
-                build_number=_build_number(dep.build), url=dep.url, md5=dep.hash.md5,
+                build_number=_build_number(dep.build),
+                url=_rebase(dep.url, CANONICAL_CHANNEL_ALIAS, alias), md5=dep.hash.md5,
                 sha256=dep.hash.sha256,
                 depends=tuple(f"{n} {s}".strip() for n, s in dep.dependencies.items())))
         elif dep.url.startswith("file:"):
@@ -338,7 +355,9 @@ def load_lock(recipe, profile: str) -> Lock:
                                         version=dep.version, url=dep.url,
                                         sha256=dep.hash.sha256))
         elif "main" in dep.categories or VENV_CATEGORY in dep.categories:
-            package = PipPackage(dep.name, dep.version, dep.url, dep.hash.sha256)
+            package = PipPackage(dep.name, dep.version,
+                                 _rebase(dep.url, CANONICAL_PYPI_FILES, pypi_mirror),
+                                 dep.hash.sha256)
             (pip if "main" in dep.categories else venv).append(package)
     return Lock(profile=profile, path=path,
                 content_hash=lockfile.metadata.content_hash.get(TARGET_PLATFORM, ""),
@@ -447,7 +466,8 @@ def solve_conda_part(spec: EnvSpec, channel_alias: str | None = None) -> list:
     import rattler
     from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency
     alias = channel_alias or load_config().get("conda_channel_alias")
-    config = rattler.ChannelConfig(channel_alias=alias.rstrip("/") + "/")
+    alias = alias.rstrip("/") + "/"
+    config = rattler.ChannelConfig(channel_alias=alias)
     channels = [rattler.Channel(c, config) for c in spec.channels]
     try:
         records = asyncio.run(rattler.solve(
@@ -465,7 +485,8 @@ def solve_conda_part(spec: EnvSpec, channel_alias: str | None = None) -> list:
         name_and_spec = (d.split(" ", 1) for d in record.depends)
         locked.append(LockedDependency(
             name=record.name.normalized, version=str(record.version), manager="conda",
-            platform=TARGET_PLATFORM, build=str(record.build), url=str(record.url),
+            platform=TARGET_PLATFORM, build=str(record.build),
+            url=_rebase(str(record.url), alias, CANONICAL_CHANNEL_ALIAS),
             dependencies={p[0]: (p[1] if len(p) > 1 else "") for p in name_and_spec},
             hash=HashModel(md5=record.md5.hex() if record.md5 else None,
                            sha256=record.sha256.hex() if record.sha256 else None),
