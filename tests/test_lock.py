@@ -295,6 +295,20 @@ def test_an_unpinned_pip_requirement_is_an_error_naming_its_line(tmp_path):
     assert "pin diffusers exactly" in str(caught.value)
 
 
+def test_a_profile_overrides_base_specs_by_name_as_conda_lock_aggregates(tmp_path):
+    recipe_file = copy_project(tmp_path)
+    profile = tmp_path / "env" / "profiles" / "cpu.yaml"
+    profile.write_text(profile.read_text().replace(
+        "  - numpy=1.19.2\n", "  - numpy=1.19.2\n  - python=3.8.10\n  - pip:\n      - einops==0.4.1\n"))
+
+    spec = lock_module.load_env_spec(load_recipe(recipe_file), "cpu")
+
+    assert [s for s in spec.conda_specs if s.startswith("python")] == ["python=3.8.10"]
+    assert [s for s in spec.pip_specs if s.startswith("einops")] == ["einops==0.4.1"]
+    by_name = {(d.manager, d.name): d for d in spec.lock_spec.dependencies["linux-64"]}
+    assert by_name[("pip", "einops")].version == "==0.4.1"  # conda-lock's own reading agrees
+
+
 # --- platform wheels: trust on first use --------------------------------------------------
 
 

@@ -27,11 +27,18 @@ install` and `micromamba create -f` take it as is:
   sha256 is empty until `env build` first sees the file (`record_wheel_hash`),
   then enforced.
 
+Committed locks name the canonical hosts (conda.anaconda.org, files.pythonhosted.org);
+`load_lock` hands out URLs under the site's `conda_channel_alias` and
+`pypi_files_mirror`, so a mirror serves the same bytes the lock's hashes check.
+
 The API the other stages use:
     load_lock(recipe, profile) -> Lock       (SdrecipeError when there is none)
-    lock_staleness(recipe, profile) -> str | None
-    lock_conda_part(recipe, profile) -> Lock
-    record_wheel_hash(recipe, profile, filename, sha256, path=None)
+        .conda (empty: conda part not locked yet; .conda_locked), .pip, .venv,
+        .platform_wheels (sha256 None until first seen), .content_hash,
+        .pip_requirements(venv=False) -> `name @ url --hash=sha256:...` lines
+    lock_staleness(recipe, profile) -> str | None   (the reason, naming the fix)
+    lock_conda_part(recipe, profile) -> Lock        (solve once, keep the pip part)
+    record_wheel_hash(recipe, profile, filename, sha256, path=None)  (first use)
 The content hash is conda-lock's algorithm over conda-lock's spec of the two
 env files plus sdrecipe's inputs (platform wheels, provided releases): any
 change to them makes the lock stale, and `sdrecipe lint` fails.
@@ -127,30 +134,33 @@ class EnvSpec:
 
 
 def _read_env_file(path: Path, allow_sdrecipe: bool):
-    """Validate one env file; returns (channels, conda specs, pip specs, sdrecipe node)."""
-    import rattler
+    """Validate one env file: (channels, {conda name: spec}, {pip name: spec}, sdrecipe node)."""
     root = load_yaml(path)
     root.keys(required=("dependencies",),
               optional=("name", "channels") + (("sdrecipe",) if allow_sdrecipe else ()))
     channels = root.string_list("channels") or ()
-    conda, pip = [], []
+    conda, pip = {}, {}
     for item in root.get("dependencies", list).items():
         if isinstance(item.value, dict):
             item.keys(required=("pip",))
             for spec in item.get("pip", list).items():
-                pip.append(_pip_spec(spec))
-            continue
-        item.expect(str)
-        try:
-            rattler.MatchSpec(item.value)
-        except Exception as exc:  # py-rattler raises its own parse error types
-            raise item.error(f"not a conda match spec: {exc}") from exc
-        conda.append(item.value)
+                pip[_pip_name(spec)] = spec.value
+        else:
+            conda[_conda_name(item)] = item.value
     extra = root.get("sdrecipe", dict) if root.has("sdrecipe") else None
-    return tuple(channels), tuple(conda), tuple(pip), extra
+    return tuple(channels), conda, pip, extra
 
 
-def _pip_spec(node: Node) -> str:
+def _conda_name(node: Node) -> str:
+    import rattler
+    node.expect(str)
+    try:
+        return rattler.MatchSpec(node.value).name.normalized
+    except Exception as exc:  # py-rattler raises its own parse error types
+        raise node.error(f"not a conda match spec: {exc}") from exc
+
+
+def _pip_name(node: Node) -> str:
     """A pip requirement of the pip layer: exactly pinned, so the lock is reproducible."""
     node.expect(str)
     try:
@@ -161,7 +171,7 @@ def _pip_spec(node: Node) -> str:
     if len(pins) != 1 or "*" in pins[0].version:
         raise node.error(f"pin {requirement.name} exactly (name==version): the pip layer "
                          "is a verified flat set")
-    return node.value
+    return canonicalize_name(requirement.name)
 
 
 def _read_sdrecipe_section(node: Node | None) -> tuple[dict, tuple[str, ...]]:
@@ -220,9 +230,11 @@ def load_env_spec(recipe, profile: str) -> EnvSpec:
     for name, version in sorted(provided.items()):
         added.append(VersionedDependency(name=name, manager="pip", version=f"=={version}",
                                          category=category))
+    # As conda-lock aggregates: the profile's channels first, its specs override the base's.
     merged_channels = tuple(dict.fromkeys(p_channels + channels))
     return EnvSpec(profile=profile, root=root, files=files, channels=merged_channels,
-                   conda_specs=conda + p_conda, pip_specs=pip + p_pip, provided=provided,
+                   conda_specs=tuple({**conda, **p_conda}.values()),
+                   pip_specs=tuple({**pip, **p_pip}.values()), provided=provided,
                    platform_wheels=wheels, lock_spec=lock_spec)
 
 
@@ -247,10 +259,6 @@ class PipPackage:
     version: str
     url: str
     sha256: str
-
-    @property
-    def sha256s(self) -> tuple[str, ...]:
-        return (self.sha256,)
 
     def requirement(self) -> str:
         """A hash-pinned requirement line naming the exact file the lock chose."""
