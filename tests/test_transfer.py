@@ -344,3 +344,29 @@ def test_two_downloads_to_one_file_are_refused(tmp_path):
         fast().fetch([Download(["http://127.0.0.1:9/a"], tmp_path / "x"),
                       Download(["http://127.0.0.1:9/b"], tmp_path / "x")])
 
+
+
+# --- progress ------------------------------------------------------------------------------------
+def test_progress_bars_on_a_terminal_and_silence_otherwise(mirror, tmp_path, capsys):
+    url = mirror.add_plain("w.bin", DATA)
+    fast(progress=None).fetch([Download([url], tmp_path / "quiet.bin")])
+    assert capsys.readouterr() == ("", "")  # not a terminal: nothing
+
+    import pty
+    import sys
+    controller, terminal = pty.openpty()
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from sdrecipe.transfer import Transfer, Download; "
+         "Transfer(token='').fetch([Download([sys.argv[1]], Path(sys.argv[2]), label='w.bin')])",
+         url, str(tmp_path / "tty.bin")],
+        stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "TERM": "xterm"})
+    os.close(terminal)
+    screen = b""
+    with contextlib.suppress(OSError):  # EIO once the child closed its end
+        while chunk := os.read(controller, 65536):
+            screen += chunk
+    os.close(controller)
+    assert child.wait(timeout=60) == 0
+    assert b"total (1 files)" in screen and b"w.bin" in screen
