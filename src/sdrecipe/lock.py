@@ -152,12 +152,21 @@ def _read_env_file(path: Path, allow_sdrecipe: bool):
 
 
 def _conda_name(node: Node) -> str:
-    import rattler
+    from conda_lock.src_parser.conda_common import conda_spec_to_versioned_dep
     node.expect(str)
     try:
-        return rattler.MatchSpec(node.value).name.normalized
-    except Exception as exc:  # py-rattler raises its own parse error types
-        raise node.error(f"not a conda match spec: {exc}") from exc
+        return conda_spec_to_versioned_dep(node.value, "main").name
+    except (RuntimeError, ValueError) as exc:
+        raise node.error(f"not a conda match spec: {exc.__cause__ or exc}") from exc
+
+
+def _rattler():
+    try:
+        import rattler
+    except ImportError as exc:
+        raise SdrecipeError("solving the conda part needs py-rattler (Python 3.10+): "
+                            "pip install 'py-rattler>=0.28,<0.29'") from exc
+    return rattler
 
 
 def _pip_name(node: Node) -> str:
@@ -457,7 +466,7 @@ def resolve_pip_part(spec: EnvSpec, index_url: str | None = None) -> list:
 
 
 def _virtual_packages(spec: EnvSpec) -> list:
-    import rattler
+    rattler = _rattler()
     node = load_yaml(spec.root / VIRTUAL_PACKAGES_FILE)
     packages = node.get("subdirs", dict).get(TARGET_PLATFORM, dict).get("packages", dict)
     result = []
@@ -471,7 +480,7 @@ def _virtual_packages(spec: EnvSpec) -> list:
 
 def solve_conda_part(spec: EnvSpec, channel_alias: str | None = None) -> list:
     """Solve the conda part with py-rattler (no conda binary); locked conda entries."""
-    import rattler
+    rattler = _rattler()
     from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency
     alias = channel_alias or load_config().get("conda_channel_alias")
     alias = alias.rstrip("/") + "/"
