@@ -193,6 +193,14 @@ def test_committed_pip_part_installs_for_python38_manylinux_and_is_complete(prof
                 f"{name} needs {text}, {locked.path.name} has {available[dep]}"
     names = {p.name for p in locked.pip}
     assert not names & {"torch", "torchvision", "clip"}, "pip never installs torch; `clip` is not CLIP"
+    # conda-lock's own CLI reads the committed file and renders its pip part, hash-pinned.
+    rendered = subprocess.run(
+        [sys.executable, "-m", "conda_lock", "render", "--kind", "env", "--platform", "linux-64",
+         "--filename-template", str(tmp_path / "env-{platform}"), str(locked.path)],
+        capture_output=True, text=True)
+    assert rendered.returncode == 0, rendered.stderr
+    env_file = (tmp_path / "env-linux-64.yml").read_text()
+    assert all(f"{p.name} == {p.version} --hash=sha256:{p.sha256}" in env_file for p in locked.pip)
     if spec.platform_wheels:
         assert [w.filename for w in locked.platform_wheels] == list(spec.platform_wheels)
         assert locked.venv == ()
