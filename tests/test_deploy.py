@@ -248,7 +248,7 @@ def test_status_catches_a_missing_model_file_and_deploy_repairs_it(damaged):
 @pytest.mark.upstream
 @pytest.mark.slow
 @pytest.mark.parametrize("path, words", [
-    ("ldm/modules/attention.py", "differs from provenance.json"),  # untouched by the series
+    ("ldm/modules/attention.py", "differ from provenance.json"),  # untouched by the series
     ("scripts/txt2img.py", "edited by hand"),  # a file the series patches
 ])
 def test_status_and_deploy_catch_a_drifted_file(damaged, path, words):
