@@ -21,7 +21,6 @@ only when one of those changed or a file drifted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from pathlib import Path
 
 from .errors import SdrecipeError
 from .report import sha256_file
-from .verify import Models, network_isolation, _payload
+from .verify import Models, network_isolation, payload_path
 
 GENERATOR = "make_tiny_models.py"
 STAMP = "stamp.json"
@@ -55,7 +54,7 @@ def smoke_inputs(deployment, profile: str) -> dict:
     from .env import env_record
     record = env_record(deployment, profile) or {}
     config = deployment.source / UPSTREAM_CONFIG
-    return {"generator": sha256_file(_payload(GENERATOR)),
+    return {"generator": sha256_file(payload_path(GENERATOR)),
             "upstream_config": sha256_file(config) if config.is_file() else None,
             "env_stamp": record.get("stamp")}
 
@@ -106,7 +105,7 @@ def ensure_smoke_models(deployment, profile: str, force: bool = False) -> str:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     prefix, _ = network_isolation()
-    command = prefix + [str(env_python(deployment, profile)), str(_payload(GENERATOR)),
+    command = prefix + [str(env_python(deployment, profile)), str(payload_path(GENERATOR)),
                         "--source", str(deployment.source), "--out", str(staging)]
     environ = generator_environment(deployment, profile)
     environ["TORCH_HOME"] = str(staging / "torch-home")
@@ -135,7 +134,3 @@ def file_hashes(deployment) -> dict:
         return json.loads((smoke_root(deployment) / STAMP).read_text())["files"]
     except (OSError, ValueError, KeyError):
         return {}
-
-
-def digest(files: dict) -> str:
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()

@@ -257,7 +257,8 @@ def network_isolation() -> tuple[list[str], str]:
     return [], f"not isolated: unshare refused ({reason}); offline variables only"
 
 
-def _payload(name: str) -> Path:
+def payload_path(name: str) -> Path:
+    """A script shipped in sdrecipe/payload/ that runs under the environment's Python."""
     return Path(resources.files("sdrecipe") / "payload" / name)
 
 
@@ -331,7 +332,7 @@ def stage_timings(run: Run) -> dict:
 
 def txt2img_command(source: Path, python: Path, sample: Sample, outdir: Path,
                     config: Path, ckpt: Path) -> list[str]:
-    return [str(python), "-u", str(_payload("run_txt2img.py")),
+    return [str(python), "-u", str(payload_path("run_txt2img.py")),
             str(source / "scripts" / "txt2img.py"),
             "--prompt", sample.prompt, f"--{sample.sampler}", "--ddim_steps", str(sample.steps),
             "--n_samples", str(sample.n_samples), "--n_iter", "1", "--skip_grid",
@@ -388,15 +389,16 @@ def verify(recipe, deployment, profile: str, smoke: bool = False, out: Path | No
         models = smoke_models(deployment)
     else:
         models = real_models(deployment)
-    for needed in (deployment.source / "scripts" / "txt2img.py", models.ckpt, models.config):
+    python = env_python(deployment, profile)
+    for needed in (deployment.source / "scripts" / "txt2img.py", models.ckpt, models.config, python):
         if not needed.is_file():
             raise SdrecipeError(f"{needed} is missing: run `sdrecipe deploy --profile {profile}"
                                 f"{' --smoke' if smoke else ''}` first")
     shutil.rmtree(out / "samples", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     prefix, network = network_isolation()
-    command = prefix + txt2img_command(deployment.source, env_python(deployment, profile), sample,
-                                       out, models.config, models.ckpt)
+    command = prefix + txt2img_command(deployment.source, python, sample, out, models.config,
+                                       models.ckpt)
     with tempfile.TemporaryDirectory(prefix="sdrecipe-verify-") as scratch:  # cwd outside the repo
         run = run_logged(command, sample_environment(deployment, profile, models), Path(scratch), echo)
     (out / "txt2img.log").write_text(run.timed_text + "\n", encoding="utf-8")
