@@ -23,11 +23,11 @@ from sdrecipe.layout import Deployment
 from sdrecipe.lint import LintContext, run_checks
 from sdrecipe.recipe import load_recipe
 
+CLIP = "stable-diffusion/models/clip-vit-large-patch14"
 EXPECTED = {  # placed path -> bytes, for profile cpu without optional files
     "stable-diffusion/models/ldm/stable-diffusion-v1/model.ckpt": HF_FILES["tiny/sd"]["sd-tiny.ckpt"],
-    "stable-diffusion/models/clip-vit-large-patch14/config.json": HF_FILES["tiny/clip"]["config.json"],
-    "stable-diffusion/models/clip-vit-large-patch14/pytorch_model.bin":
-        HF_FILES["tiny/clip"]["pytorch_model.bin"],
+    f"{CLIP}/config.json": HF_FILES["tiny/clip"]["config.json"],
+    f"{CLIP}/pytorch_model.bin": HF_FILES["tiny/clip"]["pytorch_model.bin"],
     "torch-home/hub/checkpoints/checkpoint_liberty_with_aug.pth": HARDNET,
 }
 
