@@ -120,6 +120,15 @@ def test_a_bad_old_part_is_caught_and_the_file_fetched_fresh(mirror, tmp_path):
     assert len(list(tmp_path.glob("w.bin.bad-*"))) == 1
 
 
+def test_a_complete_part_left_by_a_killed_run_is_verified_not_fetched_again(mirror, tmp_path):
+    url = mirror.add_plain("w.bin", DATA)
+    (tmp_path / "w.bin.part").write_bytes(DATA)
+    (tmp_path / "w.bin.part.json").write_text(f'{{"sha256": "{SHA}", "url": "{url}"}}')
+    [result] = fast().fetch([pinned([url], tmp_path / "w.bin")])
+    assert result.sha256 == SHA and (tmp_path / "w.bin").read_bytes() == DATA
+    assert mirror.hits == []
+
+
 # --- integrity --------------------------------------------------------------------------------
 def test_wrong_bytes_are_quarantined_and_the_next_endpoint_used(mirror, tmp_path):
     with MirrorServer() as good:

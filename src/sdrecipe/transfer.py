@@ -61,6 +61,7 @@ its dependencies for it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -442,6 +443,9 @@ class Transfer:
             with filelock.FileLock(str(download.dest) + ".lock"):  # two jobs sharing a cache
                 part.load()
                 progress.advance(task, part.offset)
+                if download.size is not None and part.offset == download.size:
+                    with contextlib.suppress(_Mismatch):  # a run died just before the rename
+                        return self._finish(download, part.meta.get("url", ""), part)
                 for url in download.urls:
                     try:
                         return self._from_url(download, url, part, progress, task)
