@@ -162,7 +162,7 @@ def bench_resend(path: Path, sha: str, size: int, out: Path) -> dict:
 def bench_memory(url_of, files: dict, out: Path) -> dict:
     _, baseline, _, _ = run([sys.executable, "-c",
                           f"import sys; sys.path.insert(0, {str(ROOT / 'src')!r}); "
-                          "import sdrecipe.transfer, rich.progress"])
+                          "import sdrecipe.transfer"])
     results = {"import only (baseline)": baseline}
     for name, (sha, size) in files.items():
         dest = out / "mem.bin"

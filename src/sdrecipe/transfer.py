@@ -71,6 +71,7 @@ import queue
 import random
 import re
 import shutil
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -336,18 +337,21 @@ class _Mismatch(_NextEndpoint):
 
 # --- progress ----------------------------------------------------------------------------------------
 class _Progress:
-    """Per-file and total bars on a terminal (rich); silent otherwise."""
+    """Per-file and total bars on a terminal (rich); silent otherwise (batch jobs, pipes),
+    where rich is not even imported."""
 
     def __init__(self, enabled: bool | None, total: int | None, files: int):
-        from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
-
-        console = Console(stderr=True)
-        self.enabled = console.is_terminal if enabled is None else enabled
-        self._bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                              TransferSpeedColumn(), TimeRemainingColumn(), console=console,
-                              transient=True, disable=not self.enabled)
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                       TimeRemainingColumn, TransferSpeedColumn)
+            bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                            TransferSpeedColumn(), TimeRemainingColumn(),
+                            console=Console(stderr=True), transient=True)
+        else:
+            bars = _NoBars()
+        self._bars = bars
         self._total = self._bars.add_task(f"total ({files} files)", total=total)
         self._completed: dict = {}
 
@@ -374,6 +378,18 @@ class _Progress:
 
     def done(self, task) -> None:
         self._bars.remove_task(task)
+
+
+class _NoBars:
+    """rich.progress.Progress's interface, doing nothing."""
+
+    def add_task(self, *args, **kwargs):
+        return None
+
+    def start(self, *args, **kwargs):
+        pass
+
+    stop = advance = update = remove_task = start
 
 
 # --- the downloader ---------------------------------------------------------------------------------
