@@ -180,6 +180,16 @@ def test_folder_manifest_entry_leaving_the_bundle_is_refused(fetched, tmp_path):
         verify_bundle(bundle)
 
 
+def test_artifact_hash_that_is_a_path_is_refused(fetched):
+    bundle = fetched["bundle"]
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    key = next(iter(manifest["artifacts"]))
+    manifest["artifacts"][key]["sha256"] = "../../../../../tmp/sdrecipe-escape"
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(SdrecipeError, match="malformed manifest"):
+        verify_bundle(bundle)
+
+
 def test_folder_symlink_leading_out_is_refused(fetched, tmp_path):
     bundle = fetched["bundle"]
     manifest = json.loads((bundle / MANIFEST).read_text())

@@ -32,6 +32,7 @@ from . import __version__
 from .artifacts import ArtifactLock, cache_dir, expected, fetch_artifacts, fill_cache, select
 from .errors import SdrecipeError
 from .placement import Cache, is_safe_relative, place, sha256_file
+from .schema import SHA1_RE, SHA256_RE
 from .source import PINNED_REF, ensure_source
 
 FORMAT = "sdrecipe-bundle"
@@ -215,10 +216,14 @@ def verify_bundle(folder: Path) -> dict:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         raise SdrecipeError(f"{folder / MANIFEST}: unreadable bundle manifest ({exc})") from exc
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or manifest.get("version") != VERSION:
         raise SdrecipeError(f"{folder / MANIFEST}: not a version-{VERSION} sdrecipe bundle")
+    problem = _shape_problem(manifest)
+    if problem:
+        raise SdrecipeError(f"{folder / MANIFEST}: malformed manifest: {problem}; refusing it")
     real_root = folder.resolve()
-    listed = manifest.get("files", {})
+    listed = manifest["files"]
     for rel, entry in listed.items():
         path = folder / rel
         if (not is_safe_relative(rel) or os.path.islink(path)
@@ -231,11 +236,33 @@ def verify_bundle(folder: Path) -> dict:
             raise SdrecipeError(f"{folder}: {rel} does not match its sha256 in the manifest "
                                 "(damaged in transfer?); copy the bundle again")
     needed = [SOURCE_BUNDLE] + [f"artifacts/sha256/{a['sha256'][:2]}/{a['sha256']}"
-                                for a in manifest.get("artifacts", {}).values()]
+                                for a in manifest["artifacts"].values()]
     unlisted = [rel for rel in needed if rel not in listed]
     if unlisted:
         raise SdrecipeError(f"{folder}: the manifest does not vouch for {', '.join(unlisted)}")
     return manifest
+
+
+def _shape_problem(manifest: dict) -> str | None:
+    """What is wrong with the manifest's structure (hashes, sizes, paths), if anything."""
+    def pin_ok(entry):
+        return (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and SHA256_RE.match(entry["sha256"]) is not None
+                and isinstance(entry.get("size"), int) and entry["size"] >= 0)
+    upstream, recipe = manifest.get("upstream"), manifest.get("recipe")
+    if not (isinstance(upstream, dict) and isinstance(upstream.get("commit"), str)
+            and SHA1_RE.match(upstream["commit"])):
+        return "upstream.commit is not a 40-hex commit"
+    if not (isinstance(recipe, str) and is_safe_relative(recipe)):
+        return "recipe is not a relative path inside the bundle"
+    for section in ("files", "artifacts"):
+        entries = manifest.get(section)
+        if not isinstance(entries, dict):
+            return f"{section} is not a mapping"
+        bad = [key for key, entry in entries.items() if not pin_ok(entry)]
+        if bad:
+            return f"{section} entry {bad[0]!r} lacks a 64-hex sha256 or a byte size"
+    return None
 
 
 # --- commands --------------------------------------------------------------------------
