@@ -24,9 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from sdrecipe.env import write_activation
+from sdrecipe.env import activation_env, env_python, write_activation
 from sdrecipe.layout import Deployment
 from sdrecipe.recipe import load_recipe
+from sdrecipe.smoke import smoke_models
 
 pytestmark = pytest.mark.slurm
 
@@ -45,6 +46,9 @@ def deployment(tmp_path_factory):
     scripts = deployment.source / "scripts"
     scripts.mkdir(parents=True)
     shutil.copy(PAYLOADS / "standin_txt2img.py", scripts / "txt2img.py")
+    checkpoint = deployment.models / "ldm" / "stable-diffusion-v1" / "model.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"stand-in")
     prefix = deployment.env_prefix(PROFILE)
     (prefix / "bin").mkdir(parents=True)
     (prefix / "bin" / "python").symlink_to(PY38 if PY38.exists() else Path(sys.executable))
@@ -356,3 +360,67 @@ def test_salloc_runs_a_command_on_the_node_with_the_module_and_environment(deplo
     assert "salloc --job-name=sdrecipe-dtk-22.10 --partition=sdtest --nodes=1 --ntasks=16 " \
            "--gres=dcu:2" in printed.stdout
     assert "module load compiler/rocm/dtk-22.10.1" in printed.stdout
+
+
+# --- with the real upstream (where a checkout is available) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_deployment(slurm_env, tmp_path_factory):
+    """A real `sdrecipe deploy --profile cpu --smoke` (upstream from $SDRECIPE_UPSTREAM, env
+    built as a venv of Python 3.8): the real txt2img.py on tiny models. Set
+    $SDRECIPE_SLURM_SMOKE_DEPLOY to a folder to keep it between runs (deploy is idempotent)."""
+    upstream = os.environ.get("SDRECIPE_UPSTREAM")
+    if not upstream:
+        pytest.skip("needs a checkout of the pinned upstream: set SDRECIPE_UPSTREAM=DIR "
+                    "(CI has none; the stand-in tests above cover the Slurm machinery)")
+    root = Path(os.environ.get("SDRECIPE_SLURM_SMOKE_DEPLOY")
+                or tmp_path_factory.mktemp("smoke-deploy"))
+    python = PY38 if PY38.exists() else Path(sys.executable)
+    done = subprocess.run([sys.executable, "-m", "sdrecipe", "--deploy-dir", str(root), "deploy",
+                           "--profile", "cpu", "--smoke", "--python", str(python)],
+                          env=dict(slurm_env, SDRECIPE_UPSTREAM=upstream), capture_output=True,
+                          text=True, timeout=3600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return Deployment(root.resolve())
+
+
+@pytest.mark.upstream
+def test_real_verify_smoke_runs_as_a_job(smoke_deployment, slurm_env):
+    env = {k: v for k, v in slurm_env.items() if k != "SDRECIPE_ENGINE"}  # the real sdrecipe
+    done = sdrecipe(smoke_deployment, "submit", "verify", "--profile", "cpu", "--smoke",
+                    "--cpus-per-task", "2", env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    assert "verify report: OK" in done.stdout
+    report = next(smoke_deployment.jobs.glob("verify-cpu-*/report/report.json"))
+    assert json.loads(report.read_text())["ok"]
+
+
+@pytest.mark.upstream
+def test_real_upstream_prompt_array_matches_standalone_txt2img(smoke_deployment, slurm_env,
+                                                                tmp_path):
+    """Each prompt's image is byte for byte what upstream's txt2img.py makes alone, also for
+    a prompt that is not the first its task runs (the model is loaded once per task)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple on a table\na castle on a hill\na small boat at sea\n")
+    out = tmp_path / "out"
+    done = sdrecipe(smoke_deployment, "submit", "generate", "--profile", "cpu", "--smoke",
+                    "--prompts", str(prompts), "--out", str(out), "--array-tasks", "2",
+                    "--height", "256", "--width", "256", "--steps", "5", "--n-samples", "1",
+                    "--cpus-per-task", "1", env=slurm_env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    made = prompt_folders(out)
+    boat = made["a small boat at sea"]
+    assert boat["job"]["array_task"] == 0 and boat["timing"]["model_load_s"] == 0  # 2nd of task 0
+    models = smoke_models(smoke_deployment)
+    alone = tmp_path / "alone"
+    env = {**os.environ, **activation_env(smoke_deployment, "cpu"),
+           "SD_MODELS_DIR": str(models.models_dir), "TORCH_HOME": str(models.torch_home)}
+    subprocess.run([str(env_python(smoke_deployment, "cpu")), "scripts/txt2img.py",
+                    "--prompt", "a small boat at sea", "--outdir", str(alone), "--seed", "42",
+                    "--ddim_steps", "5", "--n_samples", "1", "--n_iter", "1", "--H", "256",
+                    "--W", "256", "--scale", "7.5", "--precision", "full", "--plms", "--skip_grid",
+                    "--config", str(models.config), "--ckpt", str(models.ckpt)],
+                   cwd=smoke_deployment.source, env=env, check=True, capture_output=True)
+    folder = next(out.glob("a-small-boat-at-sea-*"))
+    assert (alone / "samples" / "00000.png").read_bytes() == (folder / "00000.png").read_bytes()

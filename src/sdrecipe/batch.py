@@ -20,8 +20,10 @@ from .payload import txt2img_batch as runner
 
 SAMPLERS = ("plms", "ddim", "dpm")
 # Upstream txt2img.py's defaults, except one pass per prompt (n_iter) instead of two.
+# `smoke`: the tiny generated models instead of the real weights.
 DEFAULT_SETTINGS = {"sampler": "plms", "steps": 50, "n_samples": 3, "n_iter": 1,
-                    "H": 512, "W": 512, "scale": 7.5, "seed": 42}
+                    "H": 512, "W": 512, "scale": 7.5, "seed": 42, "precision": "autocast",
+                    "smoke": False}
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,12 @@ def pending(entries: list[PromptEntry], out: Path) -> list[PromptEntry]:
     return [e for e in entries if not runner.is_done(str(out / e.folder))]
 
 
-def manifest_text(entries: list[PromptEntry], settings: dict, out: Path, source: Path) -> str:
-    """What the in-job runner reads: prompts, settings, where to write, which upstream."""
+def manifest_text(entries: list[PromptEntry], settings: dict, out: Path, source: Path,
+                  models) -> str:
+    """What the in-job runner reads: prompts, settings, where to write, which upstream and
+    model files (`verify.Models`)."""
     return json.dumps({"out": str(out), "source": str(source), "settings": settings,
+                       "models": {"config": str(models.config), "ckpt": str(models.ckpt)},
                        "prompts": [{"index": e.index, "prompt": e.prompt, "folder": e.folder}
                                    for e in entries]}, indent=2, ensure_ascii=False)
 

@@ -177,6 +177,10 @@ def _add_submit(sub):
     generate.add_argument("--width", type=int, help="default 512")
     generate.add_argument("--scale", type=float, help="guidance scale (default 7.5)")
     generate.add_argument("--seed", type=int, help="seed of every prompt (default 42)")
+    generate.add_argument("--precision", choices=("full", "autocast"),
+                          help="default: the recipe's verify precision for the profile")
+    generate.add_argument("--smoke", action="store_true",
+                          help="the tiny models of deploy --smoke (a rehearsal of the batch)")
     for kind in (verify, generate):
         _profile_option(kind)
         _slurm_resource_options(kind)

@@ -75,14 +75,15 @@ def _activation(deployment, profile: str, dry_run: bool) -> Path:
     return script
 
 
-def _spec(ctx, profile, resources, name, folder, command, array=None, log="slurm-%j.out"):
+def _spec(ctx, profile, resources, name, folder, command, array=None, log="slurm-%j.out",
+          environment=()):
     recipe = ctx.recipe
     return slurm.JobSpec(
         name=name, resources=resources, output=str(folder / log),
         modules=recipe.profile(profile).modules,
         activation=str(_activation(ctx.deployment, profile, ctx.args.dry_run)),
         accelerator=recipe.profile(profile).accelerator, workdir=str(ctx.deployment.source),
-        command=command, array=array, profile=profile)
+        command=command, array=array, profile=profile, environment=tuple(environment))
 
 
 def prepare_verify(ctx, profile: str, resources, config) -> PreparedJob:
@@ -124,14 +125,30 @@ def collect_report(report: Path, tasks, wait_s: float = 30.0):
     print(f"sdrecipe: report: {report / 'report.html'}")
 
 
-def generation_settings(args) -> dict:
-    settings = dict(batch.DEFAULT_SETTINGS)
+def generation_settings(recipe, profile: str, args) -> dict:
+    """Upstream's defaults; the precision the recipe's verify sample uses on this profile
+    (full on cpu); then the options."""
+    from .verify import verify_spec
+    settings = dict(batch.DEFAULT_SETTINGS, smoke=args.smoke,
+                    precision=verify_spec(recipe).sample(profile, args.smoke).precision)
     for key, value in (("sampler", args.sampler), ("steps", args.steps),
                        ("n_samples", args.n_samples), ("n_iter", args.n_iter), ("H", args.height),
-                       ("W", args.width), ("scale", args.scale), ("seed", args.seed)):
+                       ("W", args.width), ("scale", args.scale), ("seed", args.seed),
+                       ("precision", args.precision)):
         if value is not None:
             settings[key] = value
     return settings
+
+
+def _models(deployment, smoke: bool):
+    """The weights txt2img loads (verify's choice of real or smoke files), checked present."""
+    from .smoke import smoke_models
+    from .verify import real_models
+    models = smoke_models(deployment) if smoke else real_models(deployment)
+    if not models.ckpt.is_file():
+        how = "sdrecipe deploy --smoke" if smoke else "sdrecipe fetch"
+        raise SdrecipeError(f"no checkpoint at {models.ckpt}: run {how} first")
+    return models
 
 
 JOB_ID_FILE = "job_id"
@@ -151,7 +168,7 @@ def _unfinished_jobs(out: Path) -> list[str]:
 def prepare_generate(ctx, profile: str, resources, config) -> PreparedJob | None:
     """An array job over the prompts not done yet; None when every prompt is done."""
     args, deployment = ctx.args, ctx.deployment
-    settings = generation_settings(args)
+    settings = generation_settings(ctx.recipe, profile, args)
     entries = batch.plan(args.prompts, settings)
     out = Path(args.out).resolve() if args.out else deployment.outputs / Path(args.prompts).stem
     running = [] if args.dry_run else _unfinished_jobs(out)
@@ -170,6 +187,7 @@ def prepare_generate(ctx, profile: str, resources, config) -> PreparedJob | None
                 len(todo))
     print(f"sdrecipe: {len(todo)} of {len(entries)} prompts to make "
           f"({len(entries) - len(todo)} already done), over {tasks} array tasks")
+    models = _models(deployment, args.smoke)
     folder = _new_folder(out / "jobs", "generate")
     manifest, payload = folder / "manifest.json", folder / "txt2img_batch.py"
     from .env import env_python
@@ -177,11 +195,13 @@ def prepare_generate(ctx, profile: str, resources, config) -> PreparedJob | None
                f"{shlex.quote(str(manifest))} \"${{SLURM_ARRAY_TASK_ID:-0}}\" {tasks}")
     array = f"0-{tasks - 1}" + (f"%{args.max_running}" if args.max_running else "")
     spec = _spec(ctx, profile, resources, f"sdrecipe-generate-{profile}", folder, command,
-                 array=array, log="slurm-%A_%a.out")
+                 array=array, log="slurm-%A_%a.out",
+                 environment=[("SD_MODELS_DIR", str(models.models_dir))]
+                 + ([("TORCH_HOME", str(models.torch_home))] if models.torch_home else []))
     job = PreparedJob(folder, spec, collect=lambda tasks: _report_gallery(entries, out, title),
                       later=f"rerun this command to write {out / gallery.GALLERY}")
     job.files[payload] = Path(runner.__file__).read_text()
-    job.files[manifest] = batch.manifest_text(todo, settings, out, deployment.source)
+    job.files[manifest] = batch.manifest_text(todo, settings, out, deployment.source, models)
     return job
 
 

@@ -223,6 +223,10 @@ def _device_lines(accelerator: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _export_lines(environment) -> str:
+    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in environment)
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """Everything a batch script needs; `command` is the payload, already quoted."""
@@ -237,6 +241,7 @@ class JobSpec:
     command: str
     array: str | None = None  # e.g. "0-2" or "0-9%4"
     profile: str = ""
+    environment: tuple[tuple[str, str], ...] = ()  # exported after the activation
 
 
 def batch_script(spec: JobSpec) -> str:
@@ -256,7 +261,7 @@ if ! . {shlex.quote(spec.activation)}; then
   echo "sdrecipe: activating {spec.activation} failed" >&2
   exit 98
 fi
-{_device_lines(spec.accelerator)}cd {shlex.quote(spec.workdir)} || exit 98
+{_export_lines(spec.environment)}{_device_lines(spec.accelerator)}cd {shlex.quote(spec.workdir)} || exit 98
 {spec.command}
 status=$?
 echo "sdrecipe: payload exited with $status at $(date '+%F %T')"

@@ -64,7 +64,8 @@ class LogStreamer:
                 self.partial[task.log] = rest
             prefix = f"[{task.job_id}] " if self.prefix_tasks else ""
             for line in lines:
-                print(prefix + line, file=self.out)
+                # progress bars (tqdm) redraw with \r: show the last state only
+                print(prefix + line.rstrip("\r").rsplit("\r", 1)[-1], file=self.out)
         self.out.flush()
 
 

@@ -53,6 +53,8 @@ def main():
     parser.add_argument("--scale", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--ckpt", default="models/ldm/stable-diffusion-v1/model.ckpt")
+    parser.add_argument("--config", default="configs/stable-diffusion/v1-inference.yaml")
+    parser.add_argument("--precision", choices=["full", "autocast"], default="autocast")
     opt = parser.parse_args()
     load_model_from_config({"model": "stand-in"}, opt.ckpt)
     fail = os.environ.get("STANDIN_TXT2IMG_FAIL")

@@ -14,7 +14,11 @@ prompt's images would depend on its position in the list, and a resubmitted
 batch would not reproduce them. So we import txt2img.py as a module, memoise its
 `load_model_from_config`, and call its unchanged `main()` once per prompt with
 that prompt's own `--seed`: every prompt's images are exactly what the standalone
-command `python scripts/txt2img.py --prompt P --seed S ...` makes.
+command `python scripts/txt2img.py --prompt P --seed S ...` makes (byte for byte;
+checked against the real upstream). One subtlety makes that true: `main()` seeds,
+then builds the model, whose random initialisation draws from the generators
+before the sampler draws its noise. So the first load records the generators'
+state it leaves behind for that seed, and a cached load restores it.
 
 Each prompt is written to `<folder>.partial-<job>` and renamed into place with its
 `prompt.json` sidecar, so a folder that exists is complete. A prompt whose folder
@@ -22,9 +26,11 @@ exists is skipped: resubmitting a batch that died halfway finishes the rest.
 """
 
 import glob
+import hashlib
 import importlib.util
 import json
 import os
+import random
 import shutil
 import socket
 import sys
@@ -48,14 +54,47 @@ def is_done(folder):
     return bool(images) and all(os.path.isfile(os.path.join(folder, name)) for name in images)
 
 
-def txt2img_args(settings):
-    """Upstream txt2img.py's own options for our settings."""
+def txt2img_args(settings, models):
+    """Upstream txt2img.py's own options for our settings and model files."""
     args = ["--seed", str(settings["seed"]), "--ddim_steps", str(settings["steps"]),
             "--n_samples", str(settings["n_samples"]), "--n_iter", str(settings["n_iter"]),
             "--H", str(settings["H"]), "--W", str(settings["W"]), "--scale", str(settings["scale"]),
-            "--skip_grid"]
+            "--precision", settings["precision"], "--config", models["config"],
+            "--ckpt", models["ckpt"], "--skip_grid"]
     sampler = {"plms": ["--plms"], "dpm": ["--dpm_solver"], "ddim": []}[settings["sampler"]]
     return args + sampler
+
+
+def _rng_state():
+    """The state of every random generator the script's libraries use (those imported)."""
+    state = {"random": random.getstate()}
+    numpy, torch = sys.modules.get("numpy"), sys.modules.get("torch")
+    if numpy is not None:
+        state["numpy"] = numpy.random.get_state()
+    if torch is not None:
+        state["torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    random.setstate(state["random"])
+    if "numpy" in state:
+        sys.modules["numpy"].random.set_state(state["numpy"])
+    if "torch" in state:
+        sys.modules["torch"].set_rng_state(state["torch"])
+    if "cuda" in state:
+        sys.modules["torch"].cuda.set_rng_state_all(state["cuda"])
+
+
+def _rng_key():
+    """A fingerprint of the seed the generators were just set to (main() seeds all of them)."""
+    digest = hashlib.sha256(repr(random.getstate()).encode())
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        digest.update(torch.get_rng_state().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class Upstream:
@@ -70,26 +109,35 @@ class Upstream:
         spec.loader.exec_module(self.module)  # imports torch, loads the safety checker
         self.script = script
         self.load_seconds = 0.0
-        self._models = {}
+        self._models = {}  # ckpt -> (model, {generators' state on entry: state after loading})
         load = self.module.load_model_from_config
 
         def load_once(config, ckpt, *args, **kwargs):
-            if ckpt not in self._models:
+            model, after = self._models.get(ckpt, (None, {}))
+            entry = _rng_key()
+            if entry not in after:  # first load, or a seed not seen yet: really load
+                self._models.pop(ckpt, None)
+                model = None  # never two copies in device memory
                 started = time.time()
-                self._models[ckpt] = load(config, ckpt, *args, **kwargs)
+                model = load(config, ckpt, *args, **kwargs)
                 self.load_seconds += time.time() - started
-            return self._models[ckpt]
+                after = {entry: _rng_state()}
+                self._models[ckpt] = (model, after)
+            _set_rng_state(after[entry])
+            return model
 
         self.module.load_model_from_config = load_once
 
-    def run(self, prompt, outdir, settings):
-        sys.argv = [self.script, "--prompt", prompt, "--outdir", outdir] + txt2img_args(settings)
+    def run(self, prompt, outdir, settings, models):
+        sys.argv = [self.script, "--prompt", prompt, "--outdir", outdir] + txt2img_args(settings,
+                                                                                         models)
         self.module.main()
 
 
-def run_prompt(upstream, entry, settings, out, job):
+def run_prompt(upstream, entry, manifest, job):
     """Make one prompt's images in a partial folder, then rename it into place."""
-    folder = os.path.join(out, entry["folder"])
+    settings = manifest["settings"]
+    folder = os.path.join(manifest["out"], entry["folder"])
     for stale in glob.glob(glob.escape(folder) + ".partial-*"):  # left by a killed job
         shutil.rmtree(stale, ignore_errors=True)
     partial = "%s.partial-%s" % (folder, job["id"])
@@ -97,7 +145,7 @@ def run_prompt(upstream, entry, settings, out, job):
     loaded_before = upstream.load_seconds
     started = time.time()
     try:
-        upstream.run(entry["prompt"], partial, settings)
+        upstream.run(entry["prompt"], partial, settings, manifest["models"])
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -130,11 +178,10 @@ def main(argv):
     manifest_path, task, count = argv[0], int(argv[1]), int(argv[2])
     with open(manifest_path) as handle:
         manifest = json.load(handle)
-    out, settings = manifest["out"], manifest["settings"]
     job = {"id": os.environ.get("SLURM_JOB_ID", str(os.getpid())),
            "array_job": os.environ.get("SLURM_ARRAY_JOB_ID"), "array_task": task}
     mine = share(manifest["prompts"], task, count)
-    todo = [e for e in mine if not is_done(os.path.join(out, e["folder"]))]
+    todo = [e for e in mine if not is_done(os.path.join(manifest["out"], e["folder"]))]
     print("sdrecipe: task %d of %d: %d prompts, %d already done" % (task, count, len(mine),
                                                                    len(mine) - len(todo)), flush=True)
     if not todo:
@@ -144,7 +191,7 @@ def main(argv):
     for entry in todo:
         print("sdrecipe: prompt %d: %s" % (entry["index"], entry["prompt"]), flush=True)
         try:
-            sidecar = run_prompt(upstream, entry, settings, out, job)
+            sidecar = run_prompt(upstream, entry, manifest, job)
         except Exception as exc:  # keep going: the other prompts are worth having
             print("sdrecipe: prompt %d failed: %s: %s" % (entry["index"], type(exc).__name__, exc),
                   file=sys.stderr, flush=True)
