@@ -57,6 +57,8 @@ def test_no_source_with_the_commit_names_every_url_and_leaves_nothing(world, tmp
         ensure_source(recipe, dest)
     message = str(error.value)
     assert world["commit"] in message and "fork.git" in message and "missing.git" in message
+    assert "does not have commit" in message  # the fork's reason
+    assert "no such repository" in message  # git's own words, passed through
     assert not dest.exists()
     assert list((tmp_path / "deploy").iterdir()) == []  # no half-made clone left behind
 

@@ -119,8 +119,9 @@ def _fetch_commit(repo: git.Repo, url: str, pinned: str) -> None:
 def _git_reason(exc: git.GitCommandError) -> str:
     """What git said went wrong: its first fatal/error lines, without GitPython's framing."""
     text = exc.stderr if isinstance(exc.stderr, str) else str(exc)
-    lines = [line.strip().strip("'").strip() for line in text.splitlines()]
-    lines = [line for line in lines if line and not line.startswith("stderr:")]
+    lines = [line.strip().removeprefix("stderr:").strip().strip("'").strip()
+             for line in text.splitlines()]
+    lines = [line for line in lines if line]
     errors = [line for line in lines if "fatal:" in line or "error:" in line]
     picked = list(dict.fromkeys(errors or lines[-1:]))[:2]
     return "; ".join(picked) or f"git exited with {exc.status}"
