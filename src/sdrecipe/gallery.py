@@ -39,11 +39,15 @@ def _section(entry: PromptEntry, out: Path) -> tuple[str, bool]:
     if sidecar is None:
         return (f'<section class="missing">{prompt}<p class="meta">line {entry.index}: not made yet '
                 f'(resubmit the batch to finish it)</p></section>'), False
-    timing, settings = sidecar.get("timing", {}), sidecar.get("settings", {})
+    timing, settings, job = (sidecar.get(key) or {} for key in ("timing", "settings", "job"))
+    job_name = (f"{job.get('array_job')}_{job.get('array_task')}" if job.get("array_job")
+                else job.get("id"))
     meta = (f"line {entry.index} · seed {sidecar.get('seed')} · {settings.get('sampler')} "
             f"{settings.get('steps')} steps · {settings.get('W')}×{settings.get('H')} · "
-            f"scale {settings.get('scale')} · {timing.get('total_s', '?')} s on "
-            f"{html.escape(str(sidecar.get('node')))} (job {html.escape(str((sidecar.get('job') or {}).get('id')))})")
+            f"scale {settings.get('scale')}"
+            + (" · smoke: tiny random models" if settings.get("smoke") else "")
+            + f" · {timing.get('total_s', '?')} s on {sidecar.get('node')} (job {job_name})")
+    meta = html.escape(meta)
     images = "".join(_figure(folder, name) for name in sidecar["images"])
     return f'<section>{prompt}<p class="meta">{meta}</p><div class="images">{images}</div></section>', True
 
