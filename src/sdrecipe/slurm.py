@@ -57,7 +57,17 @@ class SlurmDefaults:
 
 
 def parse_section(node, recipe) -> dict[str, SlurmDefaults]:
-    """`slurm: {<profile>: {nodes, ntasks, cpus_per_task, gres, time, array_tasks}}`."""
+    """The recipe's `slurm:` section: job resources per profile, every field optional.
+
+        slurm:
+          dtk-22.10: {nodes: 1, ntasks: 16, gres: "dcu:2", time: "01:00:00", array_tasks: 4}
+
+    nodes, ntasks, cpus_per_task: integers >= 1 (sbatch -N, -n, -c); gres: name[:type]:count,
+    whose name must fit the profile's accelerator (dcu -> dcu, cuda -> gpu, none -> no
+    gres); time: a Slurm time limit (minutes, HH:MM:SS, D-HH:MM:SS); array_tasks: how
+    many array tasks `submit generate` spreads a prompt file over. Partition, account
+    and qos are site configuration (config.py), so they are refused here.
+    """
     out = {}
     for name, item in node.entries():
         if name not in recipe.profiles:
