@@ -137,6 +137,13 @@ def _copy_tree(src: Path, dest: Path):
 
 
 def _write_tar(staging: Path, out: Path):
+    needed = sum(path.stat().st_size for path in staging.rglob("*") if path.is_file())
+    free = shutil.disk_usage(out.parent).free
+    if needed > free:
+        shutil.rmtree(staging)
+        raise SdrecipeError(f"{out.parent} has {free / 2**30:.1f} GiB free, the tar needs "
+                            f"{needed / 2**30:.1f} GiB: free space, write it elsewhere, or "
+                            "use the folder format (it hardlinks from the cache)")
     partial = out.with_name(f".{out.name}.partial")
     with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
         for path in sorted(staging.rglob("*")):
