@@ -48,7 +48,8 @@ def test_seed_resources_are_the_dtk_profile_defaults():
     ("  cpu: {gres: \"dcu:1\"}\n", "no accelerator: leave gres out"),
     ("  cuda: {time: \"1 hour\"}\n", "expected a Slurm time limit"),
     ("  cuda: {ntasks: 0}\n", "must be at least 1"),
-    ("  cuda: {partition: kshdtest}\n", "unknown field"),
+    ("  cuda: {partition: kshdtest}\n", "partition is site configuration"),
+    ("  cuda: {nodes: 1, mem: 4G}\n", "unknown field"),
     ("  rocm: {}\n", "unknown profile"),
 ])
 def test_bad_slurm_section_names_the_line(tmp_path, section, message):

@@ -72,6 +72,11 @@ def parse_section(node, recipe) -> dict[str, SlurmDefaults]:
     for name, item in node.entries():
         if name not in recipe.profiles:
             raise item.error(f"unknown profile (the recipe defines: {', '.join(recipe.profiles)})")
+        for site_key in ("partition", "account", "qos"):
+            if item.has(site_key):
+                raise item.get(site_key).error(
+                    f"{site_key} is site configuration, not part of the recipe: set "
+                    f"SDRECIPE_{site_key.upper()} or '{site_key}:' in the sdrecipe config file")
         item.keys(optional=("nodes", "ntasks", "cpus_per_task", "gres", "time", "array_tasks"))
         for key in ("nodes", "ntasks", "cpus_per_task", "array_tasks"):
             value = item.opt(key, int)
@@ -139,16 +144,15 @@ def resolve_resources(recipe, profile: str, config, overrides: dict) -> Resource
                           qos=config.get("qos"), nodes=base.nodes, ntasks=base.ntasks,
                           cpus_per_task=base.cpus_per_task, gres=base.gres, time=base.time)
     given = {key: value for key, value in overrides.items() if value is not None}
-    if given.get("gres") == "none":
-        given["gres"] = None
-        resources = replace(resources, gres=None)
     if "time" in given and not TIME_RE.match(given["time"]):
         raise SdrecipeError(f"--time {given['time']!r}: expected minutes, HH:MM:SS or D-HH:MM:SS")
-    if given.get("gres"):
+    if given.get("gres") == "none":  # explicitly no devices
+        given["gres"] = None
+    elif "gres" in given:
         problem = gres_problem(given["gres"], recipe.profile(profile).accelerator)
         if problem:
             raise SdrecipeError(f"--gres for profile {profile}: {problem}")
-    return replace(resources, **{k: v for k, v in given.items() if k != "gres" or v})
+    return replace(resources, **given)
 
 
 # --- the batch script ----------------------------------------------------------------------
