@@ -409,8 +409,12 @@ def _run_patches(t: Target) -> str:
 
 def _run_env(t: Target) -> str:
     from .env import build_env, import_check
-    built = build_env(t.recipe, t.deployment, t.profile, prefix=t.opts.get("prefix"),
-                      python=t.opts.get("python"))
+    # a rebuild (the lock changed) keeps the backend chosen the first time: --python, --prefix
+    for option in ("python", "prefix"):
+        if t.opts.get(option):
+            t.state[f"env_{option}"] = str(t.opts[option])
+    built = build_env(t.recipe, t.deployment, t.profile, prefix=t.state.get("env_prefix"),
+                      python=t.state.get("env_python"))
     t.state["lock_sha256"] = t.lock_sha256()
     # Smoke mode fetched no HardNet for kornia, so the import check would fail on it; the
     # smoke sample imports everything txt2img needs anyway (with a HardNet stand-in).
