@@ -29,7 +29,8 @@ import tarfile
 from pathlib import Path
 
 from . import __version__
-from .artifacts import ArtifactLock, cache_dir, expected, fetch_artifacts, fill_cache, select
+from .artifacts import (ArtifactLock, artifact_status, cache_dir, expected, fetch_artifacts,
+                        fill_cache, select)
 from .errors import SdrecipeError
 from .placement import Cache, is_safe_relative, place, sha256_file
 from .schema import SHA1_RE, SHA256_RE
@@ -156,7 +157,17 @@ def _write_tar(staging: Path, out: Path):
 
 def restore(recipe, deployment, bundle: Path, profile: str, verify=False, with_optional=False,
             only=None):
-    """Deploy source and artifacts from a bundle, with no network; returns the placements."""
+    """Deploy source and artifacts from a bundle, with no network; returns the placements.
+
+    A deployment already complete (checkout present, every stamp valid) does not
+    need the bundle: a re-run then neither extracts nor rehashes gigabytes.
+    """
+    if not verify and (deployment.source / ".git").exists() and all(
+            s.state == "done" for s in artifact_status(recipe, deployment, profile,
+                                                       with_optional, only)):
+        ensure_source(recipe, deployment.source, profile)  # checks the checkout, offline
+        return fetch_artifacts(recipe, deployment, profile, with_optional=with_optional,
+                               only=only, offline=True)
     folder = open_bundle(Path(bundle), deployment.state / "bundle")
     manifest = verify_bundle(folder)
     commit = manifest["upstream"]["commit"]
