@@ -6,7 +6,10 @@ that decide what is submitted and what exit code a user gets.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +119,42 @@ def test_an_empty_prompt_file_is_an_error_naming_it(tmp_path):
     prompts.write_text("# only comments\n\n")
     with pytest.raises(SdrecipeError, match=f"{prompts}: no prompts"):
         batch.plan(prompts, batch.DEFAULT_SETTINGS)
+
+
+def sdrecipe_cli(*args, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDRECIPE_")}
+    env.update(PYTHONPATH=str(RECIPE.parents[1] / "src"), **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "sdrecipe", *args], capture_output=True,
+                          text=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize("profile, expected, absent", [
+    ("dtk-22.10", ["#SBATCH --gres=dcu:2", "#SBATCH --ntasks=16",
+                   "module load compiler/rocm/dtk-22.10.1", "export HIP_VISIBLE_DEVICES=",
+                   "MIOPEN_USER_DB_PATH"], ["CUDA_VISIBLE_DEVICES=\""]),
+    ("cuda", ["#SBATCH --gres=gpu:1", "export CUDA_VISIBLE_DEVICES="], ["module load", "MIOPEN"]),
+    ("cpu", ["#SBATCH --cpus-per-task=8"], ["--gres", "VISIBLE_DEVICES", "module load"]),
+])
+def test_dry_run_prints_a_valid_script_for_each_profile(tmp_path, profile, expected, absent):
+    done = sdrecipe_cli("--deploy-dir", str(tmp_path), "submit", "verify", "--profile", profile,
+                        "--dry-run", env_extra={"SDRECIPE_PARTITION": "kshdtest",
+                                                "SDRECIPE_CONFIG": str(tmp_path / "none.yaml")})
+    assert done.returncode == 0, done.stderr
+    assert "environment is not built" in done.stderr  # noted, not fatal, in a dry run
+    script = done.stdout
+    assert script.startswith("#!/bin/bash\n#SBATCH --job-name=sdrecipe-verify-")
+    assert "#SBATCH --partition=kshdtest" in script
+    for text in expected:
+        assert text in script
+    for text in absent:
+        assert text not in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert not (tmp_path / "jobs").exists()  # a dry run writes nothing
+
+
+def test_submitting_without_a_built_environment_says_what_to_run(tmp_path):
+    (tmp_path / "stable-diffusion").mkdir()
+    done = sdrecipe_cli("--deploy-dir", str(tmp_path), "submit", "verify", "--profile", "cpu")
+    assert done.returncode == 2
+    assert "the cpu environment is not built" in done.stderr
+    assert "sdrecipe env build --profile cpu" in done.stderr

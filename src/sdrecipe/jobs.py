@@ -62,27 +62,31 @@ def engine_command(config) -> str:
            f"{shlex.quote(sys.executable)} -m sdrecipe"
 
 
-def _activation(deployment, profile: str, dry_run: bool) -> Path:
-    from .env import activation_script
-    script = activation_script(deployment, profile)
-    if not script.is_file():
-        problem = (f"the {profile} environment is not built in {deployment.root} ({script} is "
-                   f"missing): run sdrecipe env build --profile {profile} (or sdrecipe deploy "
-                   f"--profile {profile}) first")
-        if not dry_run:
-            raise SdrecipeError(problem)
-        print(f"sdrecipe: note: {problem}", file=sys.stderr)
-    return script
+def _require(present: bool, problem: str, dry_run: bool):
+    """A missing part stops a submission; a dry run only notes it, to show the script anyway."""
+    if present:
+        return
+    if not dry_run:
+        raise SdrecipeError(problem)
+    print(f"sdrecipe: note: {problem}", file=sys.stderr)
 
 
 def _spec(ctx, profile, resources, name, folder, command, array=None, log="slurm-%j.out",
           environment=()):
-    recipe = ctx.recipe
+    from .env import activation_script
+    recipe, deployment, dry_run = ctx.recipe, ctx.deployment, ctx.args.dry_run
+    _require(deployment.source.is_dir(),
+             f"no deployment at {deployment.root} (no {deployment.source}): run sdrecipe deploy "
+             f"--profile {profile} first, or pass --deploy-dir", dry_run)
+    activation = activation_script(deployment, profile)
+    _require(activation.is_file(),
+             f"the {profile} environment is not built in {deployment.root} ({activation} is "
+             f"missing): run sdrecipe env build --profile {profile} (or sdrecipe deploy "
+             f"--profile {profile}) first", dry_run)
     return slurm.JobSpec(
         name=name, resources=resources, output=str(folder / log),
-        modules=recipe.profile(profile).modules,
-        activation=str(_activation(ctx.deployment, profile, ctx.args.dry_run)),
-        accelerator=recipe.profile(profile).accelerator, workdir=str(ctx.deployment.source),
+        modules=recipe.profile(profile).modules, activation=str(activation),
+        accelerator=recipe.profile(profile).accelerator, workdir=str(deployment.source),
         command=command, array=array, profile=profile, environment=tuple(environment))
 
 
@@ -297,9 +301,10 @@ def salloc_command(ctx) -> int:
     rc.parent.mkdir(parents=True, exist_ok=True)
     body = ["[ -f ~/.bashrc ] && . ~/.bashrc", slurm.MODULE_SETUP] + setup
     rc.write_text("\n".join(body) + "\n")
-    inner = args.command or ["bash", "--rcfile", str(rc), "-i"]
     if args.command:  # run one command in the prepared environment instead of a shell
-        inner = ["bash", "-c", f". {shlex.quote(str(rc))} && exec \"$@\"", "sdrecipe", *args.command]
-    argv = allocate + ["srun"] + ([] if args.command else ["--pty"]) + inner
+        inner = ["bash", "-c", f'. {shlex.quote(str(rc))} && exec "$@"', "sdrecipe", *args.command]
+    else:
+        inner = ["--pty", "bash", "--rcfile", str(rc), "-i"]
+    argv = allocate + ["srun"] + inner
     print("sdrecipe: " + shlex.join(argv), file=sys.stderr)
     return subprocess.call(argv)
