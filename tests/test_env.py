@@ -197,6 +197,21 @@ def test_missing_platform_wheel_names_the_folder_and_file(tmp_path):
     assert recipe  # the committed recipe loads; nothing was written to its lock
 
 
+def test_unlocked_conda_part_with_unreachable_channels_says_what_to_do(tmp_path):
+    """No conda on PATH: the py-rattler backend needs the conda part, which is not locked
+    here; solving it fails offline with a message naming both ways out, and nothing changes."""
+    lock = ROOT / "lock" / "cpu.conda-lock.yml"
+    before = lock.read_bytes()
+    result = sdrecipe(ROOT / "scripts" / "build-env.sh", "--profile", "cpu", deploy=tmp_path,
+                      extra_env={"SDRECIPE_CONDA_CHANNEL_ALIAS": (tmp_path / "none").as_uri(),
+                                 "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert "has no conda part yet: solving it once" in result.stderr
+    assert "--python /path/to/python3.8" in result.stderr
+    assert lock.read_bytes() == before
+    assert not (tmp_path / "envs" / "cpu").exists()
+
+
 @pytest.fixture(scope="module")
 def dtk_project(tmp_path_factory):
     """A copy of the project whose dtk-22.10 profile names PyPI's torch 1.10.2 / torchvision

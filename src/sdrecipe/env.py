@@ -422,7 +422,13 @@ def _load_lock(recipe, profile: str, backend: str):
         print(f"warning: {stale}. Building the lock as committed.", file=sys.stderr)
     if backend != "venv" and not lock.conda:
         print(f"{lock.path} has no conda part yet: solving it once from env/ ...", file=sys.stderr)
-        lock_conda_part(recipe, profile)
+        try:
+            lock_conda_part(recipe, profile)
+        except SdrecipeError as exc:
+            raise SdrecipeError(f"{exc}\nOr build without conda: a venv of a Python "
+                                f"{lock.python_version} interpreter, ./scripts/build-env.sh "
+                                f"--profile {profile} --python /path/to/python{lock.python_version}"
+                                ) from exc
         lock = load_lock(recipe, profile)
         print(f"wrote the conda part into {lock.path}; commit it so builds stay solver-free:\n"
               f"  git add {lock.path} && git commit -m 'lock: conda part of {profile}'",
