@@ -74,6 +74,16 @@ def test_status_of_an_empty_deployment_says_what_a_deploy_would_do(tmp_path):
     assert "would run: source, patches, env, preseed, verify" in text.stdout
 
 
+def test_status_without_smoke_lists_the_model_files_to_fetch(tmp_path):
+    recipe = ROOT / "recipe" / "stable-diffusion.yaml"
+    found = stages(sdrecipe("status", "--profile", "cpu", "--format", "json",
+                            recipe=recipe, deploy=tmp_path / "deploy"))
+    assert found["artifacts"]["state"] == "missing"
+    assert "models/ldm/stable-diffusion-v1/model.ckpt: not placed" in found["artifacts"]["reason"]
+    assert found["artifacts"]["action"].startswith("fetch and place")
+    assert found["preseed"]["state"] == "missing" and "TORCH_HOME" in found["preseed"]["reason"]
+
+
 def test_source_files_are_the_deployed_tree_without_caches_sparse_files_or_models(tmp_path):
     repo = tmp_path / "stable-diffusion"
     (repo / "pkg").mkdir(parents=True)

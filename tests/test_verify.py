@@ -20,7 +20,8 @@ import pytest
 from PIL import Image, ImageChops, ImageDraw
 
 from sdrecipe import report, verify
-from sdrecipe.errors import RecipeError
+from sdrecipe.errors import RecipeError, SdrecipeError
+from sdrecipe.layout import Deployment
 from sdrecipe.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,3 +232,21 @@ def test_report_json_keeps_the_contract_and_the_html_is_self_contained(tmp_path)
     assert "PASSED" in page
     for remote in ("http://", "https://", "src=\"/", "<link", "<script"):
         assert remote not in page.replace("https://github.com/ShieldMnt", "")
+
+
+# --- refusals before running anything --------------------------------------------------------
+
+def test_verify_never_empties_a_folder_that_is_not_a_report(tmp_path):
+    out = tmp_path / "my-pictures"
+    (out / "samples").mkdir(parents=True)
+    picture(out / "samples" / "holiday.png")
+    recipe = load_recipe(ROOT / "recipe" / "stable-diffusion.yaml")
+    with pytest.raises(SdrecipeError, match="not a verify report folder"):
+        verify.verify(recipe, Deployment(tmp_path / "deploy"), "cpu", smoke=True, out=out)
+    assert (out / "samples" / "holiday.png").is_file()
+
+
+def test_verify_before_deploy_says_what_to_run(tmp_path):
+    recipe = load_recipe(ROOT / "recipe" / "stable-diffusion.yaml")
+    with pytest.raises(SdrecipeError, match=r"run `sdrecipe deploy --profile cpu --smoke` first"):
+        verify.verify(recipe, Deployment(tmp_path / "deploy"), "cpu", smoke=True)

@@ -384,6 +384,9 @@ def verify(recipe, deployment, profile: str, smoke: bool = False, out: Path | No
     from .env import env_python
     sample = verify_spec(recipe).sample(profile, smoke)
     out = Path(out) if out else report_dir(deployment, profile, smoke)
+    if (out / "samples").exists() and not (out / "report.json").exists():
+        raise SdrecipeError(f"{out} has a samples/ folder but no report.json: not a verify report "
+                            "folder, and verify replaces samples/; choose another --out")
     if smoke:
         from .smoke import smoke_models
         models = smoke_models(deployment)
@@ -394,7 +397,7 @@ def verify(recipe, deployment, profile: str, smoke: bool = False, out: Path | No
         if not needed.is_file():
             raise SdrecipeError(f"{needed} is missing: run `sdrecipe deploy --profile {profile}"
                                 f"{' --smoke' if smoke else ''}` first")
-    shutil.rmtree(out / "samples", ignore_errors=True)
+    shutil.rmtree(out / "samples", ignore_errors=True)  # txt2img numbers after what it finds
     out.mkdir(parents=True, exist_ok=True)
     prefix, network = network_isolation()
     command = prefix + txt2img_command(deployment.source, python, sample, out, models.config,
