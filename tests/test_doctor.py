@@ -232,8 +232,9 @@ def test_no_accelerator_visible_and_profile_detection(recipe, tmp_path):
 
     tools = tmp_path / "tools"
     fake_tool(tools, "hy-smi", "============ System Management Interface ============\n"
-                               "DCU[0]\t\t: Temperature (Sensor edge) (C): 40.0\n"
-                               "DCU[1]\t\t: Temperature (Sensor edge) (C): 41.0")
+                               "DCU[0]\t\t: Device ID: 0x66a1\n"
+                               "DCU[1]\t\t: Device ID: 0x66a1\n"
+                               "=============== End of SMI Log ======================")
     with_dcu = {"PATH": f"{tools}:/usr/bin:/bin"}
     assert run_check("accelerator", recipe, Deployment(tmp_path / "d"), "dtk-22.10", with_dcu) == []
     assert doctor.visible_devices(with_dcu) == {"dcu": 2}

@@ -345,7 +345,8 @@ def visible_devices(environ=None) -> dict[str, int]:
     """Accelerators the vendor tools on PATH can see: {"dcu": n, "cuda": n}."""
     environ = os.environ if environ is None else environ
     counts = {}
-    for kind, command, pattern in (("dcu", ["hy-smi"], r"^\s*(DCU|GPU)\[?\d+"),
+    # hy-smi is DTK's rocm-smi: both list one `DCU[n]`/`GPU[n]` line per device with --showid.
+    for kind, command, pattern in (("dcu", ["hy-smi", "--showid"], r"^\s*(DCU|GPU)\[\d+\]"),
                                    ("dcu", ["rocm-smi", "--showid"], r"^\s*(DCU|GPU)\[\d+\]"),
                                    ("cuda", ["nvidia-smi", "-L"], r"^GPU \d+:")):
         tool = shutil.which(command[0], path=environ.get("PATH"))
