@@ -328,6 +328,7 @@ def create_rattler(prefix: Path, lock, files: list[CondaFile], cache_dir: Path):
 
 
 def write_activation(recipe, deployment, profile: str, prefix: Path):
+    """The bash file, the conda hooks (conda prefixes) and the modulefile, from one table."""
     profile_info = recipe.profile(profile)
     table = activation.variables(deployment, profile, prefix)
     modules = profile_info.modules
