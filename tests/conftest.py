@@ -53,11 +53,11 @@ def slurm_cluster():
     """A real single-node Slurm cluster with munge and an Lmod module tree (see
     tests/slurm_cluster.py), shared by every slurm test; its daemons are stopped by
     PID when the session ends, whatever the tests did."""
-    from slurm_cluster import SlurmCluster, missing_tools
+    from slurm_cluster import SlurmCluster, missing_requirements
 
-    missing = missing_tools()
+    missing = missing_requirements()
     if missing:
-        pytest.skip(f"the Slurm test cluster needs {', '.join(missing)}: "
+        pytest.skip(f"the Slurm test cluster needs {', '.join(missing)}: as root, "
                     "apt-get install slurm-wlm munge lmod (bash .ci/run does)")
     cluster = SlurmCluster()
     try:

@@ -41,12 +41,15 @@ NODE_CPUS = 32
 DCU_COUNT = 2
 
 
-def missing_tools() -> list[str]:
-    """The programs (and Lmod) the cluster needs that this machine lacks."""
+def missing_requirements() -> list[str]:
+    """What this machine lacks to run the cluster: programs, Lmod, root (slurmd starts each
+    job as its user, and munged runs as the munge user)."""
     missing = [tool for tool in TOOLS if not shutil.which(tool)
                and not Path("/usr/sbin", tool).exists()]
     if not LMOD_INIT.exists():
         missing.append(str(LMOD_INIT))
+    if os.geteuid() != 0:
+        missing.append("root (CI runs as root)")
     return missing
 
 
@@ -71,7 +74,6 @@ class SlurmCluster:
         self.conf = self.root / "etc" / "slurm.conf"
         self.modules = self.root / "modulefiles"
         self.processes: dict[str, subprocess.Popen] = {}
-        self.as_root = os.geteuid() == 0
 
     # --- configuration ---------------------------------------------------------------
     @property
@@ -83,7 +85,6 @@ class SlurmCluster:
         etc = self.root / "etc"
         for sub in ("etc", "state", f"spool/{self.node}", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        user = "root" if self.as_root else pwd.getpwuid(os.getuid()).pw_name
         ctld_port, slurmd_port = _free_port(), _free_port()
         (etc / "slurm.conf").write_text(f"""\
 # Written by tests/slurm_cluster.py: a throwaway single-node cluster.
@@ -91,8 +92,8 @@ ClusterName=sdtest
 SlurmctldHost={self.node}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
-SlurmUser={user}
-SlurmdUser={user}
+SlurmUser=root
+SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={self.root}/munge/munge.socket
@@ -143,17 +144,14 @@ setenv("ROCM_PATH", "{self.root}/dtk-22.10.1")
         subprocess.run([_tool("mungekey"), "--create", f"--keyfile={key}"], check=True,
                        capture_output=True)
         key.chmod(0o600)
-        run_as = None
-        if self.as_root:
-            munge = pwd.getpwnam("munge")
-            for path in (munge_dir, key):
-                os.chown(path, munge.pw_uid, munge.pw_gid)
-            run_as = "munge"
+        munge = pwd.getpwnam("munge")
+        for path in (munge_dir, key):
+            os.chown(path, munge.pw_uid, munge.pw_gid)
         self._spawn("munged", [_tool("munged"), "--foreground", "--force",
                                f"--socket={munge_dir}/munge.socket",
                                f"--key-file={key}", f"--pid-file={munge_dir}/munged.pid",
                                f"--log-file={munge_dir}/munged.log",
-                               f"--seed-file={munge_dir}/munged.seed"], user=run_as)
+                               f"--seed-file={munge_dir}/munged.seed"], user="munge")
         self._wait_for(lambda: (munge_dir / "munge.socket").exists(), "munged's socket")
 
     def _spawn(self, name, argv, user=None):
