@@ -118,10 +118,13 @@ def bench_wall(url: str, sha: str, size: int, out: Path, rounds: int) -> dict:
         "curl -o && sha256sum": ["sh", "-c", f'curl -sS -o "{dest}" "{url}" && sha256sum "{dest}"'],
         "sdrecipe fetch+verify": fetch_argv(url, dest, sha, size)}
     times = {name: [] for name in [*contenders, "sdrecipe fetch+verify (in-process)"]}
-    for _ in range(rounds):
-        for name, argv in contenders.items():
+    names = list(contenders)
+    for round_number in range(rounds):
+        shift = round_number % len(names)  # rotate who goes first: no order bias
+        for name in names[shift:] + names[:shift]:
             dest.unlink(missing_ok=True)
-            wall, _, stdout, cpu = run(argv)
+            os.sync()  # every contender starts with no dirty pages to write back
+            wall, _, stdout, cpu = run(contenders[name])
             times[name].append((wall, cpu))
             if name.startswith("sdrecipe"):
                 times["sdrecipe fetch+verify (in-process)"].append((float(stdout), None))
