@@ -106,12 +106,18 @@ class Target:
     def __init__(self, recipe, deployment, profile: str, smoke: bool, opts: dict | None = None):
         self.recipe, self.deployment, self.profile, self.smoke = recipe, deployment, profile, smoke
         self.opts = opts or {}
-        self.state_file = deployment.state / f"deploy-{profile}{'-smoke' if smoke else ''}.json"
+        # one state per profile: the checkout and the env are shared by smoke and real runs
+        self.state_file = deployment.state / f"deploy-{profile}.json"
+        self.mode = "smoke" if smoke else "sample"
         try:
             self.state = json.loads(self.state_file.read_text())
         except (OSError, ValueError):
             self.state = {}
         self._cache = {}
+
+    def verified_fingerprint(self) -> dict | None:
+        """The fingerprint of this mode's last passing verify."""
+        return (self.state.get("verified") or {}).get(self.mode)
 
     def save_state(self) -> None:
         _write_json(self.state_file, self.state)
@@ -157,6 +163,13 @@ class Target:
             return {f.target(self.deployment).relative_to(self.deployment.root).as_posix():
                     expected(f, lock)[0] for f in select(self.recipe, self.profile)}
         return self._memo("pins", compute)
+
+    def model_paths(self) -> set:
+        """Where any artifact of the recipe goes (any profile): not part of the source tree,
+        even when provenance.json was last written by another profile or mode."""
+        from .artifacts import artifact_files
+        return {f.target(self.deployment).relative_to(self.deployment.root).as_posix()
+                for f in artifact_files(self.recipe)}
 
     def files(self) -> dict:
         """Relative path -> sha256 of every deployed file; model artifacts by pinned hash."""
@@ -214,7 +227,7 @@ class Target:
             "lock": {"content_hash": inputs["lock_hash"], "sha256": self.lock_sha256()},
             "env": {"backend": record.get("backend")},
             "files": self.files(),
-            "verified": self.state.get("verified") == self.fingerprint(),
+            "verified": self.verified_fingerprint() == self.fingerprint(),
             "volatile": {"time": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
                          "host": platform.node(), "user": os.environ.get("USER", ""),
                          "deployment": str(self.deployment.root)},
@@ -284,7 +297,7 @@ def _patches_status(t: Target) -> StageStatus:
         return StageStatus("patches", "stale", f"the recipe's series changed since it was applied: "
                            f"{', '.join(changed)}", "re-apply the series")
     edited = [p for p in t.drifted()
-              if p.startswith(f"{t.deployment.source.name}/") and p not in t.artifact_pins()]
+              if p.startswith(f"{t.deployment.source.name}/") and p not in t.model_paths()]
     if edited:
         return StageStatus("patches", "stale", f"deployed files differ from provenance.json: "
                            f"{', '.join(edited[:5])}",
@@ -333,7 +346,7 @@ def _verify_status(t: Target) -> StageStatus:
         failed = ", ".join(c["name"] for c in data.get("checks", []) if not c.get("ok"))
         return StageStatus("verify", "stale", f"last verify failed ({failed}); {out / 'report.html'}",
                            "run the verification sample again")
-    if t.state.get("verified") != t.fingerprint():
+    if t.verified_fingerprint() != t.fingerprint():
         return StageStatus("verify", "stale", "the deployment changed since it was verified",
                            "run the verification sample again")
     return StageStatus("verify", "done", f"passed: {out / 'report.html'}", "nothing")
@@ -441,7 +454,7 @@ def _run_verify(t: Target) -> str:
     print_summary(data, out)
     if not data["ok"]:
         raise VerifyFailed(f"verification failed; report: {out / 'report.html'}")
-    t.state["verified"] = t.fingerprint()
+    t.state.setdefault("verified", {})[t.mode] = t.fingerprint()
     return "passed"
 
 
