@@ -129,7 +129,20 @@ def _overrides(node: Node) -> dict:
 
 
 def parse_section(node: Node, recipe) -> VerifySpec:
-    """Parse the recipe's `verify:` section (registered in recipe.SECTION_PARSERS)."""
+    """Parse the recipe's `verify:` section (registered in recipe.SECTION_PARSERS).
+
+        verify:
+          prompt: a photograph of a cat ...      # required
+          seed: 42                               # required
+          defaults: {size: 512, steps: 20, precision: autocast, scale: 7.5}
+          profiles:                              # optional overrides per recipe profile
+            cpu: {size: 256, steps: 10, precision: full}
+          smoke: {size: 256, steps: 5, precision: full}   # overrides for --smoke
+
+    size: square image side, a multiple of 64 and at least 256 (txt2img's watermark);
+    steps: PLMS steps, 1-1000; precision: txt2img --precision, full or autocast;
+    scale: guidance scale. One image per run, always.
+    """
     node.keys(required=("prompt", "seed"), optional=("defaults", "profiles", "smoke"))
     defaults = _overrides(node.get("defaults")) if node.has("defaults") else {}
     base = Sample(prompt=node.text("prompt"), seed=node.get("seed", int).value,
