@@ -178,6 +178,8 @@ def test_cancelled_job_is_reported(deployment, slurm_env, slurm_cluster):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 12, out + err
     assert f"job {job_id} was cancelled on {slurm_cluster.node}" in err
+    cache = re.search(r"standin: MIOPEN_USER_DB_PATH=(\S+)", "".join(seen)).group(1)
+    assert not Path(cache).parent.exists()  # the node-local cache went with the job
 
 
 def test_interrupt_without_a_tty_leaves_the_job_and_says_how_to_cancel(deployment, slurm_env):

@@ -233,6 +233,7 @@ def _device_lines(accelerator: str) -> str:
             'mkdir -p "$miopen_cache" && export MIOPEN_USER_DB_PATH="$miopen_cache" '
             'MIOPEN_CUSTOM_CACHE_DIR="$miopen_cache"',
             'trap \'rm -rf "$(dirname "$miopen_cache")"\' EXIT',
+            "trap 'exit 143' TERM  # Slurm's SIGTERM at the time limit or scancel: still clean up",
             'echo "sdrecipe: MIOpen cache in $miopen_cache"']
     return "\n".join(lines) + "\n"
 
