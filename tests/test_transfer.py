@@ -379,3 +379,16 @@ def test_progress_bars_on_a_terminal_and_silence_otherwise(mirror, tmp_path, cap
     os.close(controller)
     assert child.wait(timeout=60) == 0
     assert b"total (1 files)" in screen and b"w.bin" in screen
+
+
+def test_the_mirror_answers_head_like_the_hub(mirror):
+    """The test mirror itself: HEAD on a resolve URL as huggingface.co answers it."""
+    import requests
+    url = mirror.add_file("org/model", "w.bin", DATA)
+    hop = requests.head(url, allow_redirects=False, timeout=5)
+    assert hop.status_code == 302 and hop.headers["X-Repo-Commit"] in url
+    assert hop.headers["X-Linked-Etag"] == f'"{SHA}"' and hop.headers["X-Linked-Size"] == str(len(DATA))
+    final = requests.head(url, timeout=5)
+    assert final.status_code == 200 and final.headers["ETag"] == f'"{SHA}"'
+    assert final.headers["Content-Length"] == str(len(DATA)) and final.headers["Accept-Ranges"] == "bytes"
+    assert requests.head(url.replace("w.bin", "x.bin"), timeout=5).status_code == 404
