@@ -388,7 +388,7 @@ def test_the_mirror_answers_head_like_the_hub(mirror):
     hop = requests.head(url, allow_redirects=False, timeout=5)
     assert hop.status_code == 302 and hop.headers["X-Repo-Commit"] in url
     assert hop.headers["X-Linked-Etag"] == f'"{SHA}"' and hop.headers["X-Linked-Size"] == str(len(DATA))
-    final = requests.head(url, timeout=5)
+    final = requests.head(url, allow_redirects=True, timeout=5)
     assert final.status_code == 200 and final.headers["ETag"] == f'"{SHA}"'
     assert final.headers["Content-Length"] == str(len(DATA)) and final.headers["Accept-Ranges"] == "bytes"
     assert requests.head(url.replace("w.bin", "x.bin"), timeout=5).status_code == 404
