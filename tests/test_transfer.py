@@ -9,6 +9,7 @@ import os
 import resource
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -392,3 +393,24 @@ def test_the_mirror_answers_head_like_the_hub(mirror):
     assert final.status_code == 200 and final.headers["ETag"] == f'"{SHA}"'
     assert final.headers["Content-Length"] == str(len(DATA)) and final.headers["Accept-Ranges"] == "bytes"
     assert requests.head(url.replace("w.bin", "x.bin"), timeout=5).status_code == 404
+
+
+def test_a_second_process_on_the_same_file_waits_for_the_first(mirror, tmp_path, caplog):
+    """Two jobs sharing a cache (the first a real second process): the second waits for
+    the first's lock, says so, and neither writes into the other's part file."""
+    url = mirror.add_plain("w.bin", DATA)
+    mirror.fault(url, delay=1.5)  # the first holder is slow
+    import sys
+    first = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from sdrecipe.transfer import Transfer, Download; "
+         "Transfer(token='', progress=False).fetch([Download([sys.argv[1]], Path(sys.argv[2]))])",
+         url, str(tmp_path / "w.bin")],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    while not mirror.hits:  # the first one holds the lock and is waiting for the server
+        assert first.poll() is None
+        time.sleep(0.01)
+    [result] = fast().fetch([pinned([url], tmp_path / "w.bin")])
+    assert first.wait(timeout=30) == 0
+    assert result.sha256 == SHA and (tmp_path / "w.bin").read_bytes() == DATA
+    assert "another process is downloading" in caplog.text

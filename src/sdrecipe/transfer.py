@@ -441,7 +441,7 @@ class Transfer:
         task = progress.file(download.label, download.size)
         try:
             download.dest.parent.mkdir(parents=True, exist_ok=True)
-            with filelock.FileLock(str(download.dest) + ".lock"):  # two jobs sharing a cache
+            with _exclusive(download):
                 part.load()
                 progress.advance(task, part.offset)
                 if download.size is not None and part.offset == download.size:
@@ -630,6 +630,22 @@ class Transfer:
 
     def _redact(self, text: str) -> str:
         return text.replace(self.token, "***") if self.token else text
+
+
+@contextlib.contextmanager
+def _exclusive(download: Download):
+    """One writer per file: two jobs sharing a cache wait for each other, and say so."""
+    lock = filelock.FileLock(str(download.dest) + ".lock")
+    try:
+        lock.acquire(timeout=1)
+    except filelock.Timeout:
+        log.warning("%s: another process is downloading %s; waiting for it", download.label,
+                    download.dest)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _ensure_space(folder: Path, needed: int, what: str) -> None:
