@@ -43,7 +43,6 @@ import datetime
 import hashlib
 import http.server
 import ipaddress
-import os
 import re
 import ssl
 import sys
