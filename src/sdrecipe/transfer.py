@@ -9,6 +9,12 @@ Interface (the `artifacts` stage and anything else that downloads uses only this
                           gated=True, label="sd-v1-4.ckpt")]
     results = Transfer.from_config(config).fetch(downloads)   # -> [Result(dest, sha256, size, url)]
 
+- `Transfer(ca_bundle=None, token=None, retries=4, timeout=30.0, jobs=4,
+  progress=None, backoff=1.0, quarantine_dir=None)`: `token=None` looks one up
+  with `resolve_token()`, `""` means none; `timeout` is per connect and per read;
+  `progress=None` shows per-file and total bars (rich) only when stderr is a
+  terminal, nothing in batch jobs; `from_config(config, **overrides)` takes the
+  CA bundle from the site config.
 - `Download.urls` are candidates tried in order (mirrors first, huggingface.co
   last). `sha256=None` is trust on first use: the hash is computed while
   downloading and returned for the caller to record. `size=None` likewise.
@@ -43,6 +49,9 @@ How one file arrives:
   `huggingface-cli login` writes) goes only to downloads marked `gated`, and
   never to another host after a redirect (HF redirects to a CDN). It is redacted
   from every message and log line.
+- `<dest>.lock` keeps two processes that share a cache from writing one part at
+  once (the second waits, and says so). A complete part left by a run killed
+  before its rename is verified and renamed, not fetched again.
 - A full disk (ENOSPC, or EDQUOT on a quota'd cluster filesystem) stops with
   `DiskSpaceError`; the part stays for the next run to resume, `dest` is never
   touched.
