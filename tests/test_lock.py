@@ -97,7 +97,8 @@ def test_conda_part_solved_by_py_rattler_via_a_channel_mirror_then_installed_fro
     env = tmp_path / "project" / "env"
     (env / "environment.yaml").write_text("channels: [sdr-test]\ndependencies:\n  - sdr-tool\n")
     (env / "profiles" / "cpu.yaml").write_text(
-        "channels: [sdr-test]\ndependencies:\n  - openmpi=4.1.2\n")
+        # conda's spec syntax with a build glob, as the real profiles use (`pytorch=1.11.0=*cpu*`)
+        "channels: [sdr-test]\ndependencies:\n  - openmpi=4.1.2=*h0*\n")
     recipe = load_recipe(recipe_file)
     assert not lock_module.write_lock(recipe, "cpu", pip_only=True).conda_locked
 

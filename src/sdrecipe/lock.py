@@ -488,7 +488,9 @@ def solve_conda_part(spec: EnvSpec, channel_alias: str | None = None) -> list:
     channels = [rattler.Channel(c, config) for c in spec.channels]
     try:
         records = asyncio.run(rattler.solve(
-            sources=channels, specs=list(spec.conda_specs),
+            # conda's own spec syntax (`pytorch=1.11.0=*cpu*`), parsed leniently as conda does;
+            # solve() would parse plain strings strictly and refuse build globs.
+            sources=channels, specs=[rattler.MatchSpec(s) for s in spec.conda_specs],
             platforms=[TARGET_PLATFORM, "noarch"], virtual_packages=_virtual_packages(spec)))
     except Exception as exc:  # py-rattler raises per-cause types (network, unsolvable)
         raise SdrecipeError(
