@@ -18,7 +18,7 @@ load` really happened.
 `SlurmCluster.start()` returns once the node is idle; `stop()` cancels the jobs
 still queued or running (their slurmstepd would outlive slurmd), then ends every
 daemon it started, by PID. `python tests/slurm_cluster.py` starts one by hand and
-prints the environment to use it until Ctrl-C.
+prints the environment to use it until Ctrl-C (or `kill PID`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -229,6 +230,7 @@ setenv("ROCM_PATH", "{self.root}/dtk-22.10.1")
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so `kill PID` also stops the daemons
     cluster = SlurmCluster().start()
     print("cluster up; in another shell:")
     for key, value in cluster.env.items():
@@ -240,3 +242,4 @@ if __name__ == "__main__":
         pass
     finally:
         cluster.stop()
+        cluster.remove()
