@@ -150,9 +150,8 @@ def isolate(monkeypatch, tmp_path: Path, mirror) -> Path:
     for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SDRECIPE_CA_BUNDLE",
                  "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "SDRECIPE_DEPLOY_DIR"):
         monkeypatch.delenv(name, raising=False)
-    # transfer.endpoints_from always appends huggingface.co as the last resort; a test
-    # must never reach the internet, so the last resort is the loopback mirror too.
-    monkeypatch.setattr("sdrecipe.transfer.DEFAULT_ENDPOINT", mirror.url)
+    # a test never reaches the internet: no huggingface.co after the loopback mirror
+    monkeypatch.setenv("SDRECIPE_HF_HUB_FALLBACK", "0")
     return cache
 
 

@@ -190,7 +190,6 @@ def test_trust_on_first_use_is_enforced_afterwards(env, world, tmp_path, monkeyp
                 changed.add_file(repo, path, data, gated=repo == "tiny/sd",
                                  commit=world["hf_commits"][repo])
         monkeypatch.setenv("HF_ENDPOINT", changed.url)
-        monkeypatch.setattr("sdrecipe.transfer.DEFAULT_ENDPOINT", changed.url)
         monkeypatch.setenv("SDRECIPE_CACHE", str(tmp_path / "fresh-cache"))
         env["deploy"] = tmp_path / "deploy-b"
         code = main(["--recipe", str(env["recipe"]), "--deploy-dir", str(env["deploy"]),

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mirror_server import MirrorServer
+from sdrecipe.errors import SdrecipeError
 from sdrecipe.transfer import (GATED_HINT, DiskSpaceError, Download, GatedError, IntegrityError,
                                Transfer, TransferError, endpoints_from, hf_resolve_urls,
                                resolve_token)
@@ -66,6 +67,11 @@ def test_hf_resolve_urls_and_endpoint_order(monkeypatch):
         "https://huggingface.co"]
     from sdrecipe.config import load_config
     assert endpoints_from(load_config())[0] == "https://site-mirror"
+    monkeypatch.setenv("SDRECIPE_HF_HUB_FALLBACK", "0")  # an air-gapped site: its mirror only
+    assert endpoints_from(load_config()) == ["https://site-mirror", "https://hf-mirror.example"]
+    monkeypatch.setenv("SDRECIPE_HF_HUB_FALLBACK", "maybe")
+    with pytest.raises(SdrecipeError, match="SDRECIPE_HF_HUB_FALLBACK"):
+        load_config()
 
 
 # --- resume ---------------------------------------------------------------------------------

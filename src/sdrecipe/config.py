@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import SdrecipeError
 from .schema import load_yaml
 
 # key -> (environment variable, type, default)
@@ -21,6 +22,9 @@ SETTINGS: dict[str, tuple[str | None, type, Any]] = {
     "cache_dir": ("SDRECIPE_CACHE", str, "~/.cache/sdrecipe"),
     "ca_bundle": ("SDRECIPE_CA_BUNDLE", str, None),
     "hf_endpoints": ("HF_ENDPOINT", list, None),
+    # try huggingface.co after the endpoints above; an air-gapped site with only an
+    # internal mirror turns it off, so a miss fails at once instead of after DNS retries
+    "hf_hub_fallback": ("SDRECIPE_HF_HUB_FALLBACK", bool, True),
     "wheel_dir": ("SDRECIPE_WHEEL_DIR", str, "/public/software/apps/DeepLearning/whl/dtk-22.10/"),
     # conda channels by name are looked up (and locked packages fetched) under this alias:
     # point it at a mirror
@@ -58,6 +62,16 @@ class Config:
         return self.values[key]
 
 
+def _from_env(name: str, value: str, kind: type):
+    if kind is list:
+        return value.split(",")
+    if kind is bool:
+        if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise SdrecipeError(f"${name}={value!r}: expected 1/true/yes or 0/false/no")
+        return value.lower() in ("1", "true", "yes")
+    return value
+
+
 def load_config() -> Config:
     """Merge environment, config file and defaults; file errors name file:line."""
     path = config_path()
@@ -72,7 +86,7 @@ def load_config() -> Config:
     for key, (env_var, kind, default) in SETTINGS.items():
         env_value = os.environ.get(env_var) if env_var else None
         if env_value:
-            values[key] = env_value.split(",") if kind is list else env_value
+            values[key] = _from_env(env_var, env_value, kind)
         else:
             values[key] = from_file.get(key, default)
     return Config(values, path if path.is_file() else None)

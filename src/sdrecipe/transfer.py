@@ -176,10 +176,13 @@ def hf_resolve_urls(endpoints, repo: str, revision: str, path: str) -> list[str]
 
 def endpoints_from(config=None, mirrors=()) -> list[str]:
     """Hugging Face endpoints in the order to try: `HF_ENDPOINT` / config `hf_endpoints`
-    (a comma list in the variable), then the recipe's `mirrors`, then huggingface.co."""
-    configured = config.get("hf_endpoints") if config is not None else \
-        (os.environ.get("HF_ENDPOINT") or "").split(",")
-    found = [e.strip().rstrip("/") for e in [*(configured or ()), *mirrors, DEFAULT_ENDPOINT]]
+    (a comma list in the variable), then the recipe's `mirrors`, then huggingface.co unless
+    config `hf_hub_fallback` ($SDRECIPE_HF_HUB_FALLBACK) is off."""
+    if config is None:
+        from .config import load_config
+        config = load_config()
+    hub = [DEFAULT_ENDPOINT] if config.get("hf_hub_fallback") else []
+    found = [e.strip().rstrip("/") for e in [*(config.get("hf_endpoints") or ()), *mirrors, *hub]]
     return list(dict.fromkeys(e for e in found if e))
 
 
