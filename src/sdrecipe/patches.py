@@ -28,6 +28,7 @@ from pathlib import Path
 
 import git
 from filelock import FileLock, Timeout
+from unidiff import PatchSet
 
 from .errors import SdrecipeError
 from .recipe import PatchEntry, Recipe
@@ -78,6 +79,16 @@ def open_checkout(source) -> Checkout:
     except ValueError:
         raise SdrecipeError(f"{path}: the git checkout has no commit checked out") from None
     return Checkout(path, repo, head)
+
+
+def series_paths(recipe: Recipe) -> set:
+    """Every file any patch of the recipe touches (in any profile's series)."""
+    paths = set()
+    for entry in recipe.patches:
+        for patched in PatchSet.from_filename(str(recipe.patch_dir / entry.file), encoding="utf-8"):
+            paths.update(p[2:] for p in (patched.source_file, patched.target_file)
+                         if p.startswith(("a/", "b/")))
+    return paths
 
 
 def check_pinned_head(source, recipe: Recipe) -> Checkout:

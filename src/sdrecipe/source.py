@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import git
-from unidiff import PatchSet
 
 from .errors import SdrecipeError
 
@@ -144,10 +143,10 @@ def check_existing(recipe, dest: Path, profile: str | None = None) -> None:
     changed = set(repo.git.diff("--name-only", "HEAD").splitlines())  # tracked files only
     if not changed:
         return
-    outside = sorted(changed - _series_paths(recipe))
+    from .patches import series_paths, tree_state
+    outside = sorted(changed - series_paths(recipe))
     drifted = []
     if not outside:
-        from .patches import tree_state
         drifted = list(tree_state(dest, recipe, profile or next(iter(recipe.profiles))).drifted)
     foreign = outside + drifted
     if not foreign:
@@ -157,13 +156,3 @@ def check_existing(recipe, dest: Path, profile: str | None = None) -> None:
         f"{dest} has changes that are not the recipe's patch series: {listing}. "
         "Save them elsewhere (git diff > my.patch), then restore those files with "
         "`git checkout -- <file>` (or move the checkout aside) and run again")
-
-
-def _series_paths(recipe) -> set:
-    """Every file any patch of the recipe touches (in any profile's series)."""
-    paths = set()
-    for entry in recipe.patches:
-        for patched in PatchSet.from_filename(str(recipe.patch_dir / entry.file), encoding="utf-8"):
-            paths.update(p[2:] for p in (patched.source_file, patched.target_file)
-                         if p.startswith(("a/", "b/")))
-    return paths
