@@ -3,9 +3,10 @@
 The slurm tests drive Debian's `slurm-wlm` (22.05) for real: this module writes a
 slurm.conf for one node named after this host (32 CPUs declared with
 `config_overrides`, so the seed's `-n 16` fits on a 2-core CI machine beside a
-long-running test job; `Gres=dcu:2`
-as a count-only generic resource), starts `munged` as the munge user with its own
-key, socket and PID file, then `slurmctld` and `slurmd` in the foreground, each
+long-running test job; `Gres=dcu:2` as a count-only generic resource, and
+`gpu:2` on device nodes made with mknod, so Slurm's gpu plugin exports
+CUDA_VISIBLE_DEVICES as on a CUDA site), starts `munged` as the munge user with
+its own key, socket and PID file, then `slurmctld` and `slurmd` in the foreground, each
 on a free loopback port, all state under one temporary folder. No accounting
 daemon: `sacct` does not work, which is how most test clusters and some sites
 look, so the poller under test must work from `scontrol`. `MinJobAge` keeps
@@ -28,6 +29,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -40,6 +42,7 @@ LMOD_INIT = Path("/usr/share/lmod/lmod/init/bash")
 DTK_MODULE = "compiler/rocm/dtk-22.10.1"
 NODE_CPUS = 32
 DCU_COUNT = 2
+GPU_COUNT = 2
 
 
 def missing_requirements() -> list[str]:
@@ -75,6 +78,7 @@ class SlurmCluster:
         self.conf = self.root / "etc" / "slurm.conf"
         self.modules = self.root / "modulefiles"
         self.processes: dict[str, subprocess.Popen] = {}
+        self.gpus = 0  # gpu gres devices, once configured
 
     # --- configuration ---------------------------------------------------------------
     @property
@@ -82,10 +86,24 @@ class SlurmCluster:
         """What a client needs: SLURM_CONF, and Lmod's module path with the test module."""
         return {"SLURM_CONF": str(self.conf), "MODULEPATH": str(self.modules)}
 
+    def _gpu_devices(self) -> Path | None:
+        """Device nodes for the gpu gres (copies of /dev/null's), or None where mknod is refused."""
+        devices = self.root / "dev"
+        devices.mkdir(exist_ok=True)
+        try:
+            for index in range(GPU_COUNT):
+                os.mknod(devices / f"gpu{index}", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        except PermissionError:
+            return None
+        return devices
+
     def _write_config(self):
         etc = self.root / "etc"
         for sub in ("etc", "state", f"spool/{self.node}", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        devices = self._gpu_devices()
+        self.gpus = GPU_COUNT if devices else 0
+        gres = f"dcu:{DCU_COUNT}" + (f",gpu:{GPU_COUNT}" if devices else "")
         ctld_port, slurmd_port = _free_port(), _free_port()
         (etc / "slurm.conf").write_text(f"""\
 # Written by tests/slurm_cluster.py: a throwaway single-node cluster.
@@ -109,7 +127,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
-GresTypes=dcu
+GresTypes=dcu,gpu
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
@@ -124,10 +142,12 @@ MessageTimeout=5
 SlurmctldTimeout=10
 SlurmdTimeout=30
 MaxArraySize=1001
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} RealMemory=1000 Gres=dcu:{DCU_COUNT} State=UNKNOWN
+NodeName={self.node} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} RealMemory=1000 Gres={gres} State=UNKNOWN
 PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 """)
-        (etc / "gres.conf").write_text(f"Name=dcu Count={DCU_COUNT} Flags=CountOnly\n")
+        (etc / "gres.conf").write_text(
+            f"Name=dcu Count={DCU_COUNT} Flags=CountOnly\n"
+            + (f"Name=gpu File={devices}/gpu[0-{GPU_COUNT - 1}]\n" if devices else ""))
         module = self.modules / f"{DTK_MODULE}.lua"
         module.parent.mkdir(parents=True, exist_ok=True)
         module.write_text(f"""\

@@ -49,11 +49,12 @@ def deployment(tmp_path_factory):
     checkpoint = deployment.models / "ldm" / "stable-diffusion-v1" / "model.ckpt"
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"stand-in")
-    prefix = deployment.env_prefix(PROFILE)
-    (prefix / "bin").mkdir(parents=True)
-    (prefix / "bin" / "python").symlink_to(PY38 if PY38.exists() else Path(sys.executable))
-    write_activation(load_recipe(ROOT / "recipe" / "stable-diffusion.yaml"), deployment, PROFILE,
-                     prefix)
+    recipe = load_recipe(ROOT / "recipe" / "stable-diffusion.yaml")
+    for profile in (PROFILE, "cuda"):
+        prefix = deployment.env_prefix(profile)
+        (prefix / "bin").mkdir(parents=True)
+        (prefix / "bin" / "python").symlink_to(PY38 if PY38.exists() else Path(sys.executable))
+        write_activation(recipe, deployment, profile, prefix)
     return deployment
 
 
@@ -146,6 +147,20 @@ def test_module_load_happens_inside_the_job(verify_ok, deployment, slurm_env):
     assert f"standin: SDRECIPE_PROFILE={PROFILE}" in out  # the build stage's activation ran
     assert f"standin: cwd={deployment.source}" in out
     assert re.search(r"standin: MIOPEN_USER_DB_PATH=/tmp/\w+-\d+/miopen", out)
+    # dcu is a count-only gres here, as on many DCU sites: no device list to pass on
+    assert "sdrecipe: HIP_VISIBLE_DEVICES=<not set: Slurm exported no device list" in out
+
+
+def test_cuda_job_sees_the_gpu_slurm_allocated(deployment, slurm_env, slurm_cluster):
+    if not slurm_cluster.gpus:
+        pytest.skip("this machine refuses mknod, so the test cluster has no gpu gres")
+    done = sdrecipe(deployment, "submit", "verify", "--profile", "cuda", "--gres", "gpu:1",
+                    "--ntasks", "1", env=slurm_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    allocated = re.search(r"standin: SLURM_JOB_GPUS=(\d)\n", done.stdout).group(1)
+    assert f"standin: CUDA_VISIBLE_DEVICES={allocated}\n" in done.stdout
+    assert "loaded module" not in done.stdout  # the cuda profile names no module
+    assert "standin: MIOPEN_USER_DB_PATH=\n" in done.stdout  # MIOpen is DCU's
 
 
 def test_failed_job_gives_its_exit_code_and_log_tail(deployment, slurm_env):

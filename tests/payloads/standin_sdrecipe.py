@@ -28,7 +28,7 @@ def main(argv):
     verify.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     for name in ("DTK_TEST_LOADED", "ROCM_PATH", "SDRECIPE_PROFILE", "HIP_VISIBLE_DEVICES",
-                 "MIOPEN_USER_DB_PATH"):
+                 "CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "MIOPEN_USER_DB_PATH"):
         print("standin: %s=%s" % (name, os.environ.get(name, "")), flush=True)
     print("standin: cwd=%s" % os.getcwd(), flush=True)
     mode = os.environ.get("STANDIN_VERIFY", "ok")
