@@ -32,3 +32,12 @@ def test_errors_are_one_line_with_exit_2(tmp_path):
     done = run_wrapper("--recipe", str(broken), "lint")
     assert done.returncode == 2
     assert done.stderr.startswith(f"sdrecipe: error: {broken}:") and "Traceback" not in done.stderr
+
+
+def test_global_options_work_after_the_command_too(tmp_path):
+    from sdrecipe.cli import build_parser
+    before = build_parser().parse_args(["--deploy-dir", "A", "status", "--profile", "cpu"])
+    after = build_parser().parse_args(["status", "--profile", "cpu", "--deploy-dir", "B"])
+    nested = build_parser().parse_args(["env", "build", "--deploy-dir", "C", "--recipe", "r.yaml"])
+    assert (before.deploy_dir, after.deploy_dir, nested.deploy_dir) == ("A", "B", "C")
+    assert (before.recipe, nested.recipe) == (None, "r.yaml")

@@ -8,6 +8,7 @@ message on stderr and exit code 2; Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -42,12 +43,36 @@ class Context:
         return detect_profile()
 
 
+def _handler(module: str, function: str, *args):
+    """Import a stage module only when its command runs: start-up stays fast."""
+    def run(ctx):
+        stage = importlib.import_module(f"sdrecipe.{module}")
+        return getattr(stage, function)(ctx, *args)
+    return run
+
+
+class CommandParser(argparse.ArgumentParser):
+    """Every (sub)command also takes --recipe and --deploy-dir after its name."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _global_options(self, default=argparse.SUPPRESS)
+
+
+def _global_options(parser, default=None):
+    parser.add_argument("--recipe", default=default,
+                        help="recipe file (default: $SDRECIPE_RECIPE or "
+                             "recipe/stable-diffusion.yaml of this checkout)")
+    parser.add_argument("--deploy-dir", default=default,
+                        help="deployment folder (default: $SDRECIPE_DEPLOY_DIR "
+                             "or ./deploy beside the recipe)")
+
+
 def _profile_option(parser, help_text="platform profile (default: detected on this machine)"):
     parser.add_argument("--profile", choices=PROFILES, help=help_text)
 
 
 def _add_patch(sub):
-    from . import patches
     parser = sub.add_parser("patch", help="apply, revert or inspect the patch series on a checkout")
     actions = parser.add_subparsers(dest="action", required=True)
     for name, help_text in (("apply", "apply the series for a profile, all or nothing"),
@@ -59,28 +84,25 @@ def _add_patch(sub):
         if name != "status":
             action.add_argument("--force", action="store_true",
                                 help="overwrite files edited by hand (drift)")
-        action.set_defaults(func=lambda ctx, name=name: patches.run_command(ctx, name))
+        action.set_defaults(func=_handler("patches", "run_command", name))
 
 
 def _add_lint(sub):
-    from . import lint
     parser = sub.add_parser("lint", help="check the recipe, patch series and locks (CI gate)")
     parser.add_argument("--source", type=Path,
                         help="a checkout at the pinned commit: also apply/reverse every series")
     parser.add_argument("--format", choices=("text", "json"), default="text")
-    parser.set_defaults(func=lint.run_command)
+    parser.set_defaults(func=_handler("lint", "run_command"))
 
 
 def _add_upstream_lock(sub):
-    from . import upstream_lock
     parser = sub.add_parser("upstream-lock",
                             help="write lock/upstream.lock from a checkout at the pinned commit")
     parser.add_argument("--source", required=True, type=Path)
-    parser.set_defaults(func=upstream_lock.write_command)
+    parser.set_defaults(func=_handler("upstream_lock", "write_command"))
 
 
 def _add_env(sub):
-    from . import env
     parser = sub.add_parser("env", help="build a profile's environment from its lock, or check it")
     actions = parser.add_subparsers(dest="action", required=True)
     build = actions.add_parser("build", help="create the environment from the lock (no solver)")
@@ -90,21 +112,19 @@ def _add_env(sub):
     build.add_argument("--python", metavar="PATH",
                        help="build a venv of this interpreter instead of a conda environment")
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    build.set_defaults(func=env.build_command)
+    build.set_defaults(func=_handler("env", "build_command"))
     check = actions.add_parser("check", help="run the offline import check in the environment")
     _profile_option(check)
-    check.set_defaults(func=env.check_command)
+    check.set_defaults(func=_handler("env", "check_command"))
 
 
 def _add_doctor(sub):
-    from . import doctor
     parser = sub.add_parser("doctor", help="diagnose a deployment and name the fix for each problem")
     _profile_option(parser)
-    parser.set_defaults(func=doctor.run_command)
+    parser.set_defaults(func=_handler("doctor", "run_command"))
 
 
 def _add_fetch(sub):
-    from . import fetch
     parser = sub.add_parser("fetch", help="clone the pinned upstream and fetch the profile's "
                                           "model files into the deployment")
     _profile_option(parser)
@@ -116,11 +136,10 @@ def _add_fetch(sub):
                         help="only these artifacts, by recipe name (may name optional ones)")
     parser.add_argument("--from-bundle", type=Path, metavar="BUNDLE",
                         help="restore from an offline bundle (folder or tar); no network")
-    parser.set_defaults(func=fetch.run_command)
+    parser.set_defaults(func=_handler("fetch", "run_command"))
 
 
 def _add_bundle(sub):
-    from . import bundle
     parser = sub.add_parser("bundle", help="pack an offline bundle for nodes without network")
     actions = parser.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="write source, artifacts, recipe, locks (and "
@@ -133,7 +152,7 @@ def _add_bundle(sub):
                         help="a folder (default; rsync-friendly) or one tar file")
     create.add_argument("--wheels", type=Path, action="append", metavar="DIR",
                         help="a folder of wheels to carry for offline pip (repeatable)")
-    create.set_defaults(func=bundle.create_command)
+    create.set_defaults(func=_handler("bundle", "create_command"))
 
 
 def _slurm_resource_options(parser):
@@ -153,16 +172,16 @@ def _slurm_resource_options(parser):
 
 
 def _add_submit(sub):
-    from . import jobs, watch
+    from .watch import EXIT_HELP
     parser = sub.add_parser("submit", help="run verify or a prompt batch as a Slurm job, "
                                            "follow it and collect its results",
-                            epilog=watch.EXIT_HELP)
+                            epilog=EXIT_HELP)
     kinds = parser.add_subparsers(dest="kind", required=True)
     verify = kinds.add_parser("verify", help="run sdrecipe verify in a job; collect report.json",
-                              epilog=watch.EXIT_HELP)
+                              epilog=EXIT_HELP)
     verify.add_argument("--smoke", action="store_true", help="verify on tiny models (seconds)")
     generate = kinds.add_parser("generate", help="a job array over a prompt file; gallery.html",
-                                epilog=watch.EXIT_HELP)
+                                epilog=EXIT_HELP)
     generate.add_argument("--prompts", required=True, type=Path,
                           help="prompt file: one prompt per line, # comments")
     generate.add_argument("--out", help="output folder (default: <deploy>/outputs/<prompt file name>)")
@@ -187,11 +206,10 @@ def _add_submit(sub):
         kind.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
         kind.add_argument("--no-wait", action="store_true", help="submit and return")
         kind.add_argument("--quiet", action="store_true", help="do not print the job's log")
-        kind.set_defaults(func=jobs.submit_command)
+        kind.set_defaults(func=_handler("jobs", "submit_command"))
 
 
 def _add_salloc(sub):
-    from . import jobs
     parser = sub.add_parser("salloc", help="print (or --run) the interactive sequence: "
                                            "salloc, a shell on the node, module and environment")
     _profile_option(parser)
@@ -199,11 +217,10 @@ def _add_salloc(sub):
     parser.add_argument("--run", action="store_true", help="run it: salloc + srun --pty bash, set up")
     parser.add_argument("command", nargs="*", help="with --run: run this command on the node "
                                                    "instead of a shell")
-    parser.set_defaults(func=jobs.salloc_command)
+    parser.set_defaults(func=_handler("jobs", "salloc_command"))
 
 
 def _add_lock(sub):
-    from . import lock
     parser = sub.add_parser("lock", help="resolve env/ into lock/<profile>.conda-lock.yml "
                                          "(conda part by py-rattler, pip part by uv)")
     which = parser.add_mutually_exclusive_group(required=True)
@@ -212,11 +229,10 @@ def _add_lock(sub):
     parser.add_argument("--pip-only", action="store_true",
                         help="lock the pip part only (where conda channels are unreachable); "
                              "a conda part already locked from the same inputs is kept")
-    parser.set_defaults(func=lock.run_command)
+    parser.set_defaults(func=_handler("lock", "run_command"))
 
 
 def _add_verify(sub):
-    from . import verify
     parser = sub.add_parser("verify", help="run a short txt2img sample in the built environment, "
                                            "offline; check it and write report.json/report.html")
     _profile_option(parser)
@@ -224,11 +240,10 @@ def _add_verify(sub):
                         help="use the tiny generated models (seconds; made by deploy --smoke)")
     parser.add_argument("--out", help="report folder (default: <deploy>/reports/<profile>/"
                                       "sample or .../smoke)")
-    parser.set_defaults(func=verify.run_command)
+    parser.set_defaults(func=_handler("verify", "run_command"))
 
 
 def _add_deploy(sub):
-    from . import deploy
     parser = sub.add_parser("deploy", help="fetch, patch, build, preseed and verify: every stage "
                                            "that is not done yet")
     _profile_option(parser)
@@ -242,13 +257,13 @@ def _add_deploy(sub):
     parser.add_argument("--upstream", metavar="DIR",
                         help="copy this local checkout of the pinned commit instead of cloning "
                              "(default: $SDRECIPE_UPSTREAM or the upstream_checkout setting)")
-    parser.set_defaults(func=deploy.deploy_command)
+    parser.set_defaults(func=_handler("deploy", "deploy_command"))
     status = sub.add_parser("status", help="each deploy stage: done, stale or missing, why, "
                                            "and what a re-run would do")
     _profile_option(status)
     status.add_argument("--smoke", action="store_true", help="the smoke deployment's status")
     status.add_argument("--format", choices=("text", "json"), default="text")
-    status.set_defaults(func=deploy.status_command)
+    status.set_defaults(func=_handler("deploy", "status_command"))
 
 
 COMMANDS = (_add_patch, _add_lint, _add_upstream_lock, _add_env, _add_doctor, _add_fetch,
@@ -256,13 +271,11 @@ COMMANDS = (_add_patch, _add_lint, _add_upstream_lock, _add_env, _add_doctor, _a
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdrecipe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="sdrecipe", description="Deploy CompVis/stable-diffusion on an HPC cluster from a pinned, patched, locked recipe.")
     parser.add_argument("--version", action="version", version=f"sdrecipe {__version__}")
-    parser.add_argument("--recipe", help="recipe file (default: $SDRECIPE_RECIPE or "
-                                         "recipe/stable-diffusion.yaml of this checkout)")
-    parser.add_argument("--deploy-dir", help="deployment folder (default: $SDRECIPE_DEPLOY_DIR "
-                                             "or ./deploy beside the recipe)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _global_options(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=CommandParser)
     for add in COMMANDS:
         add(sub)
     return parser
