@@ -6,15 +6,20 @@ that decide what is submitted and what exit code a user gets.
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from sdrecipe import batch, slurm
+from sdrecipe import batch, gallery, slurm
 from sdrecipe.config import Config
 from sdrecipe.errors import RecipeError, SdrecipeError
 from sdrecipe.recipe import load_recipe
@@ -119,6 +124,32 @@ def test_an_empty_prompt_file_is_an_error_naming_it(tmp_path):
     prompts.write_text("# only comments\n\n")
     with pytest.raises(SdrecipeError, match=f"{prompts}: no prompts"):
         batch.plan(prompts, batch.DEFAULT_SETTINGS)
+
+
+def test_gallery_embeds_thumbnails_linking_to_the_full_size_images(tmp_path):
+    """The prompt folder is made here as the in-job runner leaves it (images + sidecar),
+    at full upstream size, so the page's weight is what a real batch would give."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red <fox>\na blue whale\n")
+    entries = batch.plan(prompts, batch.DEFAULT_SETTINGS)
+    done = tmp_path / entries[0].folder
+    done.mkdir()
+    names = [f"{i:05}.png" for i in range(3)]
+    for name in names:  # noise: compresses no better than a real sample
+        Image.frombytes("RGB", (512, 512), os.urandom(512 * 512 * 3)).save(done / name)
+    (done / "prompt.json").write_text(json.dumps({
+        "prompt": "a red <fox>", "index": 1, "images": names, "seed": 42, "node": "n1",
+        "settings": batch.DEFAULT_SETTINGS, "timing": {"total_s": 3.5}, "job": {"id": "7"}}))
+    path, made = gallery.write_gallery(entries, tmp_path, "batch <1>")
+    page = path.read_text()
+    assert made == 1 and "1 of 2 prompts done" in page and "<title>batch &lt;1&gt;</title>" in page
+    assert "a red &lt;fox&gt;" in page and "line 2: not made yet" in page
+    uris = re.findall(r'<a href="([^"]+)"><img alt="[^"]+" src="data:image/png;base64,([^"]+)"', page)
+    assert [href for href, _ in uris] == [f"{entries[0].folder}/{name}" for name in names]
+    for _, data in uris:
+        assert Image.open(io.BytesIO(base64.b64decode(data))).size == (256, 256)
+    full_size = sum((done / name).stat().st_size for name in names)
+    assert len(page) < full_size / 2  # linked, not embedded (embedded: 4/3 of full_size)
 
 
 def sdrecipe_cli(*args, env_extra=None):

@@ -78,7 +78,9 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(temp, path)
 
 
-def _thumbnail(path: Path) -> str:
+def thumbnail_data_uri(path: Path) -> str:
+    """A PNG thumbnail (at most THUMBNAIL_PX square) as a data URI: pages stay
+    self-contained without embedding full-size images (3 x 512² per prompt adds up)."""
     from PIL import Image
     with Image.open(path) as image:
         image = image.convert("RGB")
@@ -97,12 +99,16 @@ def _seconds(value) -> str:
     return "not measured" if value is None else f"{value:.2f} s"
 
 
+def render_template(name: str, **fields: str) -> str:
+    """Fill `templates/<name>` (string.Template `$field`s; values are already HTML)."""
+    return Template(resources.files("sdrecipe").joinpath(f"templates/{name}")
+                    .read_text(encoding="utf-8")).substitute(**fields)
+
+
 def render_html(out: Path, data: dict) -> str:
-    template = Template(resources.files("sdrecipe").joinpath("templates/report.html")
-                        .read_text(encoding="utf-8"))
     figures = []
     for relative in data["images"]:
-        src = _thumbnail(out / relative)
+        src = thumbnail_data_uri(out / relative)
         figures.append(f'<figure><img src="{src}" alt="{html.escape(relative)}">'
                        f"<figcaption>{html.escape(relative)}</figcaption></figure>")
     checks = "\n".join(
@@ -118,7 +124,8 @@ def render_html(out: Path, data: dict) -> str:
               ("recipe sha256", prov.get("recipe_sha256")), ("models", prov.get("models"))]
     pairs += [(name, runtime.get(name, "not reported"))
               for name in ("device", "backend", "python", "torch", "transformers", "diffusers")]
-    return template.substitute(
+    return render_template(
+        "report.html",
         title=html.escape(f"sdrecipe verify: {data['profile']}"
                           + (" (smoke)" if data.get("smoke") else "")),
         verdict="PASSED" if data["ok"] else "FAILED",
