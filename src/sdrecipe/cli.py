@@ -172,6 +172,7 @@ def _slurm_resource_options(parser):
 
 
 def _add_submit(sub):
+    from .batch import SAMPLERS
     from .watch import EXIT_HELP
     parser = sub.add_parser("submit", help="run verify or a prompt batch as a Slurm job, "
                                            "follow it and collect its results",
@@ -188,7 +189,7 @@ def _add_submit(sub):
     generate.add_argument("--array-tasks", type=int, help="array tasks to spread prompts over "
                                                           "(default: the recipe's array_tasks)")
     generate.add_argument("--max-running", type=int, help="run at most this many tasks at once")
-    generate.add_argument("--sampler", choices=("plms", "ddim", "dpm"), help="default plms")
+    generate.add_argument("--sampler", choices=SAMPLERS, help="default plms")
     generate.add_argument("--steps", type=int, help="sampling steps (default 50)")
     generate.add_argument("--n-samples", type=int, help="images per pass (default 3)")
     generate.add_argument("--n-iter", type=int, help="passes per prompt (default 1)")

@@ -169,7 +169,7 @@ def _unfinished_jobs(out: Path) -> list[str]:
     return unfinished
 
 
-def prepare_generate(ctx, profile: str, resources, config) -> PreparedJob | None:
+def prepare_generate(ctx, profile: str, resources) -> PreparedJob | None:
     """An array job over the prompts not done yet; None when every prompt is done."""
     args, deployment = ctx.args, ctx.deployment
     settings = generation_settings(ctx.recipe, profile, args)
@@ -249,8 +249,8 @@ def submit_command(ctx) -> int:
     profile = ctx.profile()
     config = load_config()
     resources = _resources(ctx, profile, config)
-    prepare = prepare_verify if args.kind == "verify" else prepare_generate
-    job = prepare(ctx, profile, resources, config)
+    job = (prepare_verify(ctx, profile, resources, config) if args.kind == "verify"
+           else prepare_generate(ctx, profile, resources))
     if job is None:
         return 0
     script = slurm.batch_script(job.spec)
