@@ -28,8 +28,9 @@ from filelock import FileLock
 
 from .config import load_config
 from .errors import SdrecipeError
+from .files import sha256_file
 from .lint import check
-from .placement import (Cache, contained, is_safe_relative, place, read_stamp, sha256_file,
+from .placement import (Cache, contained, is_safe_relative, place, read_stamp,
                         stamp_differs, write_stamp)
 from .schema import SHA1_RE, SHA256_RE, Node, load_yaml
 

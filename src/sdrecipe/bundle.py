@@ -32,7 +32,8 @@ from . import __version__
 from .artifacts import (ArtifactLock, artifact_status, cache_dir, expected, fetch_artifacts,
                         fill_cache, select)
 from .errors import SdrecipeError
-from .placement import Cache, is_safe_relative, place, sha256_file
+from .files import sha256_file
+from .placement import Cache, is_safe_relative, place
 from .schema import SHA1_RE, SHA256_RE
 from .source import PINNED_REF, ensure_source
 

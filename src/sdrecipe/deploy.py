@@ -40,7 +40,8 @@ from pathlib import Path
 from . import __version__
 from .config import load_config
 from .errors import SdrecipeError
-from .report import deployed_inputs, sha256_file
+from .files import sha256_file
+from .report import deployed_inputs
 
 STAGES = ("source", "artifacts", "patches", "env", "preseed", "verify")
 MANIFEST_SCHEMA = 1

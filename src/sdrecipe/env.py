@@ -39,6 +39,7 @@ from filelock import FileLock
 from . import activation
 from .config import load_config
 from .errors import SdrecipeError
+from .files import sha256_file
 
 PAYLOAD = Path(__file__).parent / "payload"
 CONDA_TOOLS = ("micromamba", "mamba", "conda")
@@ -117,14 +118,6 @@ def modulefile_path(deployment, profile: str) -> Path:
 # --- the lock, as this module reads it -----------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def find_platform_wheels(recipe, profile: str, lock, wheel_dir: Path) -> list[LocalFile]:
     """Locate each platform wheel of the lock, check (or first record) its sha256."""
     from . import lock as lock_module
@@ -141,7 +134,7 @@ def find_platform_wheels(recipe, profile: str, lock, wheel_dir: Path) -> list[Lo
                 f"platform wheel {name} not found in the wheel folder {wheel_dir} (nor one "
                 f"folder below it). Copy it there, or point sdrecipe at the folder that has it: "
                 f"export SDRECIPE_WHEEL_DIR=/path/to/dtk-22.10 (or wheel_dir: in the config file)")
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if entry.sha256 is None:
             lock_module.record_wheel_hash(recipe, profile, entry.filename, actual, path=path)
             print(f"recorded sha256 of {name} in {lock.path} (first sight): {actual}\n"
@@ -238,7 +231,7 @@ class CondaFile:
 
 def _check_digest(path: Path, package) -> None:
     if package.sha256:
-        actual, wanted, kind = _sha256(path), package.sha256, "sha256"
+        actual, wanted, kind = sha256_file(path), package.sha256, "sha256"
     else:  # conda-lock always writes md5; sha256 only where the channel lists it
         actual, wanted, kind = hashlib.md5(path.read_bytes()).hexdigest(), package.md5, "md5"
     if actual != wanted:
@@ -391,7 +384,7 @@ def print_check(result: CheckResult, profile: str):
 
 
 def _stamp(lock, wheels: list[LocalFile], backend: str, python: str | None, deployment) -> str:
-    inputs = {"version": STAMP_VERSION, "lock": _sha256(lock.path),
+    inputs = {"version": STAMP_VERSION, "lock": sha256_file(lock.path),
               "wheels": sorted(w.sha256 for w in wheels), "backend": backend,
               "python": str(Path(python).resolve()) if python else None,
               "deployment": str(deployment.root)}

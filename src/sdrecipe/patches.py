@@ -16,7 +16,6 @@ Why this mechanism (details in ARCHITECTURE.md, "Applying the series"):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from filelock import FileLock, Timeout
 from unidiff import PatchSet
 
 from .errors import SdrecipeError
+from .files import sha256_file
 from .recipe import PatchEntry, Recipe
 
 NULL_BLOB = "0" * 40
@@ -443,19 +443,27 @@ def _drift_error(checkout: Checkout, drifted, action: str) -> SdrecipeError:
         f"`sdrecipe patch {action}` with --force to overwrite them")
 
 
+def patch_sha256_problems(recipe: Recipe, entries):
+    """(entry, actual sha256) for each patch that differs from the recipe's pin; None if missing."""
+    for entry in entries:
+        try:
+            actual = sha256_file(recipe.patch_dir / entry.file)
+        except FileNotFoundError:
+            actual = None
+        if actual != entry.sha256:
+            yield entry, actual
+
+
 def verify_patch_files(recipe: Recipe, profile: str):
     """Refuse to apply a series whose files are missing or differ from the recipe's sha256."""
-    for entry in recipe.series(profile):
+    for entry, actual in patch_sha256_problems(recipe, recipe.series(profile)):
         path = recipe.patch_dir / entry.file
-        try:
-            actual = hashlib.sha256(path.read_bytes()).hexdigest()
-        except FileNotFoundError:
-            raise SdrecipeError(f"{recipe.path}:{entry.line}: patch file {path} is missing") from None
-        if actual != entry.sha256:
-            raise SdrecipeError(
-                f"{recipe.path}:{entry.line}: {path} has sha256 {actual}, the recipe pins "
-                f"{entry.sha256}; nothing was changed (restore the patch, or update the recipe "
-                "and check it with `sdrecipe lint`)")
+        if actual is None:
+            raise SdrecipeError(f"{recipe.path}:{entry.line}: patch file {path} is missing")
+        raise SdrecipeError(
+            f"{recipe.path}:{entry.line}: {path} has sha256 {actual}, the recipe pins "
+            f"{entry.sha256}; nothing was changed (restore the patch, or update the recipe "
+            "and check it with `sdrecipe lint`)")
 
 
 def _run(source, recipe: Recipe, profile: str, force: bool, action: str) -> str:

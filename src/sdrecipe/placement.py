@@ -29,15 +29,6 @@ from .errors import SdrecipeError
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 READ_ONLY = 0o444
-_CHUNK = 8 << 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def is_safe_relative(rel: str) -> bool:

@@ -9,7 +9,6 @@ recipe hashes) is shared with `deploy.py`'s provenance.json, so both say the sam
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import io
 import json
@@ -19,16 +18,9 @@ from pathlib import Path
 from string import Template
 
 from .errors import SdrecipeError
+from .files import sha256_file
 
 THUMBNAIL_PX = 256
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def lock_hash(recipe, profile: str) -> str | None:

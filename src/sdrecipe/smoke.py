@@ -28,7 +28,7 @@ import subprocess
 from pathlib import Path
 
 from .errors import SdrecipeError
-from .report import sha256_file
+from .files import sha256_file
 from .verify import Models, network_isolation, payload_path
 
 GENERATOR = "make_tiny_models.py"
