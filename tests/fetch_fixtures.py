@@ -148,7 +148,8 @@ def isolate(monkeypatch, tmp_path: Path, mirror) -> Path:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SDRECIPE_CA_BUNDLE",
-                 "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "SDRECIPE_DEPLOY_DIR"):
+                 "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "SDRECIPE_DEPLOY_DIR",
+                 "SDRECIPE_UPSTREAM"):  # else fetch would copy that checkout, not clone
         monkeypatch.delenv(name, raising=False)
     # a test never reaches the internet: no huggingface.co after the loopback mirror
     monkeypatch.setenv("SDRECIPE_HF_HUB_FALLBACK", "0")

@@ -6,6 +6,8 @@ pinned one is not a branch tip) and a fork that never had the pinned commit.
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from fetch_fixtures import GitDaemon, build_world, make_project
@@ -120,3 +122,54 @@ def test_a_folder_that_is_not_a_checkout_is_left_alone(world, tmp_path):
     with pytest.raises(SdrecipeError, match="not a git checkout"):
         ensure_source(recipe, dest)
     assert (dest / "mine.txt").read_text() == "user data"
+
+
+
+def incomplete_checkout(world, dest):
+    """A sparse clone of the tiny upstream at the pinned commit without the blob of the
+    file it leaves out, as /tmp/sd-upstream lacks two: git cannot clone from it."""
+    git(dest.parent, "clone", "-q", "--no-checkout", str(world["template"]["upstream"]), str(dest))
+    git(dest, "sparse-checkout", "set", "--no-cone", "/*", "!/README.md")
+    git(dest, "checkout", "-q", world["commit"])
+    blob = git(dest, "rev-parse", "HEAD:README.md").strip()
+    (dest / ".git" / "objects" / blob[:2] / blob[2:]).unlink()  # a local clone keeps them loose
+    return dest
+
+
+def test_a_local_checkout_git_cannot_clone_from_is_copied_and_checked(world, tmp_path):
+    local = incomplete_checkout(world, tmp_path / "shared-copy")
+    refused = subprocess.run(["git", "clone", "-q", str(local), str(tmp_path / "cloned")],
+                             capture_output=True, text=True)
+    assert refused.returncode != 0  # why a copy, not a clone: the missing blob
+    recipe = recipe_for(world, tmp_path, url="missing.git", mirrors=())  # no server has it
+    dest = ensure_source(recipe, tmp_path / "deploy" / "stable-diffusion", "cpu", local=local)
+    assert head(dest) == world["commit"]
+    assert git(dest, "rev-parse", PINNED_REF).strip() == world["commit"]
+    assert git(dest, "status", "--porcelain") == ""
+    assert (dest / "app" / "main.py").is_file() and not (dest / "README.md").exists()
+    assert sorted(p.name for p in (tmp_path / "deploy").iterdir()) == ["stable-diffusion"]
+    marker = dest / ".git" / "marker"
+    marker.write_text("kept")
+    assert ensure_source(recipe, dest, "cpu", local=local) == dest  # reused, not copied again
+    assert marker.read_text() == "kept"
+
+
+@pytest.mark.parametrize("damage", ["another commit", "an edited file"])
+def test_a_local_checkout_that_is_not_the_pinned_tree_is_refused(world, tmp_path, damage):
+    local = tmp_path / "shared-copy"
+    git(tmp_path, "clone", "-q", str(world["template"]["upstream"]), str(local))
+    (local / "README.md").write_text("someone's notes\n")
+    if damage == "another commit":
+        git(local, "commit", "-qam", "a local commit")
+    recipe = recipe_for(world, tmp_path)
+    dest = tmp_path / "deploy" / "stable-diffusion"
+    with pytest.raises(SdrecipeError) as error:
+        ensure_source(recipe, dest, "cpu", local=local)
+    message = str(error.value)
+    assert str(local) in message
+    if damage == "another commit":
+        assert f"{head(local)}, not the pinned {world['commit']}" in message
+        assert "--source" in message
+    else:
+        assert "README.md" in message and "not the recipe's patch series" in message
+    assert not dest.exists() and list((tmp_path / "deploy").iterdir()) == []

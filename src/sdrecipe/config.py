@@ -37,7 +37,7 @@ SETTINGS: dict[str, tuple[str | None, type, Any]] = {
     "partition": ("SDRECIPE_PARTITION", str, None),
     "account": ("SDRECIPE_ACCOUNT", str, None),
     "qos": ("SDRECIPE_QOS", str, None),
-    # a local checkout of the pinned upstream that `deploy` copies instead of cloning
+    # a local checkout of the pinned upstream that `deploy` and `fetch` copy instead of cloning
     # (e.g. a site's shared copy, or an incomplete mirror that cannot serve git)
     "upstream_checkout": ("SDRECIPE_UPSTREAM", str, None),
     # how compute nodes run sdrecipe (for `submit verify`); default: this interpreter

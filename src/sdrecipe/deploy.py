@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -38,7 +37,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
-from .config import load_config
 from .errors import SdrecipeError
 from .files import sha256_file
 from .report import deployed_inputs
@@ -240,7 +238,8 @@ class Target:
 def _source_status(t: Target) -> StageStatus:
     import git
     if not t.has_source:
-        origin = t.opts.get("upstream") or _local_upstream() or ", ".join(t.recipe.upstream.urls)
+        from .source import configured_checkout
+        origin = t.opts.get("upstream") or configured_checkout() or ", ".join(t.recipe.upstream.urls)
         return StageStatus("source", "missing", "no checkout",
                            f"get commit {t.recipe.upstream.commit[:12]} from {origin}")
     try:
@@ -376,35 +375,12 @@ def status(recipe, deployment, profile: str, smoke: bool) -> list[StageStatus]:
 
 # --- running the stages ---------------------------------------------------------------------
 
-def _local_upstream() -> str | None:
-    return load_config().get("upstream_checkout")
-
-
-def _copy_checkout(recipe, local: Path, dest: Path) -> None:
-    """Seed the source from a local checkout of the pinned commit (copied, then checked).
-
-    For sites with a shared copy, and for copies that cannot serve git (e.g. a sparse
-    clone without the objects of the files it leaves out)."""
-    from .source import check_existing
-    local = Path(local).expanduser().resolve()
-    if not (local / ".git").exists():
-        raise SdrecipeError(f"{local}: not a git checkout (from --upstream or $SDRECIPE_UPSTREAM); "
-                            f"point it at a checkout of commit {recipe.upstream.commit}")
-    check_existing(recipe, local)  # the pinned commit, no foreign changes: else a clear error
-    staging = dest.with_name(f".{dest.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(local, staging, symlinks=True)
-    os.replace(staging, dest)
-
-
 def _run_source(t: Target) -> str:
-    from .source import ensure_source
-    local = t.opts.get("upstream") or _local_upstream()
-    if local and not t.has_source:
-        _copy_checkout(t.recipe, Path(local), t.deployment.source)
-        ensure_source(t.recipe, t.deployment.source, t.profile)  # checks the copy
+    from .source import configured_checkout, ensure_source
+    local = t.opts.get("upstream") or configured_checkout()
+    ensure_source(t.recipe, t.deployment.source, t.profile, local=local)
+    if local:
         return f"copied the checkout {local}"
-    ensure_source(t.recipe, t.deployment.source, t.profile)
     return f"cloned commit {t.recipe.upstream.commit[:12]}"
 
 

@@ -8,6 +8,12 @@ that does not have the commit (a fork, a stale mirror) is skipped with its
 reason. The clone is made in a temporary sibling folder and renamed into place,
 so an interrupted run leaves nothing half-made.
 
+With `local=DIR` (`--source`, `$SDRECIPE_UPSTREAM`, config `upstream_checkout`)
+the checkout is copied from a local one instead: work tree and `.git` as files,
+because a site's shared copy may be a sparse clone that lacks the blobs of the
+files it leaves out, which git cannot clone, fetch or borrow (alternates) from.
+The copy must pass the same checks as an existing checkout, before and after.
+
 An existing checkout is reused only if HEAD is the pinned commit and its tracked
 files are either pristine or carry OUR patch series (`patches.tree_state`);
 anything else is someone's work, which we refuse to touch.
@@ -32,11 +38,19 @@ class _Unusable(Exception):
     """This URL cannot provide the pinned commit; try the next one."""
 
 
-def ensure_source(recipe, dest, profile: str | None = None, bundle: Path | None = None) -> Path:
+def configured_checkout() -> str | None:
+    """The site's local checkout of the pinned upstream, if one is configured."""
+    from .config import load_config
+    return load_config().get("upstream_checkout")
+
+
+def ensure_source(recipe, dest, profile: str | None = None, bundle: Path | None = None,
+                  local: Path | str | None = None) -> Path:
     """Return `dest` as a checkout of the pinned commit, cloning it if absent.
 
     `bundle` (a git bundle file made by `sdrecipe bundle create`) replaces the
-    network: the commit is read from it and nothing else is contacted.
+    network: the commit is read from it and nothing else is contacted. `local`
+    (a checkout of the pinned commit) is copied instead; nothing is contacted either.
     """
     dest = Path(dest)
     pinned = recipe.upstream.commit
@@ -48,6 +62,10 @@ def ensure_source(recipe, dest, profile: str | None = None, bundle: Path | None 
                             "(or choose another --deploy-dir) and run again")
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.parent / f".{dest.name}.partial"
+    if local:
+        _copy_local(recipe, Path(local).expanduser().resolve(), staging, profile)
+        _move_into_place(staging, dest)
+        return dest
     # git runs inside the new clone: local paths must not stay relative to our cwd.
     sources = [str(Path(bundle).resolve())] if bundle else [
         os.path.abspath(url) if os.path.exists(url) else url for url in recipe.upstream.urls]
@@ -67,10 +85,34 @@ def ensure_source(recipe, dest, profile: str | None = None, bundle: Path | None 
         raise SdrecipeError(
             f"cannot get upstream commit {pinned} from any source:\n" + "\n".join(failures)
             + f"\nCheck upstream.url and upstream.mirrors in {recipe.path}, or your network.")
+    _move_into_place(staging, dest)
+    return dest
+
+
+def _move_into_place(staging: Path, dest: Path) -> None:
     if dest.exists():
         dest.rmdir()  # an empty folder we may replace
     os.replace(staging, dest)
-    return dest
+
+
+def _copy_local(recipe, local: Path, staging: Path, profile: str | None) -> None:
+    """Copy a local checkout of the pinned commit (files, not git objects) and check the copy."""
+    if not (local / ".git").is_dir():
+        raise SdrecipeError(f"{local} is not a git checkout with its own .git folder; "
+                            f"{POINT_ELSEWHERE}")
+    check_existing(recipe, local, profile, POINT_ELSEWHERE)  # refuse before copying gigabytes
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        try:
+            shutil.copytree(local, staging, symlinks=True)
+        except OSError as exc:  # shutil.Error too: it lists every file it could not copy
+            raise SdrecipeError(f"cannot copy the checkout {local}: {str(exc)[:500]}; "
+                                "fix the permissions or free some space and run again") from exc
+        check_existing(recipe, staging, profile, POINT_ELSEWHERE)  # the copy is what we checked
+        git.Repo(staging).git.update_ref(PINNED_REF, recipe.upstream.commit)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # an interrupted copy leaves nothing
+        raise
 
 
 def _clone_pinned(staging: Path, url: str, pinned: str, from_bundle: bool) -> None:
@@ -126,20 +168,23 @@ def _git_reason(exc: git.GitCommandError) -> str:
     return "; ".join(picked) or f"git exited with {exc.status}"
 
 
-def check_existing(recipe, dest: Path, profile: str | None = None) -> None:
+MOVE_ASIDE = ("sdrecipe does not move checkouts it did not make: move it aside "
+              "(or choose another --deploy-dir) and run again")
+POINT_ELSEWHERE = ("point --source (or $SDRECIPE_UPSTREAM, or the upstream_checkout setting) "
+                   "at a checkout of the pinned commit, or unset it to clone")
+
+
+def check_existing(recipe, dest: Path, profile: str | None = None, remedy: str = MOVE_ASIDE) -> None:
     """Refuse a checkout at another commit, or with changes that are not our series."""
     pinned = recipe.upstream.commit
     try:
         repo = git.Repo(dest)
         head = repo.head.commit.hexsha
     except (git.InvalidGitRepositoryError, ValueError) as exc:
-        raise SdrecipeError(f"{dest} is not a usable git checkout ({exc}); "
-                            "move it aside and run again") from exc
+        raise SdrecipeError(f"{dest} is not a usable git checkout ({exc}); {remedy}") from exc
     if head != pinned:
-        raise SdrecipeError(
-            f"{dest} is a checkout of commit {head}, not the pinned {pinned}. "
-            "sdrecipe does not move checkouts it did not make: move it aside "
-            "(or choose another --deploy-dir) and run again")
+        raise SdrecipeError(f"{dest} is a checkout of commit {head}, not the pinned {pinned}; "
+                            f"{remedy}")
     changed = set(repo.git.diff("--name-only", "HEAD").splitlines())  # tracked files only
     if not changed:
         return
