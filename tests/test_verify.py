@@ -9,6 +9,8 @@ of the real upstream txt2img.py is in test_deploy.py (it needs an upstream check
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import random
@@ -131,6 +133,42 @@ def test_timings_check_fails_when_a_stage_line_is_missing():
     assert verify.check_timings({"model_load_s": 1.0, "sampling_s": 2.0}).ok
     result = verify.check_timings({"model_load_s": None, "sampling_s": 2.0})
     assert not result.ok and "model_load_s" in result.message
+
+
+# --- the command line ---------------------------------------------------------------
+
+def upstream_txt2img_parser() -> argparse.ArgumentParser:
+    """The options of upstream's scripts/txt2img.py at the pinned commit that a sample
+    uses, declared as its argparse declares them (it builds its parser inside main());
+    without abbreviations, so `--dpm` cannot pass for `--dpm_solver` by luck."""
+    parser = argparse.ArgumentParser(prog="txt2img.py", allow_abbrev=False)
+    for flag in ("--skip_grid", "--plms", "--dpm_solver"):
+        parser.add_argument(flag, action="store_true")
+    for flag, kind in (("--prompt", str), ("--outdir", str), ("--ddim_steps", int),
+                       ("--n_iter", int), ("--H", int), ("--W", int), ("--n_samples", int),
+                       ("--scale", float), ("--config", str), ("--ckpt", str), ("--seed", int)):
+        parser.add_argument(flag, type=kind)
+    parser.add_argument("--precision", choices=["full", "autocast"])
+    return parser
+
+
+@pytest.mark.parametrize("sampler, plms, dpm_solver", [("plms", True, False),
+                                                        ("ddim", False, False),  # the default
+                                                        ("dpm", False, True)])
+def test_the_sample_is_a_command_line_upstreams_txt2img_accepts(tmp_path, sampler, plms,
+                                                                dpm_solver):
+    sample = dataclasses.replace(SAMPLE, sampler=sampler)
+    command = verify.txt2img_command(tmp_path / "sd", Path("/env/bin/python"), sample,
+                                     tmp_path / "out", tmp_path / "v1.yaml", tmp_path / "m.ckpt")
+    assert command[:2] == ["/env/bin/python", "-u"] and command[2].endswith("run_txt2img.py")
+    assert command[3] == str(tmp_path / "sd" / "scripts" / "txt2img.py")
+    parsed = upstream_txt2img_parser().parse_args(command[4:])  # exits on an unknown option
+    assert (parsed.plms, parsed.dpm_solver) == (plms, dpm_solver)
+    assert (parsed.prompt, parsed.seed, parsed.ddim_steps, parsed.H, parsed.W) == \
+        ("a cat", 42, 5, 256, 256)
+    assert (parsed.n_samples, parsed.n_iter, parsed.scale, parsed.precision) == (1, 1, 7.5, "full")
+    assert parsed.skip_grid and parsed.outdir == str(tmp_path / "out")
+    assert (parsed.config, parsed.ckpt) == (str(tmp_path / "v1.yaml"), str(tmp_path / "m.ckpt"))
 
 
 # --- timings from a real child process ------------------------------------------------

@@ -85,6 +85,12 @@ class Sample:
     sampler: str = "plms"
     n_samples: int = 1
 
+    def txt2img_settings(self) -> dict:
+        """These settings in the payload's terms (`txt2img_batch.txt2img_args`), one pass."""
+        return {"seed": self.seed, "steps": self.steps, "n_samples": self.n_samples, "n_iter": 1,
+                "H": self.height, "W": self.width, "scale": self.scale,
+                "precision": self.precision, "sampler": self.sampler}
+
 
 @dataclass(frozen=True)
 class VerifySpec:
@@ -345,13 +351,12 @@ def stage_timings(run: Run) -> dict:
 
 def txt2img_command(source: Path, python: Path, sample: Sample, outdir: Path,
                     config: Path, ckpt: Path) -> list[str]:
+    """The sample as upstream's command line, spelt by the same function as batch jobs'."""
+    from .payload.txt2img_batch import txt2img_args
     return [str(python), "-u", str(payload_path("run_txt2img.py")),
-            str(source / "scripts" / "txt2img.py"),
-            "--prompt", sample.prompt, f"--{sample.sampler}", "--ddim_steps", str(sample.steps),
-            "--n_samples", str(sample.n_samples), "--n_iter", "1", "--skip_grid",
-            "--H", str(sample.height), "--W", str(sample.width), "--scale", str(sample.scale),
-            "--seed", str(sample.seed), "--precision", sample.precision,
-            "--outdir", str(outdir), "--config", str(config), "--ckpt", str(ckpt)]
+            str(source / "scripts" / "txt2img.py"), "--prompt", sample.prompt,
+            "--outdir", str(outdir)] + txt2img_args(sample.txt2img_settings(),
+                                                    {"config": str(config), "ckpt": str(ckpt)})
 
 
 @dataclass(frozen=True)
