@@ -103,6 +103,20 @@ def test_source_files_are_the_deployed_tree_without_caches_sparse_files_or_model
     assert files == ["a.py", "new_from_a_patch.py", "pkg/b.py"]
 
 
+def test_deploy_source_must_be_a_checkout_and_nothing_is_left_behind(tmp_path):
+    recipe = ROOT / "recipe" / "stable-diffusion.yaml"
+    not_a_checkout = tmp_path / "sd-copy"
+    not_a_checkout.mkdir()
+    (not_a_checkout / "README.md").write_text("files, no .git")
+    deploy = tmp_path / "deploy"
+    result = sdrecipe("deploy", "--profile", "cpu", "--smoke", "--source", str(not_a_checkout),
+                      recipe=recipe, deploy=deploy)
+    assert result.returncode == 2
+    assert f"{not_a_checkout} is not a git checkout" in result.stderr and "--source" in result.stderr
+    assert not (deploy / "stable-diffusion").exists()
+    assert [p.name for p in deploy.iterdir() if p.name.startswith(".stable")] == []
+
+
 # --- with a real upstream checkout ---------------------------------------------------------
 
 needs_upstream = pytest.mark.skipif(
@@ -120,7 +134,7 @@ def smoke(tmp_path_factory):
     recipe = copy_project(base / "project")
     start = time.monotonic()
     result = sdrecipe("deploy", "--profile", "cpu", "--smoke", "--python", PY38,
-                      "--upstream", UPSTREAM, recipe=recipe, deploy=base / "deploy")
+                      "--source", UPSTREAM, recipe=recipe, deploy=base / "deploy")
     return recipe, base / "deploy", result, time.monotonic() - start
 
 
@@ -173,7 +187,7 @@ def test_two_deployments_give_the_same_provenance_apart_from_volatile_fields(smo
     recipe, deploy, first, _ = smoke
     assert first.returncode == 0, first.stderr[-3000:]
     other = tmp_path / "second"
-    sdrecipe("deploy", "--profile", "cpu", "--smoke", "--python", PY38, "--upstream", UPSTREAM,
+    sdrecipe("deploy", "--profile", "cpu", "--smoke", "--python", PY38, "--source", UPSTREAM,
              recipe=recipe, deploy=other, check=True)
     one = json.loads((deploy / "provenance.json").read_text())
     two = json.loads((other / "provenance.json").read_text())

@@ -28,7 +28,7 @@ from filelock import FileLock
 
 from .config import load_config
 from .errors import SdrecipeError
-from .files import sha256_file
+from .files import atomic_write_text, sha256_file
 from .lint import check
 from .placement import (Cache, contained, is_safe_relative, place, read_stamp,
                         stamp_differs, write_stamp)
@@ -248,9 +248,7 @@ class ArtifactLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         body = yaml.safe_dump({"version": 1, "files": dict(sorted(self.entries.items()))},
                               sort_keys=False, width=200)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(self.HEADER + body)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, self.HEADER + body)
         self.changed = False
 
 

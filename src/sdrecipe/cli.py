@@ -255,7 +255,7 @@ def _add_deploy(sub):
                         help="build the environment as a venv of this Python 3.8 (no conda)")
     parser.add_argument("--prefix", type=Path, help="environment folder (default: "
                                                     "<deploy>/envs/<profile>)")
-    parser.add_argument("--upstream", metavar="DIR",
+    parser.add_argument("--source", metavar="DIR",
                         help="copy this local checkout of the pinned commit instead of cloning "
                              "(default: $SDRECIPE_UPSTREAM or the upstream_checkout setting)")
     parser.set_defaults(func=_handler("deploy", "deploy_command"))

@@ -239,7 +239,7 @@ def _source_status(t: Target) -> StageStatus:
     import git
     if not t.has_source:
         from .source import configured_checkout
-        origin = t.opts.get("upstream") or configured_checkout() or ", ".join(t.recipe.upstream.urls)
+        origin = t.opts.get("source") or configured_checkout() or ", ".join(t.recipe.upstream.urls)
         return StageStatus("source", "missing", "no checkout",
                            f"get commit {t.recipe.upstream.commit[:12]} from {origin}")
     try:
@@ -377,7 +377,7 @@ def status(recipe, deployment, profile: str, smoke: bool) -> list[StageStatus]:
 
 def _run_source(t: Target) -> str:
     from .source import configured_checkout, ensure_source
-    local = t.opts.get("upstream") or configured_checkout()
+    local = t.opts.get("source") or configured_checkout()
     ensure_source(t.recipe, t.deployment.source, t.profile, local=local)
     if local:
         return f"copied the checkout {local}"
@@ -484,7 +484,7 @@ def deploy_command(ctx) -> int:
     profile = ctx.profile()
     start = time.monotonic()
     print(f"deploy: profile {profile}{' (smoke)' if args.smoke else ''} into {ctx.deployment.root}")
-    opts = {"python": args.python, "prefix": args.prefix, "upstream": args.upstream}
+    opts = {"python": args.python, "prefix": args.prefix, "source": args.source}
     deploy(ctx.recipe, ctx.deployment, profile, smoke=args.smoke, opts=opts)
     print(f"deploy: complete in {time.monotonic() - start:.1f} s; provenance: "
           f"{ctx.deployment.provenance}")

@@ -39,7 +39,7 @@ from filelock import FileLock
 from . import activation
 from .config import load_config
 from .errors import SdrecipeError
-from .files import sha256_file
+from .files import atomic_write_text, sha256_file
 
 PAYLOAD = Path(__file__).parent / "payload"
 CONDA_TOOLS = ("micromamba", "mamba", "conda")
@@ -327,16 +327,16 @@ def write_activation(recipe, deployment, profile: str, prefix: Path):
     modules = profile_info.modules
     script = prefix / "etc" / "sdrecipe" / "activate.sh"
     script.parent.mkdir(parents=True, exist_ok=True)
-    script.write_text(activation.bash_script(table, profile, modules, _is_conda_prefix(prefix)))
+    atomic_write_text(script, activation.bash_script(table, profile, modules, _is_conda_prefix(prefix)))
     if _is_conda_prefix(prefix):
         on, off = activation.conda_hooks(table, profile, modules)
         for folder, text in (("activate.d", on), ("deactivate.d", off)):
             hook = prefix / "etc" / "conda" / folder / "sdrecipe.sh"
             hook.parent.mkdir(parents=True, exist_ok=True)
-            hook.write_text(text)
+            atomic_write_text(hook, text)
     module = modulefile_path(deployment, profile)
     module.parent.mkdir(parents=True, exist_ok=True)
-    module.write_text(activation.modulefile(table, profile, modules, profile_info.description))
+    atomic_write_text(module, activation.modulefile(table, profile, modules, profile_info.description))
     return script, module
 
 
@@ -496,10 +496,8 @@ def _write_record(deployment, profile, prefix, backend, stamp, check_ok=None):
     old = env_record(deployment, profile) or {}
     if check_ok is None and old.get("stamp") == stamp:
         check_ok = old.get("check_ok")
-    temp = path.with_suffix(".tmp")
-    temp.write_text(json.dumps({"prefix": str(prefix), "backend": backend, "stamp": stamp,
-                                "check_ok": check_ok}, indent=2) + "\n")
-    os.replace(temp, path)
+    atomic_write_text(path, json.dumps({"prefix": str(prefix), "backend": backend, "stamp": stamp,
+                                        "check_ok": check_ok}, indent=2) + "\n")
 
 
 # --- CLI ----------------------------------------------------------------------------------------

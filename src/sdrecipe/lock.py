@@ -64,6 +64,7 @@ from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel
 
 from .config import load_config
 from .errors import SdrecipeError
+from .files import atomic_write_text
 from .lint import check
 from .schema import Node, load_yaml
 
@@ -555,7 +556,7 @@ def _write(spec: EnvSpec, packages: list, conda_locked: bool):
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lock-") as work:
         temp = Path(work) / path.name  # conda-lock's help text names the file: keep its name
         write_conda_lock_file(lockfile, temp, metadata_choices=None)
-        os.replace(temp, path)
+        atomic_write_text(path, temp.read_text(encoding="utf-8"))
 
 
 def _previous_packages(spec: EnvSpec):

@@ -30,7 +30,7 @@ from filelock import FileLock, Timeout
 from unidiff import PatchSet
 
 from .errors import SdrecipeError
-from .files import sha256_file
+from .files import atomic_write_text, sha256_file
 from .recipe import PatchEntry, Recipe
 
 NULL_BLOB = "0" * 40
@@ -379,15 +379,6 @@ def _lock(checkout: Checkout) -> FileLock:
     return FileLock(str(checkout.state_dir / "lock"), timeout=LOCK_TIMEOUT_S)
 
 
-def _write_json_atomic(path: Path, data: dict):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _hold_for_test(written: int):
     if os.environ.get(HOLD_ENV) == str(written):
         print(f"sdrecipe: test hold after {written} files", file=sys.stderr, flush=True)
@@ -409,10 +400,10 @@ def _converge(checkout, scratch, target_tree, target, action, profile):
     writes = [p for p, blob in target.items() if blob is not None]
     if writes:
         scratch.git("checkout-index", "-f", f"--prefix={stage}/", "--", *writes)
-    _write_json_atomic(checkout.journal, {
+    atomic_write_text(checkout.journal, json.dumps({
         "action": action, "profile": profile, "head": checkout.head, "tree": target_tree,
         "paths": sorted(target), "pid": os.getpid(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
     for written, (path, blob) in enumerate(sorted(target.items())):
         _hold_for_test(written)
         dest = checkout.path / path

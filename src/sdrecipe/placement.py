@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from filelock import FileLock
 
 from .errors import SdrecipeError
+from .files import atomic_write_text
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 READ_ONLY = 0o444
@@ -141,9 +142,7 @@ def write_stamp(stamp: Path, target: Path, sha256: str, method: str, key: str) -
     record = {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
               "ino": st.st_ino, "dev": st.st_dev, "method": method, "source": key}
     stamp.parent.mkdir(parents=True, exist_ok=True)
-    tmp = stamp.with_name(stamp.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, stamp)
+    atomic_write_text(stamp, json.dumps(record, indent=1) + "\n")
 
 
 def read_stamp(stamp: Path) -> dict | None:

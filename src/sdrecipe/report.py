@@ -12,13 +12,12 @@ import base64
 import html
 import io
 import json
-import os
 from importlib import resources
 from pathlib import Path
 from string import Template
 
 from .errors import SdrecipeError
-from .files import sha256_file
+from .files import atomic_write_text, sha256_file
 
 THUMBNAIL_PX = 256
 
@@ -63,12 +62,6 @@ def provenance(recipe, deployment, profile: str, runtime: dict, models: str) -> 
 
 
 # --- writing ---------------------------------------------------------------------------
-
-def _atomic_write(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
-
 
 def thumbnail_data_uri(path: Path) -> str:
     """A PNG thumbnail (at most THUMBNAIL_PX square) as a data URI: pages stay
@@ -137,8 +130,8 @@ def render_html(out: Path, data: dict) -> str:
 def write(out: Path, data: dict) -> None:
     """Write report.json and report.html into `out` (each atomically)."""
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "report.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
-    _atomic_write(out / "report.html", render_html(out, data))
+    atomic_write_text(out / "report.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / "report.html", render_html(out, data))
 
 
 def read(out: Path) -> dict | None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SdrecipeError
+from .files import atomic_write_text
 from .recipe import Recipe
 
 LOCK_FILE = "lock/upstream.lock"
@@ -74,9 +75,7 @@ def write_upstream_lock(source, recipe: Recipe) -> Path:
         body.append(record)
     path = lock_path(recipe)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(_HEADER + "\n".join(body) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, _HEADER + "\n".join(body) + "\n")
     return path
 
 
