@@ -171,6 +171,20 @@ def test_the_sample_is_a_command_line_upstreams_txt2img_accepts(tmp_path, sample
     assert (parsed.config, parsed.ckpt) == (str(tmp_path / "v1.yaml"), str(tmp_path / "m.ckpt"))
 
 
+def test_a_failed_verify_prints_the_logs_tail_once_and_a_pass_prints_none(tmp_path, capsys):
+    lines = [f"line {n}" for n in range(100)]
+    assert verify.tail_lines("\n".join(lines) + "\n\n  \n") == lines[-verify.LOG_TAIL_LINES:]
+    assert verify.tail_lines("only\n", 5) == ["only"] and verify.tail_lines("a\nb", 0) == []
+    (tmp_path / "txt2img.log").write_text("\n".join(lines) + "\n")
+    failed = {"ok": False, "checks": [{"name": "completion", "ok": False, "message": "no Enjoy."}]}
+    verify.print_summary(failed, tmp_path)
+    err = capsys.readouterr().err
+    assert f"last {verify.LOG_TAIL_LINES} lines of {tmp_path / 'txt2img.log'}" in err
+    assert "line 99" in err and f"line {99 - verify.LOG_TAIL_LINES}\n" not in err
+    verify.print_summary({"ok": True, "checks": []}, tmp_path)
+    assert capsys.readouterr().err == ""
+
+
 # --- timings from a real child process ------------------------------------------------
 
 def test_stage_timings_come_from_line_arrival_times(tmp_path):

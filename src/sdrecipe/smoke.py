@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .errors import SdrecipeError
 from .files import sha256_file
-from .verify import Models, network_isolation, payload_path
+from .verify import Models, network_isolation, payload_path, tail_lines
 
 GENERATOR = "make_tiny_models.py"
 STAMP = "stamp.json"
@@ -112,7 +112,7 @@ def ensure_smoke_models(deployment, profile: str, force: bool = False) -> str:
     result = subprocess.run(command, env=environ, cwd=staging, capture_output=True, text=True)
     if result.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-25:])
+        tail = "\n".join(tail_lines(result.stdout + result.stderr))
         raise SdrecipeError(f"generating the tiny smoke models failed (exit {result.returncode}) "
                             f"with {command[len(prefix)]}:\n{tail}\n"
                             f"Check the environment: sdrecipe env check --profile {profile}")

@@ -444,9 +444,10 @@ def verify(recipe, deployment, profile: str, smoke: bool = False, out: Path | No
     return data
 
 
-def log_tail(out: Path, lines: int = LOG_TAIL_LINES) -> str:
-    log = out / "txt2img.log"
-    return "\n".join(log.read_text(encoding="utf-8").splitlines()[-lines:]) if log.is_file() else ""
+def tail_lines(text: str, n: int = LOG_TAIL_LINES) -> list[str]:
+    """The last `n` lines of a process's output, trailing blank lines dropped: what a
+    failure shows of a log (verify's txt2img, smoke's generator; one length for both)."""
+    return text.rstrip().splitlines()[-n:] if n > 0 else []
 
 
 def print_summary(data: dict, out: Path, stream=sys.stdout) -> None:
@@ -454,9 +455,11 @@ def print_summary(data: dict, out: Path, stream=sys.stdout) -> None:
         print(f"  {'ok  ' if check['ok'] else 'FAIL'}  {check['name']:<16} {check['message']}",
               file=stream)
     print(f"verify: {'passed' if data['ok'] else 'FAILED'}; report: {out / 'report.html'}", file=stream)
-    if not data["ok"]:
-        print(f"--- last {LOG_TAIL_LINES} lines of {out / 'txt2img.log'} ---", file=sys.stderr)
-        print(log_tail(out), file=sys.stderr)
+    log = out / "txt2img.log"
+    if not data["ok"] and log.is_file():
+        tail = tail_lines(log.read_text(encoding="utf-8", errors="replace"))
+        print(f"--- last {len(tail)} lines of {log} ---", file=sys.stderr)
+        print("\n".join(tail), file=sys.stderr)
 
 
 def run_command(ctx) -> int:
