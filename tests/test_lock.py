@@ -152,6 +152,11 @@ def test_unreachable_channel_names_the_fix(tmp_path, monkeypatch):
 # --- the committed pip parts resolve for their target ------------------------------------
 
 
+def requirement_line(package) -> str:
+    """A hash-pinned pip requirement naming the exact file the lock chose (pip reads the URL)."""
+    return f"{package.name} @ {package.url} --hash=sha256:{package.sha256}"
+
+
 def pip_dry_run(requirements: Path, target: Path, *options: str) -> subprocess.CompletedProcess:
     """pip's own resolver, for CPython 3.8 on manylinux2014 x86_64, hash-checked, no deps."""
     return subprocess.run(
@@ -170,7 +175,7 @@ def test_committed_pip_part_installs_for_python38_manylinux_and_is_complete(prof
     locked = lock_module.load_lock(recipe, profile)
     spec = lock_module.load_env_spec(recipe, profile)
     requirements = tmp_path / "requirements.txt"
-    requirements.write_text(locked.pip_requirements())
+    requirements.write_text("".join(requirement_line(p) + "\n" for p in locked.pip))
     tmp_path.joinpath("target").mkdir()
 
     result = pip_dry_run(requirements, tmp_path / "target")
@@ -214,7 +219,7 @@ def test_a_wrong_hash_in_the_pip_part_fails(tmp_path):
     package = next(p for p in locked.pip if p.name == "einops")
     flipped = ("0" if package.sha256[0] != "0" else "1") + package.sha256[1:]
     requirements = tmp_path / "requirements.txt"
-    requirements.write_text(package.requirement().replace(package.sha256, flipped) + "\n")
+    requirements.write_text(requirement_line(package).replace(package.sha256, flipped) + "\n")
     tmp_path.joinpath("target").mkdir()
 
     result = pip_dry_run(requirements, tmp_path / "target")
@@ -243,7 +248,7 @@ def test_pip_files_come_from_the_sites_pypi_mirror_and_are_still_hash_checked(tm
         via_mirror = next(p for p in lock_module.load_lock(recipe, "cpu").pip
                           if p.name == "einops")
         assert via_mirror.url == mirror + path_below_host and via_mirror.sha256 == package.sha256
-        requirements.write_text(via_mirror.requirement() + "\n")
+        requirements.write_text(requirement_line(via_mirror) + "\n")
         assert pip_dry_run(requirements, tmp_path / "target", "--no-cache-dir").returncode == 0
         mirrored.write_bytes(mirrored.read_bytes()[:-1] + b"!")  # a mirror serving other bytes
         tampered = pip_dry_run(requirements, tmp_path / "target", "--no-cache-dir")

@@ -34,8 +34,7 @@ Committed locks name the canonical hosts (conda.anaconda.org, files.pythonhosted
 The API the other stages use:
     load_lock(recipe, profile) -> Lock       (SdrecipeError when there is none)
         .conda (empty: conda part not locked yet; .conda_locked), .pip, .venv,
-        .platform_wheels (sha256 None until first seen), .content_hash,
-        .pip_requirements(venv=False) -> `name @ url --hash=sha256:...` lines
+        .platform_wheels (sha256 None until first seen), .content_hash
     lock_staleness(recipe, profile) -> str | None   (the reason, naming the fix)
     lock_conda_part(recipe, profile) -> Lock        (solve once, keep the pip part)
     record_wheel_hash(recipe, profile, filename, sha256, path=None)  (first use)
@@ -270,10 +269,6 @@ class PipPackage:
     url: str
     sha256: str
 
-    def requirement(self) -> str:
-        """A hash-pinned requirement line naming the exact file the lock chose."""
-        return f"{self.name} @ {self.url} --hash=sha256:{self.sha256}"
-
 
 @dataclass(frozen=True)
 class PlatformWheel:
@@ -299,11 +294,6 @@ class Lock:
     @property
     def conda_locked(self) -> bool:
         return bool(self.conda)
-
-    def pip_requirements(self, venv: bool = False) -> str:
-        """The pip layer (plus the venv category) as a `--require-hashes` requirements file."""
-        packages = self.pip + (self.venv if venv else ())
-        return "".join(p.requirement() + "\n" for p in packages)
 
 
 def _lock_file(root: Path, profile: str) -> Path:

@@ -228,11 +228,11 @@ def _rel(recipe, path) -> str:
 
 
 def _existing_patches(ctx):
-    """(entry, parsed patch) for every listed patch that exists."""
+    """The parsed patch of every listed patch that exists."""
     for entry in ctx.recipe.patches:
         path = ctx.recipe.patch_dir / entry.file
         if path.is_file():
-            yield entry, parse_patch(path)
+            yield parse_patch(path)
 
 
 # --- the checks ---------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def _dep3_value_problems(name, value):
 
 @check("patch-dep3", "each patch opens with a valid DEP-3 header")
 def check_dep3(ctx):
-    for entry, patch in _existing_patches(ctx):
+    for patch in _existing_patches(ctx):
         rel = _rel(ctx.recipe, patch.path)
         for line, message in patch.header_problems:
             yield ctx.error("patch-dep3", rel, line, message)
@@ -338,7 +338,7 @@ def _load_lock(ctx):
                        "touching only upstream paths, each file once")
 def check_format(ctx):
     lock, _ = _load_lock(ctx)
-    for entry, patch in _existing_patches(ctx):
+    for patch in _existing_patches(ctx):
         rel = _rel(ctx.recipe, patch.path)
         for line, message in patch.problems:
             yield ctx.error("patch-format", rel, line, message)
@@ -382,7 +382,7 @@ def check_format(ctx):
 
 @check("patch-whitespace", "no CRLF line ends and no trailing whitespace added")
 def check_whitespace(ctx):
-    for entry, patch in _existing_patches(ctx):
+    for patch in _existing_patches(ctx):
         rel = _rel(ctx.recipe, patch.path)
         crlf = [n for n, raw in enumerate(patch.data.split(b"\n"), 1) if raw.endswith(b"\r")]
         if crlf:

@@ -140,7 +140,7 @@ def load_recipe(path: Path | str) -> Recipe:
     path = Path(path)
     root = load_yaml(path)
     root.keys(required=("schema", "name", "upstream", "patches", "profiles"),
-              optional=("artifacts", "environments", "verify", "slurm"))
+              optional=("artifacts", "verify", "slurm"))
     schema = root.get("schema", int)
     if schema.value != SCHEMA_VERSION:
         raise schema.error(f"unsupported schema version {schema.value} "
