@@ -58,8 +58,9 @@ class DoctorContext:
         return found[0] if found else None
 
     def activated(self) -> dict:
-        from .env import activation_env
-        return {**self.environ, **activation_env(self.deployment, self.profile, self.environ)}
+        """The environment a process inside the env runs with (as the import check's)."""
+        from .env import offline_run_env
+        return offline_run_env(self.deployment, self.profile, self.environ)
 
 
 @dataclass(frozen=True)

@@ -343,12 +343,27 @@ def write_activation(recipe, deployment, profile: str, prefix: Path):
 # --- the import check -----------------------------------------------------------------------
 
 
-def _network_isolation() -> list[str]:
-    """`unshare -rn` when this kernel lets us; the payload also blocks sockets itself."""
-    if shutil.which("unshare") and subprocess.run(
-            ["unshare", "-rn", "true"], capture_output=True).returncode == 0:
-        return ["unshare", "-rn"]
-    return []
+def network_isolation() -> tuple[list[str], str]:
+    """The command prefix that takes the network away from a process run inside the env,
+    and how it did (for reports): `unshare -n` (root), else `unshare -rn` (an unprivileged
+    user namespace), else nothing but the offline variables of `offline_run_env`."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return [], "not isolated: unshare(1) is not installed; offline variables only"
+    for flags in (["-n"], ["-rn"]):
+        probe = subprocess.run([unshare, *flags, "true"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            return [unshare, *flags], f"no network (unshare {' '.join(flags)})"
+    reason = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else "refused"
+    return [], f"not isolated: unshare refused ({reason}); offline variables only"
+
+
+def offline_run_env(deployment, profile: str, base: dict | None = None) -> dict[str, str]:
+    """The whole environment of a process run inside the env with nothing from outside:
+    `base` (default: os.environ) activated (which sets HF_HUB_OFFLINE and
+    TRANSFORMERS_OFFLINE), and no user site-packages shadowing the env's own."""
+    base = dict(os.environ if base is None else base)
+    return {**base, **activation_env(deployment, profile, base), "PYTHONNOUSERSITE": "1"}
 
 
 def import_check(deployment, profile: str) -> CheckResult:
@@ -357,9 +372,10 @@ def import_check(deployment, profile: str) -> CheckResult:
     if not python.exists():
         raise SdrecipeError(f"no environment for {profile} at {python.parent.parent}: "
                             f"run ./scripts/build-env.sh --profile {profile}")
-    environ = {**os.environ, **activation_env(deployment, profile)}
-    result = subprocess.run(_network_isolation() + [str(python), str(PAYLOAD / "import_check.py")],
-                            env=environ, capture_output=True, text=True)
+    isolation, _ = network_isolation()  # the payload also blocks sockets itself
+    result = subprocess.run(isolation + [str(python), str(PAYLOAD / "import_check.py")],
+                            env=offline_run_env(deployment, profile), capture_output=True,
+                            text=True)
     try:
         report = json.loads(result.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):

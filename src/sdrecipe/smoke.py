@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .errors import SdrecipeError
 from .files import sha256_file
-from .verify import Models, network_isolation, payload_path, tail_lines
+from .verify import Models, payload_path, tail_lines
 
 GENERATOR = "make_tiny_models.py"
 STAMP = "stamp.json"
@@ -85,10 +85,9 @@ def smoke_state(deployment, profile: str) -> tuple[str, str]:
 
 
 def generator_environment(deployment, profile: str) -> dict:
-    from .env import activation_env
-    env = {**os.environ, **activation_env(deployment, profile)}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONNOUSERSITE="1",
-               TORCH_HOME=str(smoke_root(deployment) / "torch-home"))
+    from .env import offline_run_env
+    env = offline_run_env(deployment, profile)
+    env["TORCH_HOME"] = str(smoke_root(deployment) / "torch-home")
     # the generator imports ldm from the checkout to instantiate the upstream classes
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(deployment.source), env.get("PYTHONPATH")]))
     return env
@@ -96,7 +95,7 @@ def generator_environment(deployment, profile: str) -> dict:
 
 def ensure_smoke_models(deployment, profile: str, force: bool = False) -> str:
     """Generate the tiny models unless the stamp says they are current; returns what was done."""
-    from .env import env_python
+    from .env import env_python, network_isolation
     state, reason = smoke_state(deployment, profile)
     if state == "done" and not force:
         return f"tiny models up to date ({reason})"

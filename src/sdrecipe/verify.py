@@ -44,7 +44,6 @@ denoise = first to last "PLMS Sampler" progress update (the denoising loop alone
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -263,19 +262,6 @@ def check_timings(timings: dict) -> CheckResult:
 
 # --- running the sample -----------------------------------------------------------
 
-def network_isolation() -> tuple[list[str], str]:
-    """The command prefix that takes the network away from the sample, and how."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return [], "not isolated: unshare(1) is not installed; offline variables only"
-    for flags in (["-n"], ["-rn"]):
-        probe = subprocess.run([unshare, *flags, "true"], capture_output=True, text=True)
-        if probe.returncode == 0:
-            return [unshare, *flags], f"no network (unshare {' '.join(flags)})"
-    reason = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else "refused"
-    return [], f"not isolated: unshare refused ({reason}); offline variables only"
-
-
 def payload_path(name: str) -> Path:
     """A script shipped in sdrecipe/payload/ that runs under the environment's Python."""
     return Path(resources.files("sdrecipe") / "payload" / name)
@@ -380,11 +366,9 @@ def real_models(deployment) -> Models:
 
 
 def sample_environment(deployment, profile: str, models: Models) -> dict:
-    from .env import activation_env
-    env = dict(os.environ)
-    env.update(activation_env(deployment, profile))
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-               PYTHONNOUSERSITE="1")
+    from .env import offline_run_env
+    env = offline_run_env(deployment, profile)
+    env["PYTHONUNBUFFERED"] = "1"
     env[MODELS_ENV] = str(models.models_dir)
     if models.torch_home is not None:
         env["TORCH_HOME"] = str(models.torch_home)
@@ -399,7 +383,7 @@ def verify(recipe, deployment, profile: str, smoke: bool = False, out: Path | No
            echo=None) -> dict:
     """Run the sample and write the report; returns the report.json data."""
     from . import report
-    from .env import env_python
+    from .env import env_python, network_isolation
     sample = verify_spec(recipe).sample(profile, smoke)
     out = Path(out) if out else report_dir(deployment, profile, smoke)
     if (out / "samples").exists() and not (out / "report.json").exists():
