@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from env_helpers import DTK_MODULE, activated_environ, bash_environ, dtk_module_tree, lmod
+from fetch_fixtures import free_port
 from sdrecipe import env
 from sdrecipe.layout import Deployment
 from sdrecipe.recipe import load_recipe
@@ -162,19 +163,31 @@ def test_a_foreign_prefix_is_never_removed(cpu_env, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-def test_changed_lock_rebuilds(cpu_env, tmp_path):
-    """A lock that changed (here: a copy of the project with an edited lock) rebuilds."""
+def test_changed_lock_rebuilds_offline(cpu_env, tmp_path):
+    """A lock that changed (here: a copy of the project with an edited lock) rebuilds, and
+    with every file in the download cache the build needs no network: it runs without one
+    (`unshare -n` where allowed) and with pip's index on a closed loopback port, so pip
+    asking an index for anything (e.g. the sdist's build requirements) fails the build."""
     deployment, _ = cpu_env
     project = tmp_path / "project"
     for folder in ("recipe", "env", "lock", "patches"):
         shutil.copytree(ROOT / folder, project / folder)
     lock = project / "lock" / "cpu.conda-lock.yml"
     lock.write_text(lock.read_text() + "# edited\n")
-    rebuilt = sdrecipe(ROOT / "scripts" / "build-env.sh", "--profile", "cpu", "--python", PY38,
-                       deploy=deployment.root, recipe=project / "recipe" / "stable-diffusion.yaml")
+    isolation, _ = env.network_isolation()
+    closed = f"http://127.0.0.1:{free_port()}/simple"  # nothing listens there
+    rebuilt = sdrecipe(*isolation, ROOT / "scripts" / "build-env.sh", "--profile", "cpu",
+                       "--python", PY38, deploy=deployment.root,
+                       recipe=project / "recipe" / "stable-diffusion.yaml",
+                       extra_env={"PIP_INDEX_URL": closed, "PIP_RETRIES": "0"})
     assert "built the cpu environment" in rebuilt.stderr, rebuilt.stderr[-3000:]
     assert "up to date" not in rebuilt.stderr
     assert rebuilt.returncode == 0, rebuilt.stdout  # the preseed is still there: check passes
+    installs = [line for line in rebuilt.stderr.splitlines() if " -m pip install " in line]
+    assert len(installs) == 2 and all("--no-index" in line for line in installs)
+    assert installs[1].endswith("requirements-sdist.txt")  # after setuptools, from the wheels
+    assert "Successfully installed antlr4-python3-runtime-4.8" in rebuilt.stderr
+    assert "127.0.0.1" not in rebuilt.stderr  # pip never tried its index
 
 
 # --- dtk-22.10 ------------------------------------------------------------------------------
