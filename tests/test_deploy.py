@@ -117,6 +117,26 @@ def test_deploy_source_must_be_a_checkout_and_nothing_is_left_behind(tmp_path):
     assert [p.name for p in deploy.iterdir() if p.name.startswith(".stable")] == []
 
 
+def test_the_verify_fingerprint_and_provenance_hash_the_patches_alike(tmp_path):
+    """One set of input hashes: a patch edited after a verify shows in both at once."""
+    from sdrecipe.deploy import Target
+    from sdrecipe.layout import Deployment
+    from sdrecipe.recipe import load_recipe
+    recipe = load_recipe(copy_project(tmp_path / "project"))
+    deployment = Deployment(tmp_path / "deploy")
+    before = Target(recipe, deployment, "cpu", smoke=True)
+    pinned = {e.file: e.sha256 for e in recipe.series("cpu")}
+    assert before.fingerprint()["patches"] == pinned
+    patch = recipe.patch_dir / recipe.series("cpu")[0].file
+    patch.write_bytes(patch.read_bytes() + b"\n")
+    after = Target(recipe, deployment, "cpu", smoke=True)
+    changed = after.fingerprint()["patches"][patch.name]
+    assert changed not in (None, pinned[patch.name])
+    recorded = {p["file"]: p["sha256"] for p in after.manifest()["patches"]}
+    assert recorded == after.fingerprint()["patches"]
+    assert after.manifest()["recipe"]["sha256"] == after.fingerprint()["recipe"]
+
+
 # --- with a real upstream checkout ---------------------------------------------------------
 
 needs_upstream = pytest.mark.skipif(

@@ -39,7 +39,7 @@ from pathlib import Path
 from . import __version__
 from .errors import SdrecipeError
 from .files import sha256_file
-from .report import deployed_inputs
+from .report import deployed_inputs, input_hashes
 
 STAGES = ("source", "artifacts", "patches", "env", "preseed", "verify")
 MANIFEST_SCHEMA = 1
@@ -196,17 +196,19 @@ class Target:
         current = self.files()
         return sorted(p for p in set(recorded) | set(current) if recorded.get(p) != current.get(p))
 
+    def input_hashes(self) -> dict:
+        """The recipe's and the patches' sha256, as provenance records them."""
+        return self._memo("inputs", lambda: input_hashes(self.recipe, self.profile))
+
     def patch_hashes(self) -> dict:
-        return {e.file: sha256_file(self.recipe.patch_dir / e.file)
-                if (self.recipe.patch_dir / e.file).is_file() else None
-                for e in self.recipe.series(self.profile)}
+        return self.input_hashes()["patches"]
 
     def fingerprint(self) -> dict:
         """Everything a verify result depends on; any change makes the last verify stale."""
         from .env import env_record
         from .smoke import file_hashes
         record = env_record(self.deployment, self.profile) or {}
-        return {"recipe": sha256_file(self.recipe.path), "patches": self.patch_hashes(),
+        return {"recipe": self.input_hashes()["recipe_sha256"], "patches": self.patch_hashes(),
                 "lock": self.lock_sha256(), "env": record.get("stamp"),
                 "models": file_hashes(self.deployment) if self.smoke else self.artifact_pins()}
 
@@ -215,7 +217,7 @@ class Target:
         record = env_record(self.deployment, self.profile) or {}
         inputs = deployed_inputs(self.recipe, self.deployment, self.profile,
                                  tree=self.tree() if self.has_source else None,
-                                 lock=self.lock_content_hash())
+                                 lock=self.lock_content_hash(), hashes=self.input_hashes())
         return {
             "schema": MANIFEST_SCHEMA,
             "tool": {"name": "sdrecipe", "version": __version__},

@@ -3,7 +3,8 @@ self-contained `report.html` a person can open anywhere, e.g. copied off the clu
 thumbnails are inline base64 PNGs, the style is inline, nothing is fetched.
 
 `deployed_inputs` (upstream commit, each patch with its sha256 and state, lock and
-recipe hashes) is shared with `deploy.py`'s provenance.json, so both say the same.
+recipe hashes) is shared with `deploy.py`'s provenance.json, so both say the same;
+its file hashes (`input_hashes`) are also what deploy's verify fingerprint is made of.
 """
 
 from __future__ import annotations
@@ -31,11 +32,20 @@ def lock_hash(recipe, profile: str) -> str | None:
         return None
 
 
-def deployed_inputs(recipe, deployment, profile: str, tree=None, lock=None) -> dict:
+def input_hashes(recipe, profile: str) -> dict:
+    """sha256 of the recipe file and of each patch of the profile's series (None: missing)."""
+    def sha256_or_none(path: Path):
+        return sha256_file(path) if path.is_file() else None
+    return {"recipe_sha256": sha256_or_none(recipe.path),
+            "patches": {e.file: sha256_or_none(recipe.patch_dir / e.file)
+                        for e in recipe.series(profile)}}
+
+
+def deployed_inputs(recipe, deployment, profile: str, tree=None, lock=None, hashes=None) -> dict:
     """What the deployment was made from: recipe, upstream commit, patches, lock.
 
-    `tree` (a patches.TreeState) and `lock` (the lock's content hash) may be passed
-    by a caller that has them already; each costs a few hundred milliseconds."""
+    `tree` (a patches.TreeState), `lock` (the lock's content hash) and `hashes`
+    (`input_hashes`) may be passed by a caller that has them already."""
     import git
     from .patches import tree_state
     try:
@@ -46,13 +56,10 @@ def deployed_inputs(recipe, deployment, profile: str, tree=None, lock=None) -> d
     if head == recipe.upstream.commit:
         tree = tree or tree_state(deployment.source, recipe, profile)
         states = {p.entry.file: p.state for p in tree.patches}
-    patches = []
-    for entry in recipe.series(profile):
-        path = recipe.patch_dir / entry.file
-        patches.append({"file": entry.file,
-                        "sha256": sha256_file(path) if path.is_file() else None,
-                        "state": states.get(entry.file, "unknown")})
-    return {"recipe_sha256": sha256_file(recipe.path), "upstream_pinned": recipe.upstream.commit,
+    hashes = hashes or input_hashes(recipe, profile)
+    patches = [{"file": file, "sha256": sha256, "state": states.get(file, "unknown")}
+               for file, sha256 in hashes["patches"].items()]
+    return {"recipe_sha256": hashes["recipe_sha256"], "upstream_pinned": recipe.upstream.commit,
             "upstream_commit": head, "patches": patches,
             "lock_hash": lock if lock is not None else lock_hash(recipe, profile)}
 
