@@ -47,6 +47,11 @@ def no_hf_credentials(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
 
 
+# --- the tiny upstream and its series (patch_fixtures.py), served for fetching (fetch_fixtures.py)
+from fetch_fixtures import world  # noqa: E402, F401 -- defined beside the helpers they use
+from patch_fixtures import template, tiny  # noqa: E402, F401
+
+
 # --- Slurm + Lmod cluster (slurm) ---------------------------------------------------------
 @pytest.fixture(scope="session")
 def slurm_cluster():

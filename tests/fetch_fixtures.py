@@ -7,6 +7,8 @@
                            mirror with tiny model files; returns what tests need
     make_project(world, dest, mirrors=..., url=...)
                            a private copy of the project whose recipe points at them
+    world                  pytest fixture (module scope): build_world served by a
+                           running mirror and git daemon; registered in conftest.py
 
 The artifact files are a few bytes each, standing in for the real 4 GB entries.
 """
@@ -22,6 +24,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+from mirror_server import MirrorServer
 from patch_fixtures import build_template, git
 
 # repo -> {path: bytes}; the `tiny/sd` repo is gated like CompVis' checkpoints.
@@ -96,6 +101,18 @@ def build_world(root: Path, daemon_base: Path, mirror) -> dict:
     hardnet_url = mirror.add_plain("hardnet/checkpoint_liberty_with_aug.pth", HARDNET)
     return {"template": template, "commit": template["commit"], "hf_commits": commits,
             "hardnet_url": hardnet_url, "mirror": mirror}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fetch-world")
+    with MirrorServer() as mirror:
+        made = build_world(root, root / "served", mirror)
+        made["daemon"] = GitDaemon(root / "served").start()
+        try:
+            yield made
+        finally:
+            made["daemon"].stop()
 
 
 def artifacts_yaml(world: dict) -> str:

@@ -5,7 +5,9 @@
             (the patches are `git diff --full-index` between those commits)
   upstream/ a clone made before the patch commits existed: the pristine upstream
   project/  recipe/test.yaml, patches/tiny/*.patch, lock/upstream.lock
-Tests copy the project and clone the upstream into their own tmp dirs.
+Tests copy the project and clone the upstream into their own tmp dirs: the fixtures
+`template` (module scope) and `tiny` (per test: `instance(template, tmp_path)`), registered
+in conftest.py.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+
+import pytest
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org",
@@ -71,6 +75,20 @@ def _write(root: Path, files: dict):
         target.write_text(text)
 
 
+PROFILES_YAML = """\
+profiles:
+  dtk-22.10:
+    description: DCU
+    accelerator: dcu
+  cuda:
+    description: CUDA
+    accelerator: cuda
+  cpu:
+    description: CPU
+    accelerator: none
+"""
+
+
 def recipe_text(commit: str, series) -> str:
     entries = []
     for name, sha, when in series:
@@ -85,17 +103,7 @@ upstream:
 patches:
   dir: patches/tiny
   series:
-{''.join(entries)}profiles:
-  dtk-22.10:
-    description: DCU
-    accelerator: dcu
-  cuda:
-    description: CUDA
-    accelerator: cuda
-  cpu:
-    description: CPU
-    accelerator: none
-"""
+{''.join(entries)}{PROFILES_YAML}"""
 
 
 def build_template(root: Path) -> dict:
@@ -129,9 +137,22 @@ def build_template(root: Path) -> dict:
 
 def instance(template: dict, dest: Path) -> dict:
     """A private copy of the project and a fresh clone of the upstream."""
+    from sdrecipe.recipe import load_recipe
     project = dest / "project"
     shutil.copytree(template["project"], project)
     source = dest / "source"
     git(dest, "clone", "-q", str(template["upstream"]), str(source))
+    recipe_path = project / "recipe" / "test.yaml"
     return {"commit": template["commit"], "project": project, "source": source,
-            "recipe_path": project / "recipe" / "test.yaml"}
+            "recipe_path": recipe_path, "recipe": load_recipe(recipe_path),
+            "dir": project / "patches" / "tiny"}
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    return build_template(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def tiny(template, tmp_path):
+    return instance(template, tmp_path)

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fetch_fixtures import (HARDNET, HF_FILES, GitDaemon, build_world, isolate, make_project,
-                            sha256)
+from fetch_fixtures import HARDNET, HF_FILES, isolate, make_project, sha256
 from mirror_server import MirrorServer
 from patch_fixtures import git
 from sdrecipe.artifacts import LOCK_FILE, ArtifactLock, artifact_status
@@ -30,17 +29,6 @@ EXPECTED = {  # placed path -> bytes, for profile cpu without optional files
     f"{CLIP}/pytorch_model.bin": HF_FILES["tiny/clip"]["pytorch_model.bin"],
     "torch-home/hub/checkpoints/checkpoint_liberty_with_aug.pth": HARDNET,
 }
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("artifacts-world")
-    mirror = MirrorServer().start()
-    made = build_world(root, root / "served", mirror)
-    made["daemon"] = GitDaemon(root / "served").start()
-    yield made
-    made["daemon"].stop()
-    mirror.stop()
 
 
 @pytest.fixture

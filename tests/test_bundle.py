@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fetch_fixtures import GitDaemon, build_world, isolate, make_project, sha256
-from mirror_server import MirrorServer
+from fetch_fixtures import isolate, make_project, sha256
 from patch_fixtures import git
 from sdrecipe.bundle import MANIFEST, open_bundle, verify_bundle
 from sdrecipe.cli import main
@@ -34,17 +33,6 @@ def _refuse(self, *args, **kwargs):
 socket.socket.connect = _refuse
 socket.socket.connect_ex = _refuse
 """
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundle-world")
-    mirror = MirrorServer().start()
-    made = build_world(root, root / "served", mirror)
-    made["daemon"] = GitDaemon(root / "served").start()
-    yield made
-    made["daemon"].stop()
-    mirror.stop()
 
 
 @pytest.fixture

@@ -10,23 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from patch_fixtures import build_template, git, instance
+from patch_fixtures import git
 from sdrecipe.lint import LintContext, run_checks
 from sdrecipe.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return build_template(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture
-def tiny(template, tmp_path):
-    made = instance(template, tmp_path)
-    made["dir"] = made["project"] / "patches" / "tiny"
-    return made
 
 
 def lint(tiny, source=False):

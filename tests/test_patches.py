@@ -12,24 +12,12 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from patch_fixtures import build_template, git, instance
+from patch_fixtures import git
 from sdrecipe import patches
 from sdrecipe.errors import SdrecipeError
 from sdrecipe.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return build_template(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture
-def tiny(template, tmp_path):
-    made = instance(template, tmp_path)
-    made["recipe"] = load_recipe(made["recipe_path"])
-    return made
 
 
 def author_blob(template, ref, path):

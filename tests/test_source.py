@@ -10,24 +10,12 @@ import subprocess
 
 import pytest
 
-from fetch_fixtures import GitDaemon, build_world, make_project
+from fetch_fixtures import make_project
 from patch_fixtures import git
 from sdrecipe import patches
 from sdrecipe.errors import SdrecipeError
 from sdrecipe.recipe import load_recipe
 from sdrecipe.source import PINNED_REF, ensure_source
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from mirror_server import MirrorServer
-    root = tmp_path_factory.mktemp("source-world")
-    with MirrorServer() as mirror:  # artifacts are not fetched here; the recipe just names it
-        made = build_world(root, root / "served", mirror)
-    daemon = GitDaemon(root / "served").start()
-    made["daemon"] = daemon
-    yield made
-    daemon.stop()
 
 
 def recipe_for(world, tmp_path, url="upstream.git", mirrors=("fork.git",)):
