@@ -14,6 +14,7 @@ import html
 from pathlib import Path
 
 from .batch import PromptEntry, load_sidecar
+from .files import atomic_write_text
 from .report import render_template, thumbnail_data_uri
 
 GALLERY = "gallery.html"
@@ -52,7 +53,5 @@ def write_gallery(entries: list[PromptEntry], out: Path, title: str) -> tuple[Pa
                            summary=f"{done} of {len(entries)} prompts done",
                            sections="\n".join(text for text, _ in sections))
     path = out / GALLERY
-    partial = path.with_suffix(".html.partial")
-    partial.write_text(page, encoding="utf-8")
-    partial.replace(path)
+    atomic_write_text(path, page)
     return path, done
