@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import slurm
 from .errors import SdrecipeError
+from .verify import tail_lines
 
 EXIT_CODES = {
     "COMPLETED": 0,
@@ -109,11 +110,13 @@ def follow(job_id: str, stream: bool, clock=time.monotonic, sleep=time.sleep):
         sleep(LOG_READ_S)
 
 
-def _tail(path: str | None, lines: int = LOG_TAIL_LINES) -> list[str]:
+def _log_tail(path: str | None) -> list[str]:
+    """The end of a task's log; none when Slurm named no log or it cannot be read."""
     try:
-        return Path(path).read_text(errors="replace").splitlines()[-lines:] if path else []
+        text = Path(path).read_text(errors="replace") if path else ""
     except OSError:
         return []
+    return tail_lines(text, LOG_TAIL_LINES)
 
 
 def judge(job_id: str, tasks) -> tuple[int, list[str]]:
@@ -138,7 +141,7 @@ def judge(job_id: str, tasks) -> tuple[int, list[str]]:
         where = f" on {task.nodes}" if task.started else ""
         lines.append(f"sdrecipe: job {task.job_id} {what}{where}")
         if task.state != "CANCELLED":
-            tail = _tail(task.log)
+            tail = _log_tail(task.log)
             if tail:
                 lines.append(f"  last {len(tail)} lines of {task.log}:")
                 lines += [f"  | {line}" for line in tail]
