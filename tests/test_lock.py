@@ -15,6 +15,7 @@ import functools
 import http.server
 import json
 import shutil
+import ssl
 import subprocess
 import sys
 import threading
@@ -76,14 +77,19 @@ def build_channel(channel: Path, stage: Path) -> Path:
 
 
 @contextlib.contextmanager
-def serve_folder(folder: Path):
-    """A plain HTTP server on 127.0.0.1 for `folder` (a channel or PyPI-files mirror)."""
+def serve_folder(folder: Path, tls=None):
+    """A plain HTTP server on 127.0.0.1 for `folder` (a channel or PyPI-files mirror);
+    HTTPS with `tls` (conftest's `tls_files`: a certificate of a CA no client trusts)."""
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls.cert, tls.key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}/"
     finally:
         server.shutdown()
         server.server_close()
@@ -91,7 +97,9 @@ def serve_folder(folder: Path):
 
 
 def test_conda_part_solved_by_py_rattler_via_a_channel_mirror_then_installed_from_the_lock(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, tls_files, no_hf_credentials):
+    """Over HTTPS from a site CA: py-rattler verifies the mirror against the `ca_bundle`
+    setting, as the downloader does, and refuses it without."""
     recipe_file = copy_project(tmp_path / "project")
     build_channel(tmp_path / "mirror" / "sdr-test", tmp_path / "stage")  # `sdr-test` under an alias
     env = tmp_path / "project" / "env"
@@ -102,8 +110,11 @@ def test_conda_part_solved_by_py_rattler_via_a_channel_mirror_then_installed_fro
     recipe = load_recipe(recipe_file)
     assert not lock_module.write_lock(recipe, "cpu", pip_only=True).conda_locked
 
-    with serve_folder(tmp_path / "mirror") as mirror:
+    with serve_folder(tmp_path / "mirror", tls=tls_files) as mirror:
         monkeypatch.setenv("SDRECIPE_CONDA_CHANNEL_ALIAS", mirror)
+        with pytest.raises(SdrecipeError, match="UnknownIssuer"):
+            lock_module.lock_conda_part(recipe, "cpu")
+        monkeypatch.setenv("SDRECIPE_CA_BUNDLE", str(tls_files.ca))
         locked = lock_module.lock_conda_part(recipe, "cpu")  # what `env build` does, once
 
         versions = {p.name: p.version for p in locked.conda}
@@ -254,6 +265,31 @@ def test_pip_files_come_from_the_sites_pypi_mirror_and_are_still_hash_checked(tm
         tampered = pip_dry_run(requirements, tmp_path / "target", "--no-cache-dir")
 
     assert tampered.returncode != 0 and "DO NOT MATCH THE HASHES" in tampered.stderr
+
+
+def test_uv_resolves_from_a_sites_https_index_with_the_ca_bundle(tmp_path, monkeypatch,
+                                                                  tls_files, no_hf_credentials):
+    """uv verifies the site's PyPI mirror against the `ca_bundle` setting (SSL_CERT_FILE)."""
+    import dataclasses
+    recipe = load_recipe(PROJECT / "recipe" / "stable-diffusion.yaml")
+    spec = dataclasses.replace(lock_module.load_env_spec(recipe, "cpu"),
+                               pip_specs=("einops==0.3.0",), provided={}, platform_wheels=())
+    fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--isolated", "--no-deps",
+                              "--disable-pip-version-check", "-d", str(tmp_path / "files"),
+                              "einops==0.3.0"], capture_output=True, text=True)
+    assert fetched.returncode == 0, fetched.stderr
+    wheel = next((tmp_path / "files").glob("einops-0.3.0-*.whl"))
+    page = tmp_path / "files" / "simple" / "einops" / "index.html"
+    page.parent.mkdir(parents=True)
+    page.write_text(f'<a href="../../{wheel.name}">{wheel.name}</a>\n')
+    monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "uv-cache"))
+    monkeypatch.setenv("UV_HTTP_RETRIES", "0")  # the refused certificate fails at once
+    with serve_folder(tmp_path / "files", tls=tls_files) as index:
+        with pytest.raises(SdrecipeError, match="(?i)certificate|UnknownIssuer"):
+            lock_module.resolve_pip_part(spec, index + "simple")
+        monkeypatch.setenv("SDRECIPE_CA_BUNDLE", str(tls_files.ca))
+        locked = lock_module.resolve_pip_part(spec, index + "simple")
+    assert [(p.name, p.version, p.url) for p in locked] == [("einops", "0.3.0", index + wheel.name)]
 
 
 # --- staleness and validation ---------------------------------------------------------------

@@ -6,6 +6,7 @@ pinned one is not a branch tip) and a fork that never had the pinned commit.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 
 import pytest
@@ -161,3 +162,27 @@ def test_a_local_checkout_that_is_not_the_pinned_tree_is_refused(world, tmp_path
     else:
         assert "README.md" in message and "not the recipe's patch series" in message
     assert not dest.exists() and list((tmp_path / "deploy").iterdir()) == []
+
+
+def test_an_https_mirror_is_verified_against_the_sites_ca_bundle(world, tmp_path, monkeypatch,
+                                                                  tls_mirror, tls_files):
+    """git verifies an https source against the `ca_bundle` setting (GIT_SSL_CAINFO), as the
+    downloader does, and refuses it without. The loopback TLS mirror serves the bare
+    repository's files as git's dumb HTTP protocol reads them (no depth-1 fetch there:
+    the full-fetch fallback runs)."""
+    bare = tmp_path / "upstream.git"
+    shutil.copytree(world["daemon"].base / "upstream.git", bare)
+    git(bare, "update-server-info")
+    for path in bare.rglob("*"):
+        if path.is_file():
+            tls_mirror.add_plain(f"upstream.git/{path.relative_to(bare).as_posix()}", path)
+    monkeypatch.setenv("SDRECIPE_CONFIG", str(tmp_path / "no-config.yaml"))
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SDRECIPE_CA_BUNDLE",
+                 "GIT_SSL_CAINFO"):
+        monkeypatch.delenv(name, raising=False)
+    recipe = load_recipe(make_project(world, tmp_path, f"{tls_mirror.url}/upstream.git"))
+    dest = tmp_path / "deploy" / "stable-diffusion"
+    with pytest.raises(SdrecipeError, match="certificate"):
+        ensure_source(recipe, dest)
+    monkeypatch.setenv("SDRECIPE_CA_BUNDLE", str(tls_files.ca))
+    assert head(ensure_source(recipe, dest)) == world["commit"]

@@ -437,7 +437,9 @@ def resolve_pip_part(spec: EnvSpec, index_url: str | None = None) -> list:
         if spec.platform_wheels:
             for name in sorted(spec.provided):
                 command += ["--no-emit-package", name]
-        result = subprocess.run(command, capture_output=True, text=True)
+        from .transfer import ca_bundle_environ
+        result = subprocess.run(command, capture_output=True, text=True,
+                                env={**os.environ, **ca_bundle_environ()})
         if result.returncode != 0:
             raise SdrecipeError(f"resolving the pip layer of {spec.files[0]} + {spec.files[1]} "
                                 f"for Python {TARGET_PYTHON} ({TARGET_PIP_PLATFORM}) failed:\n"
@@ -477,19 +479,21 @@ def solve_conda_part(spec: EnvSpec, channel_alias: str | None = None) -> list:
     alias = alias.rstrip("/") + "/"
     config = rattler.ChannelConfig(channel_alias=alias)
     channels = [rattler.Channel(c, config) for c in spec.channels]
-    try:
-        records = asyncio.run(rattler.solve(
-            # conda's own spec syntax (`pytorch=1.11.0=*cpu*`), parsed leniently as conda does;
-            # solve() would parse plain strings strictly and refuse build globs.
-            sources=channels, specs=[rattler.MatchSpec(s) for s in spec.conda_specs],
-            platforms=[TARGET_PLATFORM, "noarch"], virtual_packages=_virtual_packages(spec)))
-    except Exception as exc:  # py-rattler raises per-cause types (network, unsolvable)
-        raise SdrecipeError(
-            f"solving the conda part of {spec.profile} ({', '.join(spec.conda_specs)}) "
-            f"against {', '.join(spec.channels)} (channel alias {alias}) failed: {exc}\n"
-            f"Where conda channels are unreachable, set conda_channel_alias "
-            f"($SDRECIPE_CONDA_CHANNEL_ALIAS) to a mirror, or lock the pip part alone with "
-            f"`sdrecipe lock --profile {spec.profile} --pip-only`") from exc
+    from .transfer import ca_bundle_in_environ
+    with ca_bundle_in_environ():  # py-rattler verifies https channels against SSL_CERT_FILE
+        try:
+            records = asyncio.run(rattler.solve(
+                # conda's own spec syntax (`pytorch=1.11.0=*cpu*`), parsed leniently as conda
+                # does; solve() would parse plain strings strictly and refuse build globs.
+                sources=channels, specs=[rattler.MatchSpec(s) for s in spec.conda_specs],
+                platforms=[TARGET_PLATFORM, "noarch"], virtual_packages=_virtual_packages(spec)))
+        except Exception as exc:  # py-rattler raises per-cause types (network, unsolvable)
+            raise SdrecipeError(
+                f"solving the conda part of {spec.profile} ({', '.join(spec.conda_specs)}) "
+                f"against {', '.join(spec.channels)} (channel alias {alias}) failed: {exc}\n"
+                f"Where conda channels are unreachable, set conda_channel_alias "
+                f"($SDRECIPE_CONDA_CHANNEL_ALIAS) to a mirror, or lock the pip part alone with "
+                f"`sdrecipe lock --profile {spec.profile} --pip-only`") from exc
     locked = []
     for record in records:
         name_and_spec = (d.split(" ", 1) for d in record.depends)

@@ -117,7 +117,9 @@ def _copy_local(recipe, local: Path, staging: Path, profile: str | None) -> None
 
 def _clone_pinned(staging: Path, url: str, pinned: str, from_bundle: bool) -> None:
     repo = git.Repo.init(staging)
-    repo.git.update_environment(GIT_TERMINAL_PROMPT="0")  # fail, never prompt, on auth
+    from .transfer import ca_bundle_environ
+    # fail, never prompt, on auth; verify https mirrors against the site's CA bundle
+    repo.git.update_environment(GIT_TERMINAL_PROMPT="0", **ca_bundle_environ())
     try:
         if from_bundle:
             # Bundles made from a shallow clone lack the parents: declare the

@@ -222,6 +222,38 @@ def resolve_ca_bundle(explicit: str | os.PathLike | None = None) -> str | bool:
     return True
 
 
+# Where the other TLS clients sdrecipe starts read a CA bundle: git (GIT_SSL_CAINFO),
+# uv and py-rattler (SSL_CERT_FILE, read by rustls-native-certs), Python requests.
+CA_BUNDLE_VARIABLES = ("GIT_SSL_CAINFO", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
+
+
+def ca_bundle_environ(explicit: str | os.PathLike | None = None) -> dict[str, str]:
+    """The variables that make git, uv and py-rattler verify against the same CA bundle as
+    this downloader (`explicit`, default: the `ca_bundle` setting); {} for the default."""
+    if explicit is None:
+        from .config import load_config
+        explicit = load_config().get("ca_bundle")
+    bundle = resolve_ca_bundle(explicit)
+    return {} if bundle is True else dict.fromkeys(CA_BUNDLE_VARIABLES, bundle)
+
+
+@contextlib.contextmanager
+def ca_bundle_in_environ(explicit: str | os.PathLike | None = None):
+    """`ca_bundle_environ` set in this process while the block runs (py-rattler, which
+    reads SSL_CERT_FILE when it builds its HTTP client), then restored."""
+    variables = ca_bundle_environ(explicit)
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 # --- the part file: resumable, hashed once ---------------------------------------------------------
 class _Part:
     """`<dest>.part` + its sidecar; keeps the running hash of the bytes on disk."""
