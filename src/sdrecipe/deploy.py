@@ -400,22 +400,20 @@ def _run_patches(t: Target) -> str:
 
 
 def _run_env(t: Target) -> str:
-    from .env import build_env, import_check
+    from .env import build_and_check
     # a rebuild (the lock changed) keeps the backend chosen the first time: --python, --prefix
     for option in ("python", "prefix"):
         if t.opts.get(option):
             t.state[f"env_{option}"] = str(t.opts[option])
-    built = build_env(t.recipe, t.deployment, t.profile, prefix=t.state.get("env_prefix"),
-                      python=t.state.get("env_python"))
-    t.state["lock_sha256"] = t.lock_sha256()
     # Smoke mode fetched no HardNet for kornia, so the import check would fail on it; the
     # smoke sample imports everything txt2img needs anyway (with a HardNet stand-in).
-    if built.rebuilt and not t.smoke:
-        check = import_check(t.deployment, t.profile)
-        if not check.ok:
-            failed = ", ".join(row["name"] for row in check.rows if not row["ok"])
-            raise SdrecipeError(f"the {t.profile} environment was built but its import check "
-                                f"failed for: {failed}; run: sdrecipe doctor --profile {t.profile}")
+    built, check = build_and_check(t.recipe, t.deployment, t.profile,
+                                   prefix=t.state.get("env_prefix"),
+                                   python=t.state.get("env_python"), check=not t.smoke)
+    t.state["lock_sha256"] = t.lock_sha256()
+    if check is not None and not check.ok:
+        raise SdrecipeError(f"the {t.profile} environment was built but its import check "
+                            f"failed for: {check.failed}; run: sdrecipe doctor --profile {t.profile}")
     return f"{'built' if built.rebuilt else 'up to date'}: {built.prefix}"
 
 

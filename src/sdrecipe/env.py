@@ -63,6 +63,10 @@ class CheckResult:
     def ok(self) -> bool:
         return bool(self.rows) and all(row["ok"] for row in self.rows)
 
+    @property
+    def failed(self) -> str:
+        return ", ".join(row["name"] for row in self.rows if not row["ok"])
+
 
 # --- where things are ----------------------------------------------------------------
 
@@ -569,30 +573,49 @@ def _usage(deployment, profile: str) -> str:
             f"module load sdrecipe/{profile}")
 
 
+def import_check_and_record(deployment, profile: str) -> CheckResult:
+    """The import check, its outcome remembered in the build record (doctor, deploy read it)."""
+    result = import_check(deployment, profile)
+    record = env_record(deployment, profile)
+    if record:
+        _write_record(deployment, profile, Path(record["prefix"]), record["backend"],
+                      record["stamp"], check_ok=result.ok)
+    return result
+
+
+def build_and_check(recipe, deployment, profile: str, prefix: Path | None = None,
+                    python: str | None = None, force: bool = False,
+                    check: bool = True) -> tuple[Built, CheckResult | None]:
+    """Build (or confirm) the environment, then run the import check unless `check` is
+    False or it already passed on this very build. The check result is None when skipped."""
+    built = build_env(recipe, deployment, profile, prefix=prefix, python=python, force=force)
+    record = env_record(deployment, profile) or {}
+    if not check or (not built.rebuilt and record.get("check_ok")):
+        return built, None
+    return built, import_check_and_record(deployment, profile)
+
+
 def build_command(ctx) -> int:
     args, profile = ctx.args, ctx.profile()
-    built = build_env(ctx.recipe, ctx.deployment, profile, prefix=args.prefix,
-                      python=args.python, force=args.force)
-    record = env_record(ctx.deployment, profile) or {}
-    if not built.rebuilt and record.get("check_ok"):
+    _, result = build_and_check(ctx.recipe, ctx.deployment, profile, prefix=args.prefix,
+                                python=args.python, force=args.force)
+    if result is None:
         print(f"import check passed after the last build (rerun: sdrecipe env check "
               f"--profile {profile})\n" + _usage(ctx.deployment, profile))
         return 0
-    return check_command(ctx, profile)
+    return _report_check(ctx.deployment, profile, result)
 
 
-def check_command(ctx, profile: str | None = None) -> int:
-    profile = profile or ctx.profile()
-    result = import_check(ctx.deployment, profile)
-    record = env_record(ctx.deployment, profile)
-    if record:
-        _write_record(ctx.deployment, profile, Path(record["prefix"]), record["backend"],
-                      record["stamp"], check_ok=result.ok)
+def check_command(ctx) -> int:
+    profile = ctx.profile()
+    return _report_check(ctx.deployment, profile, import_check_and_record(ctx.deployment, profile))
+
+
+def _report_check(deployment, profile: str, result: CheckResult) -> int:
     print_check(result, profile)
-    print(_usage(ctx.deployment, profile))
+    print(_usage(deployment, profile))
     if not result.ok:
-        failed = ", ".join(row["name"] for row in result.rows if not row["ok"])
-        print(f"import check failed for: {failed}; for the fix, run: sdrecipe doctor "
+        print(f"import check failed for: {result.failed}; for the fix, run: sdrecipe doctor "
               f"--profile {profile}", file=sys.stderr)
         return 1
     return 0
