@@ -359,13 +359,16 @@ def test_rattler_backend_installs_checked_packages_and_conda_activation(tmp_path
                                  {"lib/libmpi.so.40": b"stand-in for libmpi\n"})
     data = archive.read_bytes()
 
-    def lock_with(sha256):
-        package = CondaPackage("openmpi", "4.1.2", "h0_0", 0, archive.as_uri(),
-                               hashlib.md5(data).hexdigest(), sha256, ())
+    def lock_with(sha256, md5=hashlib.md5(data).hexdigest()):
+        package = CondaPackage("openmpi", "4.1.2", "h0_0", 0, archive.as_uri(), md5, sha256, ())
         return Lock("dtk-22.10", tmp_path / "x.conda-lock.yml", "", (), (package,), (), (), ())
 
-    with pytest.raises(env.SdrecipeError, match="does not match the lock"):
-        env.fetch_conda_packages(lock_with("0" * 64), tmp_path / "cache")
+    with pytest.raises(env.SdrecipeError, match="sha256 .* does not match the lock"):
+        env.fetch_conda_packages(lock_with("0" * 64), tmp_path / "cache")  # a right md5 won't do
+    # md5 decides only where the channel listed no sha256
+    with pytest.raises(env.SdrecipeError, match="md5 .* does not match the lock"):
+        env.fetch_conda_packages(lock_with(None, md5="0" * 32), tmp_path / "cache")
+    assert env.fetch_conda_packages(lock_with(None), tmp_path / "cache")
     lock = lock_with(hashlib.sha256(data).hexdigest())
     prefix = tmp_path / "deploy" / "envs" / "dtk-22.10"
     env.create_rattler(prefix, lock, env.fetch_conda_packages(lock, tmp_path / "cache"),

@@ -40,7 +40,7 @@ from filelock import FileLock
 from . import activation
 from .config import load_config
 from .errors import SdrecipeError
-from .files import atomic_write_text, sha256_file
+from .files import atomic_write_text, file_digest, sha256_file
 
 PAYLOAD = Path(__file__).parent / "payload"
 CONDA_TOOLS = ("micromamba", "mamba", "conda")
@@ -277,11 +277,15 @@ class CondaFile:
     path: Path
 
 
-def _check_digest(path: Path, package) -> None:
-    if package.sha256:
-        actual, wanted, kind = sha256_file(path), package.sha256, "sha256"
-    else:  # conda-lock always writes md5; sha256 only where the channel lists it
-        actual, wanted, kind = hashlib.md5(path.read_bytes()).hexdigest(), package.md5, "md5"
+def _check_digest(path: Path, package, lock) -> None:
+    """sha256 where the lock has it; md5 (conda-lock always writes it) only where the
+    channel listed no sha256. Streamed: conda archives (pytorch) are gigabytes."""
+    kind = "sha256" if package.sha256 else "md5"
+    wanted = getattr(package, kind)
+    if not wanted:
+        raise SdrecipeError(f"{lock.path}: {package.url} has neither sha256 nor md5; "
+                            f"relock it: sdrecipe lock --profile {lock.profile}")
+    actual = file_digest(path, kind)
     if actual != wanted:
         raise SdrecipeError(f"{package.url}: {kind} {actual} does not match the lock's {wanted}; "
                             f"the channel's file changed since it was locked")
@@ -312,7 +316,7 @@ def fetch_conda_packages(lock, cache_dir: Path) -> list[CondaFile]:
     if downloads:
         Transfer.from_config(load_config()).fetch(downloads)
     for conda_file in files:
-        _check_digest(conda_file.path, conda_file.package)
+        _check_digest(conda_file.path, conda_file.package, lock)
     return files
 
 

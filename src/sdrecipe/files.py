@@ -17,13 +17,17 @@ from pathlib import Path
 _CHUNK = 8 << 20
 
 
-def sha256_file(path: Path) -> str:
-    """The file's sha256, read in chunks: model files are gigabytes."""
-    digest = hashlib.sha256()
+def file_digest(path: Path, algorithm: str) -> str:
+    """The file's digest (a hashlib name), read in chunks: model files are gigabytes."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    return file_digest(path, "sha256")
 
 
 @functools.lru_cache(maxsize=1)
