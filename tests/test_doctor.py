@@ -174,7 +174,10 @@ def test_missing_local_hf_models_mean_a_hub_connection_error(recipe, tmp_path):
     assert {"CompVis/stable-diffusion-safety-checker" in f.symptom for f in findings} == {True, False}
     assert all(f.fix.startswith("sdrecipe fetch") for f in findings)
 
-    for folder in doctor.LOCAL_HF_MODELS:
+    folders = doctor.local_hf_models(recipe, "cpu")  # derived from the recipe's artifacts
+    assert folders == {"stable-diffusion-safety-checker": "CompVis/stable-diffusion-safety-checker",
+                       "clip-vit-large-patch14": "openai/clip-vit-large-patch14"}
+    for folder in folders:
         (deployment.models / folder).mkdir(parents=True)
         (deployment.models / folder / "config.json").write_text("{}")
     assert run_check("local-hf-models", recipe, deployment, "cpu") == []
@@ -191,7 +194,8 @@ def test_kornia_downloads_hardnet_without_the_preseed(recipe, tmp_path):
     assert str(deployment.torch_home) in findings[0].cause
     assert findings[0].fix.startswith("sdrecipe fetch")
 
-    checkpoint = deployment.torch_home / doctor.HARDNET_CHECKPOINT
+    # where kornia 0.6's torch.hub.load_state_dict_from_url looks
+    checkpoint = deployment.torch_home / "hub/checkpoints/checkpoint_liberty_with_aug.pth"
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"weights")
     assert run_check("kornia-hardnet", recipe, deployment, "cpu") == []

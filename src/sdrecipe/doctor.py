@@ -25,13 +25,6 @@ from typing import Callable, Iterable
 
 from .errors import SdrecipeError
 
-HARDNET_CHECKPOINT = "hub/checkpoints/checkpoint_liberty_with_aug.pth"
-LOCAL_HF_MODELS = {  # folder under models/ -> what upstream fetched from the Hub
-    "stable-diffusion-safety-checker": "CompVis/stable-diffusion-safety-checker",
-    "clip-vit-large-patch14": "openai/clip-vit-large-patch14",
-}
-
-
 @dataclass(frozen=True)
 class Finding:
     severity: str  # "error" or "warning"
@@ -52,6 +45,11 @@ class DoctorContext:
     def prefix(self) -> Path:
         from .env import env_prefix
         return env_prefix(self.deployment, self.profile)
+
+    @property
+    def python(self) -> Path:
+        from .env import env_python
+        return env_python(self.deployment, self.profile)
 
     def site_packages(self) -> Path | None:
         found = sorted(self.prefix.glob("lib/python3*/site-packages"))
@@ -94,9 +92,8 @@ def _build_command(profile: str) -> str:
 
 @diagnosis("env-built", "the profile's environment exists")
 def check_env_built(ctx):
-    python = ctx.prefix / "bin" / "python"
-    if not python.exists():
-        yield _finding("env-built", f"{python}: No such file or directory",
+    if not ctx.python.exists():
+        yield _finding("env-built", f"{ctx.python}: No such file or directory",
                        f"the {ctx.profile} environment has not been built",
                        _build_command(ctx.profile))
 
@@ -167,7 +164,7 @@ def check_clip_package(ctx):
         yield _finding("clip-package", "AttributeError: module 'clip' has no attribute 'load'",
                        f"PyPI's package named 'clip' ({installed['clip'].name}) is an unrelated "
                        f"clipboard tool; upstream needs OpenAI's CLIP",
-                       f"{ctx.prefix}/bin/python -m pip uninstall -y clip, then "
+                       f"{ctx.python} -m pip uninstall -y clip, then "
                        f"{_build_command(ctx.profile)} --force (the lock pins clip-anytorch)")
 
 
@@ -261,10 +258,9 @@ def _ldm_importable_from_script(python: Path, script: Path, environ: dict) -> st
 @diagnosis("ldm-import", "scripts/txt2img.py can import the ldm package")
 def check_ldm_import(ctx):
     script = ctx.deployment.source / "scripts" / "txt2img.py"
-    python = ctx.prefix / "bin" / "python"
-    if not script.is_file() or not python.exists():
+    if not script.is_file() or not ctx.python.exists():
         return
-    error = _ldm_importable_from_script(python, script, ctx.activated())
+    error = _ldm_importable_from_script(ctx.python, script, ctx.activated())
     if error:
         yield _finding("ldm-import", error,
                        "python puts scripts/ (not the repository root) on sys.path, and the "
@@ -294,9 +290,17 @@ def check_patch_series(ctx):
                           + ")" if state.drifted else ""))
 
 
+def local_hf_models(recipe, profile: str) -> dict[str, str]:
+    """Folder under models/ -> the Hub repo upstream loaded it from: each model the
+    recipe's artifacts place as a local transformers folder (the ones with a config.json)."""
+    from .artifacts import select
+    return {Path(f.dest).parent.as_posix(): f.repo for f in select(recipe, profile)
+            if f.root == "models" and f.repo and Path(f.dest).name == "config.json"}
+
+
 @diagnosis("local-hf-models", "the safety checker and CLIP are read from local folders")
 def check_local_models(ctx):
-    for folder, repo in LOCAL_HF_MODELS.items():
+    for folder, repo in local_hf_models(ctx.recipe, ctx.profile).items():
         path = ctx.deployment.models / folder
         if not (path / "config.json").is_file():
             yield _finding("local-hf-models",
@@ -313,14 +317,18 @@ def check_hardnet(ctx):
     site = ctx.site_packages()
     if not site or not (site / "kornia").is_dir():
         return
-    checkpoint = ctx.deployment.torch_home / HARDNET_CHECKPOINT
-    if not checkpoint.is_file():
-        yield _finding("kornia-hardnet",
-                       "Downloading: \"https://github.com/DagnyT/hardnet/raw/master/pretrained/"
-                       "train_liberty_with_aug/checkpoint_liberty_with_aug.pth\" (hangs offline)",
-                       f"kornia 0.6 builds HardNet(pretrained=True) at import and "
-                       f"{checkpoint} is missing",
-                       "sdrecipe fetch   (preseeds TORCH_HOME; activation points TORCH_HOME there)")
+    from .artifacts import select
+    # what the recipe preseeds into TORCH_HOME: the checkpoints torch.hub would download
+    for preseed in (f for f in select(ctx.recipe, ctx.profile) if f.root == "torch_home"):
+        checkpoint = preseed.target(ctx.deployment)
+        if not checkpoint.is_file():
+            yield _finding("kornia-hardnet",
+                           f"Downloading: \".../{checkpoint.name}\" to {checkpoint} "
+                           f"(hangs offline)",
+                           f"kornia 0.6 builds HardNet(pretrained=True) at import and "
+                           f"{checkpoint} is missing",
+                           "sdrecipe fetch   (preseeds TORCH_HOME; activation points TORCH_HOME "
+                           "there)")
 
 
 # --- this machine ------------------------------------------------------------------------------
