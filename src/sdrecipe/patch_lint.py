@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import io
 import os
 import re
 import subprocess
@@ -38,7 +39,6 @@ _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # Only a field's first line is searched for `<...>`, so a long Description may say `<repo>/models`.
 _PLACEHOLDER_RE = re.compile(r"<(?![^<>]*@)(?!https?:)[^<>]*>")
 _TODO_RE = re.compile(r"\b(TODO|FIXME|TBD|XXX)\b")
-_HUNK_RE = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 _INDEX_RE = re.compile(r"^index ([0-9a-f]+)\.\.([0-9a-f]+)(?: \d{6})?$")
 _GIT_FAIL_RE = re.compile(r"patch failed: (.+):(\d+)")
 _GIT_PATH_RE = re.compile(r"(?:^|; )(\S+): (?:No such file|does not exist|already exists|"
@@ -113,81 +113,105 @@ def _parse_header(lines):
     return fields, problems
 
 
-def _parse_sections(lines):
-    """File sections, hunks and added lines, with line numbers."""
-    sections, problems = [], []
-    current = None
-    i, total = 0, len(lines)
-    while i < total:
-        line, number = lines[i], i + 1
-        if line.startswith("diff --git "):
-            current = Section(number)
-            sections.append(current)
-        elif line.startswith("index ") and current is not None and current.old is None:
-            current.index_line = number
-            match = _INDEX_RE.match(line)
-            if match:
-                current.pre, current.post = match.groups()
-            else:
-                problems.append((number, f"malformed index line {line!r}"))
-        elif line.startswith("--- ") and i + 1 < total and lines[i + 1].startswith("+++ "):
-            if current is None or current.old is not None:
-                current = Section(number)
-                sections.append(current)
-            current.old = line[4:].split("\t")[0]
-            current.new = lines[i + 1][4:].split("\t")[0]
-            current.old_line = number
-            i += 1
-        elif line.startswith("@@"):
-            match = _HUNK_RE.match(line)
-            if current is None or current.old is None or not match:
-                problems.append((number, "hunk header outside a file or malformed"))
-            else:
-                old_count = int(match.group(2) or 1)
-                new_count = int(match.group(4) or 1)
-                current.hunks.append(Hunk(number, int(match.group(1)), int(match.group(3))))
-                while old_count > 0 or new_count > 0:
-                    i += 1
-                    if i >= total or not lines[i][:1] in (" ", "-", "+", "\\", ""):
-                        problems.append((number, "hunk is shorter than its `@@` header says "
-                                                 "(lines were added or removed by hand?)"))
-                        i -= 1
-                        break
-                    kind = lines[i][:1]
-                    if (kind in (" ", "") and min(old_count, new_count) <= 0) or \
-                            (kind == "-" and old_count <= 0) or (kind == "+" and new_count <= 0):
-                        problems.append((number, "hunk is longer than its `@@` header says "
-                                                 "(lines were added by hand?)"))
-                        break
-                    if kind in (" ", ""):
-                        old_count -= 1
-                        new_count -= 1
-                    elif kind == "-":
-                        old_count -= 1
-                    elif kind == "+":
-                        new_count -= 1
-                        current.added.append((i + 1, lines[i][1:]))
-                if i + 1 < total and lines[i + 1][:1] in ("+", "-", " ") \
-                        and lines[i + 1] != "-- " and not lines[i + 1].startswith(("--- ", "+++ ")):
-                    problems.append((number, "hunk is longer than its `@@` header says "
-                                             "(lines were added by hand?)"))
-        i += 1
-    return sections, problems
+class _Partial(PatchSet):
+    """unidiff's parse, keeping the files read before an error, and where it stopped."""
+
+    def __init__(self, text: str):
+        self.number = 0  # the last line unidiff read
+        self.hunk_line = None  # the last `@@` line it read
+        self.error = None
+        try:
+            super().__init__(self._numbered(text))
+        except UnidiffParseError as exc:
+            self.error = exc
+
+    def _numbered(self, text):
+        for self.number, line in enumerate(io.StringIO(text), 1):
+            if line.startswith("@@"):
+                self.hunk_line = self.number
+            yield line
+
+
+_LONGER = "hunk is longer than its `@@` header says (lines were added by hand?)"
+_SHORTER = "hunk is shorter than its `@@` header says (lines were added or removed by hand?)"
+
+
+def _git_header(patched, lines, section: Section, problems):
+    """The `index` line of a git diff and the line of its `---`. unidiff keeps neither
+    line number, and takes the paths from `diff --git`; the a/ b/ check needs `---`/`+++`
+    as written. Its header lines are the patch's lines in order, minus `---`/`+++`."""
+    at, numbers = section.line, []
+    for text in patched.patch_info:
+        while lines[at - 1] != text.rstrip("\n"):
+            at += 1
+        numbers.append(at)
+        at += 1
+    index = [n for n in numbers if lines[n - 1].startswith("index ")]
+    if index:
+        section.index_line = index[-1]
+        match = _INDEX_RE.match(lines[index[-1] - 1])
+        if match:
+            section.pre, section.post = match.groups()
+        else:
+            problems.append((index[-1], f"malformed index line {lines[index[-1] - 1]!r}"))
+    end = next((n for n in range(section.line + 1, len(lines))
+                if lines[n - 1].startswith("diff --git ")), len(lines))
+    return next((n for n in range(section.line + 1, end) if n not in numbers and
+                 lines[n - 1].startswith("--- ") and lines[n].startswith("+++ ")), None)
+
+
+def _section(patched, lines, problems) -> Section:
+    """One file of unidiff's parse, with line numbers for every header a check names."""
+    if lines[patched.diff_line_no - 1].startswith("diff --git "):
+        section = Section(patched.diff_line_no)
+        old_line = _git_header(patched, lines, section, problems)
+    else:  # a plain unified diff: unidiff's line is its `+++` line
+        old_line = patched.diff_line_no - 1
+        section = Section(old_line)
+    if old_line is not None:
+        section.old_line = old_line
+        section.old, section.new = (lines[n][4:].split("\t")[0] for n in (old_line - 1, old_line))
+    for hunk in patched:
+        numbers = [line.diff_line_no for line in hunk if line.diff_line_no is not None]
+        at = numbers[0] - 1  # the `@@` line
+        if section.old is None or at < old_line:
+            problems.append((at, "hunk header outside a file or malformed"))
+            continue
+        section.hunks.append(Hunk(at, hunk.source_start, hunk.target_start))
+        section.added += [(line.diff_line_no, line.value.rstrip("\n"))
+                          for line in hunk if line.is_added]
+        after = lines[numbers[-1]] if numbers[-1] < len(lines) else ""
+        if after[:1] in ("+", "-", " ") and after != "-- " and not after.startswith(("--- ", "+++ ")):
+            problems.append((at, _LONGER))  # unidiff ends the hunk there and reads on
+    return section
+
+
+def _parse_error(parsed: _Partial):
+    """unidiff's error, at the line it read last (a hunk's error at its `@@` line)."""
+    message = str(parsed.error).strip()
+    if message.startswith("Hunk is longer"):
+        return parsed.hunk_line, _LONGER
+    if message.startswith(("Hunk is shorter", "Hunk diff line expected")):
+        return parsed.hunk_line, _SHORTER
+    return parsed.number, f"unidiff cannot parse it: {message}"
 
 
 @functools.lru_cache(maxsize=256)
 def _parse_cached(path: str, data: bytes) -> ParsedPatch:
-    text = data.decode("utf-8", errors="replace")
-    lines = text.replace("\r\n", "\n").split("\n")
+    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n")
+    lines = text.split("\n")
     header, header_problems = _parse_header(lines)
-    sections, problems = _parse_sections(lines)
-    try:
-        PatchSet(text.replace("\r\n", "\n"))
-    except UnidiffParseError as exc:
-        quoted = str(exc).split(": ", 1)[-1].strip()  # unidiff quotes the offending line
-        line = next((n for n, text in enumerate(lines, 1) if quoted and text == quoted),
-                    problems[0][0] if problems else None)
-        problems.append((line, f"unidiff cannot parse it: {str(exc).strip()}"))
+    parsed, problems = _Partial(text), []
+    sections = [_section(patched, lines, problems) for patched in parsed]
+    hunk_lines = {hunk[0].diff_line_no - 1 for patched in parsed for hunk in patched}
+    read = parsed.number if parsed.error else len(lines)
+    # unidiff takes a malformed `@@` line (or one outside a file) for header text: say so
+    problems += [(number, "hunk header outside a file or malformed")
+                 for number, line in enumerate(lines[:read], 1)
+                 if line.startswith("@@") and number not in hunk_lines
+                 and not (parsed.error and number == parsed.hunk_line)]
+    if parsed.error:
+        problems.append(_parse_error(parsed))
     if not sections:
         problems.append((None, "no file diffs found"))
     return ParsedPatch(Path(path), data, lines, header, header_problems, sections, problems)
