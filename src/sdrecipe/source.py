@@ -96,7 +96,7 @@ def _move_into_place(staging: Path, dest: Path) -> None:
 
 
 def _copy_local(recipe, local: Path, staging: Path, profile: str | None) -> None:
-    """Copy a local checkout of the pinned commit (files, not git objects) and check the copy."""
+    """Copy a local checkout of the pinned commit, .git included, as plain files; check both."""
     if not (local / ".git").is_dir():
         raise SdrecipeError(f"{local} is not a git checkout with its own .git folder; "
                             f"{POINT_ELSEWHERE}")
