@@ -393,3 +393,15 @@ def test_rattler_backend_installs_checked_packages_and_conda_activation(tmp_path
     assert via_script["CONDA_PREFIX"] == str(prefix)
     undone = bash_environ(f"source {hook}\nsource {unhook}", base)
     assert undone["LD_LIBRARY_PATH"] == "/opt/lib" and "TORCH_HOME" not in undone
+
+
+def test_a_failed_build_step_shows_its_last_lines_and_the_next_step(capfd):
+    """The step's output streams as it comes; the error repeats its tail and says what to do."""
+    script = "import sys\nfor n in range(40): print('line', n)\nsys.exit(3)"
+    with pytest.raises(env.SdrecipeError) as caught:
+        env._run([sys.executable, "-c", script], "creating the thing", fix="do this next")
+    message = str(caught.value)
+    assert message.startswith("creating the thing failed (exit 3)")
+    assert "line 39" in message and "line 14" not in message  # the last lines only
+    assert message.endswith("do this next")
+    assert "line 0" in capfd.readouterr().err  # all of it was shown while it ran
