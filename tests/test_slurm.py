@@ -88,6 +88,18 @@ def job_id_from(stdout_line: str) -> str:
     return re.search(r"submitted job (\d+)", stdout_line).group(1)
 
 
+def wait_for_job_state(job_id: str, env, wanted: str, timeout=15.0) -> str:
+    """scontrol's line for the job once it shows `wanted`, or the last one seen: a
+    cancelled job shows COMPLETING for a moment while Slurm kills its processes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env,
+                               capture_output=True, text=True).stdout
+        if f"JobState={wanted} " in state or time.monotonic() > deadline:
+            return state
+        time.sleep(0.2)
+
+
 def wait_for_line(stream, pattern: str, timeout=60.0) -> list[str]:
     """Read lines from a child's pipe until one matches; returns what was read."""
     seen, deadline = [], time.monotonic() + timeout
@@ -240,9 +252,8 @@ def test_interrupt_in_a_terminal_offers_to_cancel_the_job(deployment, slurm_env)
         read_until(rf"cancel job {job_id} with scancel\? \[y/N\]")
         os.write(master, b"y\n")
         assert proc.wait(timeout=30) == 130
-        state = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=slurm_env,
-                               capture_output=True, text=True).stdout
-        assert "JobState=CANCELLED" in state
+        state = wait_for_job_state(job_id, slurm_env, "CANCELLED")
+        assert "JobState=CANCELLED " in state, state
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -351,12 +362,7 @@ def test_a_batch_still_running_is_not_submitted_twice(deployment, slurm_env, tmp
     assert again.returncode == 2
     assert f"job {job_id} of this batch ({out}) is still queued or running" in again.stderr
     subprocess.run(["scancel", job_id], env=slurm_env, check=True)
-    for _ in range(50):  # until Slurm has ended it
-        state = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=slurm_env,
-                               capture_output=True, text=True).stdout
-        if "JobState=CANCELLED" in state:
-            break
-        time.sleep(0.2)
+    wait_for_job_state(job_id, slurm_env, "CANCELLED")  # until Slurm has ended it
     finished = generate(deployment, slurm_env, prompts, out)
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert "1 of 1 prompts to make" in finished.stdout
