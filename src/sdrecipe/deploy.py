@@ -38,7 +38,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import SdrecipeError
-from .files import sha256_file
+from .files import atomic_write_text, sha256_file
 from .report import deployed_inputs, input_hashes
 
 STAGES = ("source", "artifacts", "patches", "env", "preseed", "verify")
@@ -63,9 +63,7 @@ class VerifyFailed(SdrecipeError):
 
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(temp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(deployment) -> dict | None:
