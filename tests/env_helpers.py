@@ -14,6 +14,8 @@ from pathlib import Path
 
 LMOD_INIT = Path("/usr/share/lmod/lmod/init/bash")
 DTK_MODULE = "compiler/rocm/dtk-22.10.1"
+# The target environments' interpreter (DTK 22.10 ships Python 3.8); .ci/run exports it.
+PY38 = os.environ.get("SDRECIPE_TEST_PY38", "/root/.pyenv/versions/3.8.18/bin/python")
 
 
 def bash_environ(commands: str, environ: dict | None = None) -> dict:

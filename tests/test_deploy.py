@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
+from env_helpers import PY38
 from sdrecipe.deploy import STAGES, source_files, stable_part
 
 ROOT = Path(__file__).resolve().parents[1]
-PY38 = os.environ.get("SDRECIPE_TEST_PY38", "/root/.pyenv/versions/3.8.18/bin/python")
 UPSTREAM = os.environ.get("SDRECIPE_UPSTREAM")
 
 

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from env_helpers import DTK_MODULE, bash_environ, dtk_module_tree, lmod
+from env_helpers import DTK_MODULE, PY38, bash_environ, dtk_module_tree, lmod
 from sdrecipe import doctor
 from sdrecipe.doctor import detect_profile
 from sdrecipe.layout import Deployment
 from sdrecipe.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-PY38 = os.environ.get("SDRECIPE_TEST_PY38", "/root/.pyenv/versions/3.8.18/bin/python")
 
 
 @pytest.fixture

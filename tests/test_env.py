@@ -21,14 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from env_helpers import DTK_MODULE, activated_environ, bash_environ, dtk_module_tree, lmod
+from env_helpers import DTK_MODULE, PY38, activated_environ, bash_environ, dtk_module_tree, lmod
 from fetch_fixtures import free_port
 from sdrecipe import env
 from sdrecipe.layout import Deployment
 from sdrecipe.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-PY38 = os.environ.get("SDRECIPE_TEST_PY38", "/root/.pyenv/versions/3.8.18/bin/python")
 PAYLOAD = ROOT / "src" / "sdrecipe" / "payload"
 
 pytestmark = pytest.mark.slow

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+import env_helpers
 from sdrecipe.env import activation_env, env_python, write_activation
 from sdrecipe.layout import Deployment
 from sdrecipe.recipe import load_recipe
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 PAYLOADS = Path(__file__).resolve().parent / "payloads"
-PY38 = Path("/root/.pyenv/versions/3.8.18/bin/python")
+PY38 = Path(env_helpers.PY38)
 PROFILE = "dtk-22.10"
 
 
