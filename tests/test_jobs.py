@@ -189,3 +189,14 @@ def test_submitting_without_a_built_environment_says_what_to_run(tmp_path):
     assert done.returncode == 2
     assert "the cpu environment is not built" in done.stderr
     assert "sdrecipe env build --profile cpu" in done.stderr
+
+
+def test_job_folders_made_in_the_same_second_are_distinct(tmp_path):
+    """Two submissions at once (the verify and timeout jobs of the Slurm tests did this)
+    must not write their scripts, logs and reports into one folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdrecipe.jobs import _new_folder
+    with ThreadPoolExecutor(8) as pool:
+        folders = list(pool.map(lambda _: _new_folder(tmp_path / "jobs", "verify-cpu"), range(8)))
+    assert len(set(folders)) == 8 and all(f.is_dir() for f in folders)

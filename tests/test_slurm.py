@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -71,12 +72,19 @@ def slurm_env(slurm_cluster, tmp_path_factory):
     return env
 
 
+def interruptible():
+    """Ctrl-C reaches the child even when the test run itself ignores SIGINT (a shell
+    starts background jobs that way, and a child would inherit it: Python then installs
+    no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def sdrecipe(deployment, *args, env, extra_env=None, background=False):
     argv = [sys.executable, "-m", "sdrecipe", "--deploy-dir", str(deployment.root), *args]
     full_env = dict(env, **(extra_env or {}))
     if background:
         return subprocess.Popen(argv, env=full_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     return subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=120)
 
 
@@ -142,7 +150,7 @@ def test_verify_job_completes_streams_its_log_and_collects_the_report(verify_ok,
     assert f" on {slurm_cluster.node} at " in out  # the job's first log line, streamed
     assert "standin: verify ok" in out  # streamed from the job's log
     assert "verify report: OK (2/2 checks, 1 images" in out
-    job_dir = next((deployment.root / "jobs").glob("verify-*/report")).parent
+    job_dir = Path(re.search(r"submitted job \d+ \((\S+)/job\.sh\)", out).group(1))
     report = json.loads((job_dir / "report" / "report.json").read_text())
     assert report["ok"] and report["settings"] == {"smoke": True}
     script = (job_dir / "job.sh").read_text()
@@ -216,14 +224,16 @@ def test_interrupt_without_a_tty_leaves_the_job_and_says_how_to_cancel(deploymen
     seen = wait_for_line(proc.stdout, r"standin: sleeping")
     job_id = job_id_from("".join(seen))
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
     try:
+        _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130
         assert f"Cancel it with: scancel {job_id}" in err
         state = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=slurm_env,
                                capture_output=True, text=True).stdout
         assert "JobState=RUNNING" in state
     finally:
+        if proc.poll() is None:
+            proc.kill()
         subprocess.run(["scancel", job_id], env=slurm_env)
 
 
@@ -234,12 +244,14 @@ def test_interrupt_in_a_terminal_offers_to_cancel_the_job(deployment, slurm_env)
     argv = [sys.executable, "-m", "sdrecipe", "--deploy-dir", str(deployment.root), "submit",
             "verify", "--profile", PROFILE, "--ntasks", "1"]
     proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
-                            env=dict(slurm_env, STANDIN_VERIFY="sleep"))
+                            env=dict(slurm_env, STANDIN_VERIFY="sleep"), preexec_fn=interruptible)
     os.close(slave)
 
     def read_until(pattern, timeout=60.0):
         seen, deadline = "", time.monotonic() + timeout
         while time.monotonic() < deadline and not re.search(pattern, seen):
+            if not select.select([master], [], [], 1.0)[0]:
+                continue  # nothing yet: look at the clock again rather than block on read
             try:
                 seen += os.read(master, 4096).decode(errors="replace")
             except OSError:

@@ -10,7 +10,9 @@ exit code says how the job ended (`watch.EXIT_CODES`, also in README).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import json
 import shlex
 import subprocess
@@ -45,12 +47,17 @@ class PreparedJob:
 
 
 def _new_folder(parent: Path, prefix: str) -> Path:
+    """A job folder of its own, made here: two submissions in the same second (two
+    terminals, or a script) must never share one, so mkdir itself decides."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    folder, n = parent / f"{prefix}-{stamp}", 1
-    while folder.exists():
-        n += 1
-        folder = parent / f"{prefix}-{stamp}-{n}"
-    return folder
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        folder = parent / (f"{prefix}-{stamp}" + (f"-{n}" if n > 1 else ""))
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
 
 
 def engine_command(config) -> str:
@@ -256,8 +263,10 @@ def submit_command(ctx) -> int:
     script = slurm.batch_script(job.spec)
     if args.dry_run:
         print(script, end="")
+        job.folder.rmdir()  # made empty by prepare: a dry run leaves nothing behind,
+        with contextlib.suppress(OSError):
+            job.folder.parent.rmdir()  # nor the jobs folder it may have made (if empty)
         return 0
-    job.folder.mkdir(parents=True, exist_ok=True)
     for path, text in job.files.items():
         path.write_text(text)
     job.script.write_text(script)
