@@ -84,7 +84,9 @@ def ensure_source(recipe, dest, profile: str | None = None, bundle: Path | None 
         shutil.rmtree(staging, ignore_errors=True)
         raise SdrecipeError(
             f"cannot get upstream commit {pinned} from any source:\n" + "\n".join(failures)
-            + f"\nCheck upstream.url and upstream.mirrors in {recipe.path}, or your network.")
+            + f"\nCheck upstream.url and upstream.mirrors in {recipe.path}, or your network. "
+            "Offline, use a checkout of the pinned commit you already have (deploy --source DIR, "
+            "or SDRECIPE_UPSTREAM=DIR) or an offline bundle (fetch --from-bundle DIR).")
     _move_into_place(staging, dest)
     return dest
 
