@@ -24,6 +24,7 @@ prints the environment to use it until Ctrl-C (or `kill PID`).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pwd
 import shutil
@@ -36,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 TOOLS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue",
            "scancel")
 LMOD_INIT = Path("/usr/share/lmod/lmod/init/bash")
@@ -66,6 +68,12 @@ def _free_port() -> int:
 def _tool(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
+
+
+def _die_with_parent():
+    """A test run killed outright (SIGKILL, a CI timeout) runs no finalizer: the kernel
+    then ends the daemons it started (PR_SET_PDEATHSIG), so none outlives the run."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 class SlurmCluster:
     """One munged, one slurmctld, one slurmd; everything under `root`."""
@@ -179,7 +187,8 @@ setenv("ROCM_PATH", "{self.root}/dtk-22.10.1")
         log = open(self.root / "log" / f"{name}.out", "ab")
         env = dict(os.environ, SLURM_CONF=str(self.conf))
         self.processes[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                                env=env, user=user, start_new_session=True)
+                                                env=env, user=user, start_new_session=True,
+                                                preexec_fn=_die_with_parent)
         log.close()
 
     def _wait_for(self, ready, what, timeout=30.0):

@@ -7,7 +7,8 @@ report.html, samples/00000.png). It prints what the job's environment looks like
 (the module's DTK_TEST_LOADED and ROCM_PATH, device visibility, MIOpen cache), so
 tests can see the setup really happened on the node.
 $STANDIN_VERIFY picks the behaviour: "ok" (default), "fail" (exit 3 after a
-failed check), "sleep" (sleep until killed: for timeout and cancel tests).
+failed check), "sleep" (sleep until killed, 10 minutes at most, so a job orphaned by a killed
+test run ends by itself: for timeout and cancel tests).
 """
 
 import argparse
@@ -34,7 +35,7 @@ def main(argv):
     mode = os.environ.get("STANDIN_VERIFY", "ok")
     if mode == "sleep":
         print("standin: sleeping", flush=True)
-        time.sleep(3600)
+        time.sleep(600)
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     sample = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standin_txt2img.py")
     namespace = {}
