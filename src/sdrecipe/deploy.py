@@ -168,10 +168,13 @@ class Target:
         return {f.target(self.deployment).relative_to(self.deployment.root).as_posix()
                 for f in artifact_files(self.recipe)}
 
+    def smoke_hashes(self) -> dict:
+        """The generated tiny models' sha256, hashed once per run (files and fingerprint)."""
+        from .smoke import file_hashes
+        return self._memo("smoke", lambda: file_hashes(self.deployment))
+
     def files(self) -> dict:
         """Relative path -> sha256 of every deployed file; model artifacts by pinned hash."""
-        from .smoke import file_hashes
-
         def compute():
             files, pins = {}, self.artifact_pins()
             if self.has_source:
@@ -182,7 +185,7 @@ class Target:
             files.update(pins)
             if self.smoke:
                 base = self.deployment.smoke.relative_to(self.deployment.root).as_posix()
-                files.update({f"{base}/{k}": v for k, v in file_hashes(self.deployment).items()})
+                files.update({f"{base}/{k}": v for k, v in self.smoke_hashes().items()})
             return dict(sorted(files.items()))
         return self._memo("files", compute)
 
@@ -204,11 +207,10 @@ class Target:
     def fingerprint(self) -> dict:
         """Everything a verify result depends on; any change makes the last verify stale."""
         from .env import env_record
-        from .smoke import file_hashes
         record = env_record(self.deployment, self.profile) or {}
         return {"recipe": self.input_hashes()["recipe_sha256"], "patches": self.patch_hashes(),
                 "lock": self.lock_sha256(), "env": record.get("stamp"),
-                "models": file_hashes(self.deployment) if self.smoke else self.artifact_pins()}
+                "models": self.smoke_hashes() if self.smoke else self.artifact_pins()}
 
     def manifest(self) -> dict:
         from .env import env_record
