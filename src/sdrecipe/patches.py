@@ -31,6 +31,7 @@ from unidiff import PatchSet
 
 from .errors import SdrecipeError
 from .files import atomic_write_text, sha256_file
+from .patchfile import locate_apply_error
 from .recipe import PatchEntry, Recipe
 
 NULL_BLOB = "0" * 40
@@ -238,7 +239,6 @@ def all_plans(scratch: Scratch, recipe: Recipe) -> dict:
 
 
 def conflict_message(step: Step) -> str:
-    from .patch_lint import locate_apply_error  # the patch file's line for git's message
     line = locate_apply_error(step.path, step.error)
     where = f"{step.path}:{line}" if line else str(step.path)
     return f"{where}: patch {step.entry.file} does not apply to the pinned upstream: {step.error}"
