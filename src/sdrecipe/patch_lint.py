@@ -18,6 +18,7 @@ from pathlib import Path
 from .errors import SdrecipeError
 from .lint import check
 from .patchfile import locate_apply_error, parse_patch
+from .upstream_lock import load_upstream_lock
 
 # --- what a DEP-3 header may say ----------------------------------------------------
 
@@ -73,7 +74,7 @@ def check_series(ctx):
 
 @check("patch-sha256", "each patch's sha256 matches the recipe")
 def check_sha256(ctx):
-    from .patches import patch_sha256_problems
+    from .patches import patch_sha256_problems  # GitPython when a check runs, not on import
     recipe = ctx.recipe
     for entry, actual in patch_sha256_problems(recipe, recipe.patches):
         if actual is not None:  # a missing patch is patch-series' finding
@@ -144,7 +145,6 @@ def check_dep3(ctx):
 
 
 def _load_lock(ctx):
-    from .upstream_lock import load_upstream_lock
     try:
         return load_upstream_lock(ctx.recipe), None
     except SdrecipeError as exc:
@@ -306,7 +306,8 @@ def _apply_findings(plan):
 @check("patch-applies", "with --source: every profile's series applies in order with zero "
                         "fuzz and reverses cleanly", needs_source=True)
 def check_applies(ctx):
-    from .patches import Scratch, check_pinned_head, plan_series
+    from .checkout import check_pinned_head  # GitPython when a check runs, not on import
+    from .patches import Scratch, plan_series
     try:
         checkout = check_pinned_head(ctx.source, ctx.recipe)
     except SdrecipeError as exc:

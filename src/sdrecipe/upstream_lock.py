@@ -65,7 +65,7 @@ def load_upstream_lock(recipe: Recipe) -> UpstreamLock:
 
 def write_upstream_lock(source, recipe: Recipe) -> Path:
     """Write the manifest from a checkout whose HEAD is the pinned commit."""
-    from .patches import check_pinned_head
+    from .checkout import check_pinned_head  # GitPython only here: lint imports this module
     checkout = check_pinned_head(source, recipe)
     listing = checkout.repo.git.ls_tree("-r", "--full-tree", "-z", checkout.head)
     body = [f"commit {checkout.head}"]
