@@ -60,7 +60,8 @@ def main() -> int:
 
     from sdrecipe.deploy import deploy
     from sdrecipe.layout import Deployment
-    from sdrecipe.recipe import find_recipe, load_recipe
+    from sdrecipe.project import load_recipe
+    from sdrecipe.recipe import find_recipe
     recipe, deployment = load_recipe(find_recipe()), Deployment(deploy_dir)
     results = {
         "./scripts/deploy.sh": [timed([str(ROOT / "scripts" / "deploy.sh"), "--profile", "cpu",

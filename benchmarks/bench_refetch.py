@@ -129,7 +129,7 @@ def main() -> int:
 
     from sdrecipe.artifacts import fetch_artifacts
     from sdrecipe.layout import Deployment
-    from sdrecipe.recipe import load_recipe
+    from sdrecipe.project import load_recipe
     loaded, deployment = load_recipe(recipe), Deployment(deploy.resolve())
     in_process = []
     for _ in range(args.rounds):

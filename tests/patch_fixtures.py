@@ -129,7 +129,7 @@ def build_template(root: Path) -> dict:
         series.append((name, hashlib.sha256(data).hexdigest(), when))
     (project / "recipe").mkdir()
     (project / "recipe" / "test.yaml").write_text(recipe_text(commit, series))
-    from sdrecipe.recipe import load_recipe
+    from sdrecipe.project import load_recipe
     from sdrecipe.upstream_lock import write_upstream_lock
     write_upstream_lock(upstream, load_recipe(project / "recipe" / "test.yaml"))
     return {"commit": commit, "upstream": upstream, "project": project, "author": author}
@@ -137,7 +137,7 @@ def build_template(root: Path) -> dict:
 
 def instance(template: dict, dest: Path) -> dict:
     """A private copy of the project and a fresh clone of the upstream."""
-    from sdrecipe.recipe import load_recipe
+    from sdrecipe.project import load_recipe
     project = dest / "project"
     shutil.copytree(template["project"], project)
     source = dest / "source"

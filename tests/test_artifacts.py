@@ -20,7 +20,7 @@ from sdrecipe.cli import main
 from sdrecipe.errors import RecipeError, SdrecipeError
 from sdrecipe.layout import Deployment
 from sdrecipe.lint import LintContext, run_checks
-from sdrecipe.recipe import load_recipe
+from sdrecipe.project import load_recipe
 
 CLIP = "stable-diffusion/models/clip-vit-large-patch14"
 EXPECTED = {  # placed path -> bytes, for profile cpu without optional files

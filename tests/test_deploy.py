@@ -121,7 +121,7 @@ def test_the_verify_fingerprint_and_provenance_hash_the_patches_alike(tmp_path):
     """One set of input hashes: a patch edited after a verify shows in both at once."""
     from sdrecipe.deploy import Target
     from sdrecipe.layout import Deployment
-    from sdrecipe.recipe import load_recipe
+    from sdrecipe.project import load_recipe
     recipe = load_recipe(copy_project(tmp_path / "project"))
     deployment = Deployment(tmp_path / "deploy")
     before = Target(recipe, deployment, "cpu", smoke=True)

@@ -22,7 +22,7 @@ from env_helpers import DTK_MODULE, PY38, bash_environ, dtk_module_tree, lmod
 from sdrecipe import doctor
 from sdrecipe.doctor import detect_profile
 from sdrecipe.layout import Deployment
-from sdrecipe.recipe import load_recipe
+from sdrecipe.project import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

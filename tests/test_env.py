@@ -25,7 +25,7 @@ from env_helpers import DTK_MODULE, PY38, activated_environ, bash_environ, dtk_m
 from fetch_fixtures import free_port
 from sdrecipe import env
 from sdrecipe.layout import Deployment
-from sdrecipe.recipe import load_recipe
+from sdrecipe.project import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 PAYLOAD = ROOT / "src" / "sdrecipe" / "payload"

@@ -22,7 +22,7 @@ from PIL import Image
 from sdrecipe import batch, gallery, slurm
 from sdrecipe.config import Config
 from sdrecipe.errors import RecipeError, SdrecipeError
-from sdrecipe.recipe import load_recipe
+from sdrecipe.project import load_recipe
 from sdrecipe.watch import judge
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipe" / "stable-diffusion.yaml"

@@ -12,7 +12,7 @@ import pytest
 
 from patch_fixtures import git
 from sdrecipe.lint import LintContext, run_checks
-from sdrecipe.recipe import load_recipe
+from sdrecipe.project import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

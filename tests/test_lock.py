@@ -29,7 +29,7 @@ from packaging.utils import canonicalize_name
 from sdrecipe import lock as lock_module
 from sdrecipe.errors import RecipeError, SdrecipeError
 from sdrecipe.lint import LintContext
-from sdrecipe.recipe import load_recipe
+from sdrecipe.project import load_recipe
 
 PROJECT = Path(__file__).resolve().parents[1]
 PROFILES = ("dtk-22.10", "cuda", "cpu")

@@ -15,7 +15,7 @@ from filelock import FileLock
 from patch_fixtures import git
 from sdrecipe import patches
 from sdrecipe.errors import SdrecipeError
-from sdrecipe.recipe import load_recipe
+from sdrecipe.project import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

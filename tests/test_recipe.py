@@ -9,7 +9,7 @@ import pytest
 
 from patch_fixtures import PROFILES_YAML
 from sdrecipe.errors import RecipeError
-from sdrecipe.recipe import load_recipe
+from sdrecipe.project import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "ab" * 32
@@ -72,6 +72,8 @@ def test_the_shipped_recipe_loads():
     ("commit: 21f890f9da3cfbeaba8e2ac3c425ee9e998d5229", "commit: main", "commit: main",
      "upstream.commit", "full 40-character commit sha"),
     ("  mirrors:", "  branch: main\n  mirrors:", "branch: main", "upstream.branch", "unknown field"),
+    ("name: tiny", "name: tiny\nmodels: []", "models: []", "models", "unknown field (allowed: "
+     "artifacts, name, patches, profiles, schema, slurm, upstream, verify)"),
     ("when: [cpu]", "when: [rocm]", "when: [rocm]", "patches.series[1].when[0]",
      "unknown value 'rocm' (known: dtk-22.10, cuda, cpu)"),
     ("file: 0002-b.patch", "file: ../0002-b.patch", "../0002", "patches.series[1].file",

@@ -28,7 +28,7 @@ import pytest
 import env_helpers
 from sdrecipe.env import activation_env, env_python, write_activation
 from sdrecipe.layout import Deployment
-from sdrecipe.recipe import load_recipe
+from sdrecipe.project import load_recipe
 from sdrecipe.smoke import smoke_models
 
 pytestmark = pytest.mark.slurm

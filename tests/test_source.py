@@ -15,7 +15,7 @@ from fetch_fixtures import make_project
 from patch_fixtures import git
 from sdrecipe import patches
 from sdrecipe.errors import SdrecipeError
-from sdrecipe.recipe import load_recipe
+from sdrecipe.project import load_recipe
 from sdrecipe.source import PINNED_REF, ensure_source
 
 

@@ -24,7 +24,7 @@ from PIL import Image, ImageChops, ImageDraw
 from sdrecipe import report, verify
 from sdrecipe.errors import RecipeError, SdrecipeError
 from sdrecipe.layout import Deployment
-from sdrecipe.recipe import load_recipe
+from sdrecipe.project import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = verify.Sample(prompt="a cat", seed=42, steps=5, height=256, width=256, scale=7.5,

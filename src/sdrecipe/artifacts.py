@@ -96,7 +96,7 @@ def root_dir(deployment, root: str) -> Path:
 # --- the recipe section ---------------------------------------------------------------
 
 def parse_section(node: Node, recipe) -> tuple[ArtifactFile, ...]:
-    """Parse `artifacts:` (registered in recipe.SECTION_PARSERS); errors name file:line:field.
+    """Parse `artifacts:` (wired in by project.load_recipe); errors name file:line:field.
 
     The section is a list of entries:
 

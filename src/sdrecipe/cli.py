@@ -15,7 +15,7 @@ from pathlib import Path
 from . import __version__
 from .errors import SdrecipeError
 from .layout import deployment_dir
-from .recipe import PROFILES, find_recipe, load_recipe
+from .recipe import PROFILES, find_recipe
 
 
 class Context:
@@ -28,6 +28,7 @@ class Context:
     @property
     def recipe(self):
         if self._recipe is None:
+            from .project import load_recipe  # the stages' modules, only once a recipe is needed
             self._recipe = load_recipe(find_recipe(self.args.recipe))
         return self._recipe
 

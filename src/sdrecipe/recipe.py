@@ -5,18 +5,18 @@ it into frozen dataclasses. Errors name the file, the line and the field
 (see `schema.Node`). The schema is documented in `docs/recipe-schema.md`.
 
 The core sections (`upstream`, `patches`, `profiles`) are parsed here. Each later
-stage owns the schema of its own section (`artifacts`, `verify`, `slurm`) and
-registers its parser in `SECTION_PARSERS`; `load_recipe` runs them all, so a
-recipe that loads is valid as a whole.
+stage owns the schema of its own section (`artifacts`, `verify`, `slurm`); this
+module sits below the stages, so it is handed their parsers (`parse_recipe`'s
+`sections`) rather than importing them: `project.load_recipe` passes them all,
+so a recipe that loads is valid as a whole.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from .errors import SdrecipeError
 from .schema import SHA1_RE, SHA256_RE, Node, load_yaml
@@ -24,13 +24,6 @@ from .schema import SHA1_RE, SHA256_RE, Node, load_yaml
 SCHEMA_VERSION = 1
 PROFILES = ("dtk-22.10", "cuda", "cpu")
 DEFAULT_RECIPE = "recipe/stable-diffusion.yaml"
-
-# section name -> "module:function" taking (Node, Recipe) and returning the parsed section.
-SECTION_PARSERS: dict[str, str] = {
-    "artifacts": "artifacts:parse_section",
-    "slurm": "slurm:parse_section",
-    "verify": "verify:parse_section",
-}
 
 
 @dataclass(frozen=True)
@@ -135,12 +128,17 @@ def _parse_profiles(node: Node) -> dict[str, Profile]:
     return profiles
 
 
-def load_recipe(path: Path | str) -> Recipe:
-    """Load and validate a recipe file; raises `RecipeError` naming file:line:field."""
+def parse_recipe(path: Path | str,
+                 sections: Mapping[str, Callable[[Node, Recipe], Any]]) -> Recipe:
+    """Load and validate a recipe file; raises `RecipeError` naming file:line:field.
+
+    `sections` maps each optional section to the parser of the stage that owns it;
+    a top-level key that is neither a core section nor one of them is refused.
+    """
     path = Path(path)
     root = load_yaml(path)
     root.keys(required=("schema", "name", "upstream", "patches", "profiles"),
-              optional=("artifacts", "verify", "slurm"))
+              optional=tuple(sections))
     schema = root.get("schema", int)
     if schema.value != SCHEMA_VERSION:
         raise schema.error(f"unsupported schema version {schema.value} "
@@ -149,11 +147,9 @@ def load_recipe(path: Path | str) -> Recipe:
     patch_dir, patches = _parse_patches(root.get("patches"), path, tuple(profiles))
     recipe = Recipe(path=path, name=root.text("name"), upstream=_parse_upstream(root.get("upstream")),
                     patch_dir=patch_dir, patches=patches, profiles=profiles)
-    for section, target in SECTION_PARSERS.items():
+    for section, parse in sections.items():
         if root.has(section):
-            module, func = target.split(":")
-            parser = getattr(importlib.import_module(f"sdrecipe.{module}"), func)
-            recipe.sections[section] = parser(root.get(section), recipe)
+            recipe.sections[section] = parse(root.get(section), recipe)
     return recipe
 
 

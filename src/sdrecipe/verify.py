@@ -134,7 +134,7 @@ def _overrides(node: Node) -> dict:
 
 
 def parse_section(node: Node, recipe) -> VerifySpec:
-    """Parse the recipe's `verify:` section (registered in recipe.SECTION_PARSERS).
+    """Parse the recipe's `verify:` section (wired in by project.load_recipe).
 
         verify:
           prompt: a photograph of a cat ...      # required
