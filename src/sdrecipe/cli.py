@@ -93,7 +93,7 @@ def _add_lint(sub):
     parser.add_argument("--source", type=Path,
                         help="a checkout at the pinned commit: also apply/reverse every series")
     parser.add_argument("--format", choices=("text", "json"), default="text")
-    parser.set_defaults(func=_handler("lint", "run_command"))
+    parser.set_defaults(func=_handler("project", "lint_command"))
 
 
 def _add_upstream_lock(sub):
