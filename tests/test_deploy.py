@@ -1,16 +1,14 @@
 """`sdrecipe deploy --smoke` and `sdrecipe status` for real, against a real upstream checkout.
 
 The upstream is never faked: the end-to-end tests take a checkout of the pinned
-commit from $SDRECIPE_UPSTREAM (e.g. /tmp/sd-upstream) and are skipped, saying
-so, without one (CI has no copy of the upstream). They run the whole pipeline:
+commit from $SDRECIPE_UPSTREAM (the `upstream` fixture: .ci/run makes one from
+../shared/upstream; elsewhere they skip, and in CI they fail). They run the whole pipeline:
 copy the checkout, apply the recipe's patch series, build the cpu environment
 as a venv of Python 3.8 from the committed lock (pip, real PyPI, pip's cache),
 generate the tiny models inside it and run upstream's txt2img.py offline.
 A second deployment in another folder checks that provenance is reproducible.
 The project (recipe, patches, locks, env/) is copied to a temporary folder so
 the status tests can damage a patch and a lock without touching the checkout.
-
-Without an upstream checkout only the pieces that need none run here.
 """
 
 from __future__ import annotations
@@ -25,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import required_or_skip
 from env_helpers import PY38
 from sdrecipe.deploy import STAGES, source_files, stable_part
 
 ROOT = Path(__file__).resolve().parents[1]
-UPSTREAM = os.environ.get("SDRECIPE_UPSTREAM")
 
 
 def sdrecipe(*args, recipe: Path, deploy: Path, check=False):
@@ -139,26 +137,19 @@ def test_the_verify_fingerprint_and_provenance_hash_the_patches_alike(tmp_path):
 
 # --- with a real upstream checkout ---------------------------------------------------------
 
-needs_upstream = pytest.mark.skipif(
-    not UPSTREAM or not Path(UPSTREAM, "scripts", "txt2img.py").is_file(),
-    reason="set SDRECIPE_UPSTREAM to a checkout of the pinned upstream commit (e.g. "
-           "/tmp/sd-upstream) to run the smoke deploy; CI has no copy of the upstream")
-
-
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(tmp_path_factory, upstream):
     """One smoke deployment from nothing, with its timings: (recipe, deploy dir, result, seconds)."""
     if not Path(PY38).is_file():
-        pytest.skip(f"no Python 3.8 at {PY38} (set SDRECIPE_TEST_PY38)")
+        required_or_skip(f"no Python 3.8 at {PY38} (set SDRECIPE_TEST_PY38)")
     base = tmp_path_factory.mktemp("smoke")
     recipe = copy_project(base / "project")
     start = time.monotonic()
     result = sdrecipe("deploy", "--profile", "cpu", "--smoke", "--python", PY38,
-                      "--source", UPSTREAM, recipe=recipe, deploy=base / "deploy")
+                      "--source", str(upstream), recipe=recipe, deploy=base / "deploy")
     return recipe, base / "deploy", result, time.monotonic() - start
 
 
-@needs_upstream
 @pytest.mark.upstream
 @pytest.mark.slow
 def test_smoke_deploy_goes_from_nothing_to_a_verified_image_and_report(smoke):
@@ -183,7 +174,6 @@ def test_smoke_deploy_goes_from_nothing_to_a_verified_image_and_report(smoke):
     print(f"\nsmoke deploy from nothing: {seconds:.0f} s")
 
 
-@needs_upstream
 @pytest.mark.upstream
 @pytest.mark.slow
 def test_a_second_deploy_is_a_no_op(smoke):
@@ -200,14 +190,14 @@ def test_a_second_deploy_is_a_no_op(smoke):
     print(f"\nno-op re-deploy: {seconds:.2f} s")
 
 
-@needs_upstream
 @pytest.mark.upstream
 @pytest.mark.slow
-def test_two_deployments_give_the_same_provenance_apart_from_volatile_fields(smoke, tmp_path):
+def test_two_deployments_give_the_same_provenance_apart_from_volatile_fields(smoke, tmp_path,
+                                                                            upstream):
     recipe, deploy, first, _ = smoke
     assert first.returncode == 0, first.stderr[-3000:]
     other = tmp_path / "second"
-    sdrecipe("deploy", "--profile", "cpu", "--smoke", "--python", PY38, "--source", UPSTREAM,
+    sdrecipe("deploy", "--profile", "cpu", "--smoke", "--python", PY38, "--source", str(upstream),
              recipe=recipe, deploy=other, check=True)
     one = json.loads((deploy / "provenance.json").read_text())
     two = json.loads((other / "provenance.json").read_text())
@@ -234,7 +224,6 @@ def status_of(recipe, deploy) -> dict:
                            recipe=recipe, deploy=deploy))
 
 
-@needs_upstream
 @pytest.mark.upstream
 @pytest.mark.slow
 def test_status_and_deploy_catch_a_modified_patch(damaged):
@@ -254,7 +243,6 @@ def test_status_and_deploy_catch_a_modified_patch(damaged):
         patch.write_bytes(original)
 
 
-@needs_upstream
 @pytest.mark.upstream
 @pytest.mark.slow
 def test_status_catches_a_changed_lock(damaged):
@@ -271,7 +259,6 @@ def test_status_catches_a_changed_lock(damaged):
         lock.write_bytes(original)
 
 
-@needs_upstream
 @pytest.mark.upstream
 @pytest.mark.slow
 def test_status_catches_a_missing_model_file_and_deploy_repairs_it(damaged):
@@ -288,7 +275,6 @@ def test_status_catches_a_missing_model_file_and_deploy_repairs_it(damaged):
     assert "verify     done" in repaired.stdout
 
 
-@needs_upstream
 @pytest.mark.upstream
 @pytest.mark.slow
 @pytest.mark.parametrize("path, words", [
