@@ -34,10 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from sdrecipe import batch  # noqa: E402
-from sdrecipe.env import activation_env, env_python  # noqa: E402
+from sdrecipe.environment.location import env_python  # noqa: E402
+from sdrecipe.environment.runtime import activation_env  # noqa: E402
 from sdrecipe.layout import Deployment  # noqa: E402
 from sdrecipe.payload import txt2img_batch  # noqa: E402
-from sdrecipe.smoke import smoke_models  # noqa: E402
+from sdrecipe.models import smoke_models  # noqa: E402
+from sdrecipe.project import load_recipe  # noqa: E402
+from sdrecipe.recipe import find_recipe  # noqa: E402
 
 PROMPTS = ["a red apple on a table", "a castle on a hill", "a small boat at sea",
            "a lighthouse in a storm", "a bowl of ramen", "an astronaut riding a horse",
@@ -53,7 +56,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     deployment = Deployment(args.deploy.resolve())
-    models = smoke_models(deployment)
+    models = smoke_models(load_recipe(find_recipe()), deployment, "cpu")
     python = env_python(deployment, "cpu")
     env = {**os.environ, **activation_env(deployment, "cpu"),
            "SD_MODELS_DIR": str(models.models_dir), "TORCH_HOME": str(models.torch_home)}

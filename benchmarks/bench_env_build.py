@@ -9,7 +9,7 @@ Times, on this machine, in a fresh deployment folder of the workdir:
    first run on a machine also downloads ~0.9 GB into `cache_dir`; later runs,
    and CI after its first, install from the cache);
 2. the import check alone (`sdrecipe env check`: one Python 3.8 process, offline);
-3. the no-op second run (median of `rounds`): stamp comparison, nothing built.
+3. the no-op second run (median of `rounds`): the env record's stamp compared, nothing built.
 Before (2), kornia's HardNet checkpoint is preseeded with the smoke generator's
 random-weights stand-in (what `sdrecipe fetch` places), so the check passes and
 (3) is the pure no-op (a run after a failed check re-runs the check).
@@ -47,7 +47,7 @@ def main():
     build = [ROOT / "scripts/build-env.sh", "--profile", "cpu", "--python", args.python]
 
     full, code = timed(build, environ)
-    if not (deploy / "envs/cpu/etc/sdrecipe/stamp").is_file():
+    if not (deploy / ".sdrecipe/records/cpu/env.json").is_file():
         raise SystemExit(f"the build failed (exit {code}); run it by hand to see why")
     preseed = ("import sys; sys.path.insert(0, sys.argv[1]); "
                "from make_tiny_models import write_hardnet_standin; "

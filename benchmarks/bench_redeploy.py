@@ -58,11 +58,14 @@ def main() -> int:
     report = json.loads((deploy_dir / "reports" / "cpu" / "smoke" / "report.json").read_text())
     print("smoke sample timings: " + ", ".join(f"{k} {v}" for k, v in report["timings"].items()))
 
+    from sdrecipe.config import load_config
     from sdrecipe.deploy import deploy
     from sdrecipe.layout import Deployment
     from sdrecipe.project import load_recipe
     from sdrecipe.recipe import find_recipe
-    recipe, deployment = load_recipe(find_recipe()), Deployment(deploy_dir)
+    from sdrecipe.target import Target
+    target = Target(load_recipe(find_recipe()), Deployment(deploy_dir), "cpu", load_config(),
+                    smoke=True)
     results = {
         "./scripts/deploy.sh": [timed([str(ROOT / "scripts" / "deploy.sh"), "--profile", "cpu",
                                        "--smoke"], environ) for _ in range(args.rounds)],
@@ -73,7 +76,7 @@ def main() -> int:
     }
     for _ in range(args.rounds):
         start = time.monotonic()
-        deploy(recipe, deployment, "cpu", smoke=True, echo=lambda line: None)
+        deploy(target)
         results["deploy() in-process"].append(time.monotonic() - start)
         try:
             results["python -m sdrecipe status"].append(

@@ -25,7 +25,8 @@ import pytest
 
 from conftest import required_or_skip
 from env_helpers import PY38
-from sdrecipe.deploy import STAGES, source_files, stable_part
+from sdrecipe.deploy import STAGE_NAMES as STAGES, stable_part
+from sdrecipe.stages.patches import source_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,7 @@ def test_source_files_are_the_deployed_tree_without_caches_sparse_files_or_model
     (repo / "new_from_a_patch.py").write_text("added")
     (repo / "models").mkdir()
     (repo / "models" / "model.ckpt").write_bytes(b"weights")
-    files = source_files(repo, skip={"stable-diffusion/models/model.ckpt"})
+    files = source_files(repo, skip={"models/model.ckpt"})
     assert files == ["a.py", "new_from_a_patch.py", "pkg/b.py"]
 
 
@@ -115,24 +116,25 @@ def test_deploy_source_must_be_a_checkout_and_nothing_is_left_behind(tmp_path):
     assert [p.name for p in deploy.iterdir() if p.name.startswith(".stable")] == []
 
 
-def test_the_verify_fingerprint_and_provenance_hash_the_patches_alike(tmp_path):
+def test_verify_and_provenance_hash_the_patches_alike(tmp_path):
     """One set of input hashes: a patch edited after a verify shows in both at once."""
-    from sdrecipe.deploy import Target
+    from sdrecipe.config import load_config
+    from sdrecipe.deploy import manifest
     from sdrecipe.layout import Deployment
     from sdrecipe.project import load_recipe
+    from sdrecipe.stages.verify import verified_against
+    from sdrecipe.target import Target
     recipe = load_recipe(copy_project(tmp_path / "project"))
-    deployment = Deployment(tmp_path / "deploy")
-    before = Target(recipe, deployment, "cpu", smoke=True)
+    target = Target(recipe, Deployment(tmp_path / "deploy"), "cpu", load_config(), smoke=True)
     pinned = {e.file: e.sha256 for e in recipe.series("cpu")}
-    assert before.fingerprint()["patches"] == pinned
+    assert verified_against(target)["patches"] == pinned
     patch = recipe.patch_dir / recipe.series("cpu")[0].file
     patch.write_bytes(patch.read_bytes() + b"\n")
-    after = Target(recipe, deployment, "cpu", smoke=True)
-    changed = after.fingerprint()["patches"][patch.name]
+    changed = verified_against(target)["patches"][patch.name]
     assert changed not in (None, pinned[patch.name])
-    recorded = {p["file"]: p["sha256"] for p in after.manifest()["patches"]}
-    assert recorded == after.fingerprint()["patches"]
-    assert after.manifest()["recipe"]["sha256"] == after.fingerprint()["recipe"]
+    recorded = manifest(target, files={})
+    assert {p["file"]: p["sha256"] for p in recorded["patches"]} == verified_against(target)["patches"]
+    assert recorded["recipe"]["sha256"] == verified_against(target)["recipe"]
 
 
 # --- with a real upstream checkout ---------------------------------------------------------
@@ -233,7 +235,7 @@ def test_status_and_deploy_catch_a_modified_patch(damaged):
     patch.write_bytes(original.replace(b"Description:", b"Description: (edited)", 1))
     try:
         found = status_of(recipe, deploy)
-        assert found["patches"]["state"] == "stale"
+        assert found["patches"]["state"] == "blocked"
         assert f"patch {patch.name}" in found["patches"]["reason"]
         assert "modified patch" in found["patches"]["reason"]
         assert found["verify"]["state"] == "stale"  # verified with the old series
@@ -278,7 +280,7 @@ def test_status_catches_a_missing_model_file_and_deploy_repairs_it(damaged):
 @pytest.mark.upstream
 @pytest.mark.slow
 @pytest.mark.parametrize("path, words", [
-    ("ldm/modules/attention.py", "differ from provenance.json"),  # untouched by the series
+    ("ldm/modules/attention.py", "differ from what deploy recorded"),  # untouched by the series
     ("scripts/txt2img.py", "edited by hand"),  # a file the series patches
 ])
 def test_status_and_deploy_catch_a_drifted_file(damaged, path, words):
@@ -288,9 +290,8 @@ def test_status_and_deploy_catch_a_drifted_file(damaged, path, words):
     target.write_bytes(original + b"\n# a local edit\n")
     try:
         found = status_of(recipe, deploy)
-        assert found["patches"]["state"] == "stale"
+        assert found["patches"]["state"] == "blocked" and found["patches"]["blocking"]
         assert words in found["patches"]["reason"] and path in found["patches"]["reason"]
-        assert found["patches"]["action"].startswith("stop")
         refused = sdrecipe("deploy", "--profile", "cpu", "--smoke", recipe=recipe, deploy=deploy)
         assert refused.returncode == 2 and path in refused.stderr
         assert target.read_bytes().endswith(b"# a local edit\n")  # the edit is never overwritten

@@ -23,7 +23,9 @@ import pytest
 
 from env_helpers import DTK_MODULE, PY38, activated_environ, bash_environ, dtk_module_tree, lmod
 from fetch_fixtures import free_port
-from sdrecipe import env
+from sdrecipe.config import load_config
+from sdrecipe.environment import backends, build, inputs, location, runtime
+from sdrecipe.errors import SdrecipeError
 from sdrecipe.layout import Deployment
 from sdrecipe.project import load_recipe
 
@@ -44,9 +46,9 @@ def preseed_hardnet(deployment: Deployment, profile: str):
     """What `sdrecipe fetch` does for kornia, with the smoke generator's stand-in weights."""
     code = ("import sys; sys.path.insert(0, sys.argv[1]); "
             "from make_tiny_models import write_hardnet_standin as w; print(w(sys.argv[2]))")
-    subprocess.run([str(env.env_python(deployment, profile)), "-c", code, str(PAYLOAD),
+    subprocess.run([str(location.env_python(deployment, profile)), "-c", code, str(PAYLOAD),
                     str(deployment.torch_home)], check=True, capture_output=True, text=True,
-                   env={**os.environ, **env.activation_env(deployment, profile)})
+                   env={**os.environ, **runtime.activation_env(deployment, profile)})
 
 
 def rows(output: str) -> dict:
@@ -77,9 +79,9 @@ def test_cpu_env_builds_and_kornia_needs_the_preseed(cpu_env):
     assert "tried to download during import" in first.stdout
     assert {name for name, state in table.items() if state == "FAIL"} == {"kornia"}, first.stdout[-5000:]
     assert first.returncode == 1
-    record = env.env_record(deployment, "cpu")
-    assert record["backend"] == "venv" and record["check_ok"] is False
-    requirements = (Path(record["prefix"]) / "etc/sdrecipe/requirements.txt").read_text()
+    record = location.env_record(deployment, "cpu").complete()
+    assert record["outputs"]["backend"] == "venv" and record["check"]["ok"] is False
+    requirements = (Path(record["outputs"]["prefix"]) / "etc/sdrecipe/requirements.txt").read_text()
     lines = [l for l in requirements.splitlines() if l and not l.startswith("#")]
     assert lines and all("--hash=sha256:" in l for l in lines)
     assert any("/torch-1.11.0-cp38-cp38-manylinux1_x86_64.whl --hash" in l for l in lines), \
@@ -96,21 +98,21 @@ def test_cpu_import_check_passes_after_preseed_and_second_build_is_a_noop(cpu_en
     assert set(table.values()) == {"ok"} and "kornia" in table and "torch" in table
     assert "1.11.0" in check.stdout and "cpu (no accelerator visible" in check.stdout
 
-    python = env.env_python(deployment, "cpu")
-    before = python.stat().st_mtime_ns, (python.parent.parent / "etc/sdrecipe/stamp").read_text()
+    python = location.env_python(deployment, "cpu")
+    record = location.env_record(deployment, "cpu")
+    before = python.stat().st_mtime_ns, record.complete()["outputs"]
     again = sdrecipe(ROOT / "scripts" / "build-env.sh", "--profile", "cpu", "--python", PY38,
                      deploy=deployment.root)
     assert again.returncode == 0, again.stderr
     assert "is up to date" in again.stderr and "nothing to do" in again.stderr
     assert "pip" not in again.stderr
-    assert (python.stat().st_mtime_ns,
-            (python.parent.parent / "etc/sdrecipe/stamp").read_text()) == before
+    assert (python.stat().st_mtime_ns, record.complete()["outputs"]) == before
 
 
 def test_venv_activation_sets_and_restores_variables(cpu_env):
     deployment, _ = cpu_env
-    script = env.activation_script(deployment, "cpu")
-    prefix = env.env_prefix(deployment, "cpu")
+    script = location.activation_script(deployment, "cpu")
+    prefix = location.env_prefix(deployment, "cpu")
     base = dict(os.environ, LD_LIBRARY_PATH="/opt/site/lib", TORCH_HOME="/home/u/.cache/torch")
     base.pop("HF_HOME", None)
     active = activated_environ(script, base)
@@ -119,7 +121,7 @@ def test_venv_activation_sets_and_restores_variables(cpu_env):
     assert active["TORCH_HOME"] == str(deployment.torch_home)
     assert active["HF_HOME"] == str(deployment.hf_home)
     assert active["HF_HUB_OFFLINE"] == "1" and active["TRANSFORMERS_OFFLINE"] == "1"
-    assert active == {**active, **env.activation_env(deployment, "cpu", base)}
+    assert active == {**active, **runtime.activation_env(deployment, "cpu", base)}
 
     python = bash_environ(f"source {script}\nexport WHICH=$(command -v python)", base)["WHICH"]
     assert python == str(prefix / "bin" / "python")
@@ -132,7 +134,7 @@ def test_venv_activation_sets_and_restores_variables(cpu_env):
 
 def test_lmod_modulefile_loads_the_env(cpu_env):
     deployment, _ = cpu_env
-    prefix = env.env_prefix(deployment, "cpu")
+    prefix = location.env_prefix(deployment, "cpu")
     modules = deployment.root / "modulefiles"
     loaded = bash_environ(lmod(f"module use {modules}\nmodule load sdrecipe/cpu\n"
                                "export WHICH=$(command -v python)"))
@@ -173,7 +175,7 @@ def test_changed_lock_rebuilds_offline(cpu_env, tmp_path):
         shutil.copytree(ROOT / folder, project / folder)
     lock = project / "lock" / "cpu.conda-lock.yml"
     lock.write_text(lock.read_text() + "# edited\n")
-    isolation, _ = env.network_isolation()
+    isolation, _ = runtime.network_isolation()
     closed = f"http://127.0.0.1:{free_port()}/simple"  # nothing listens there
     rebuilt = sdrecipe(*isolation, ROOT / "scripts" / "build-env.sh", "--profile", "cpu",
                        "--python", PY38, deploy=deployment.root,
@@ -284,7 +286,7 @@ def test_dtk_pip_layer_with_stand_in_wheels_on_python38(dtk_project):
     assert "1.10.2" in check.stdout and "0.11.3" in check.stdout
 
     # The activation refuses without the DTK module and works under real Lmod with it.
-    script = env.activation_script(deployment, "dtk-22.10")
+    script = location.activation_script(deployment, "dtk-22.10")
     refused = subprocess.run(["bash", "-c", f"source {script}"], capture_output=True, text=True,
                              env={k: v for k, v in os.environ.items() if k != "LOADEDMODULES"})
     assert refused.returncode == 1
@@ -303,7 +305,7 @@ def test_dtk_wheel_changed_after_locking_is_refused(dtk_project, tmp_path):
     """After the first sight recorded its sha256, a different file of the same name fails."""
     from sdrecipe.lock import load_lock
     recipe = load_recipe(dtk_project["recipe"])
-    env.find_platform_wheels(recipe, "dtk-22.10", load_lock(recipe, "dtk-22.10"),
+    inputs.find_platform_wheels(recipe, "dtk-22.10", load_lock(recipe, "dtk-22.10"),
                              dtk_project["wheels"])  # records the hashes if not yet seen
     wheels = tmp_path / "wheels" / "pytorch"
     wheels.mkdir(parents=True)
@@ -318,7 +320,8 @@ def test_dtk_wheel_changed_after_locking_is_refused(dtk_project, tmp_path):
     assert result.returncode == 2
     assert f"platform wheel {wheels / 'pytorch' / STAND_INS[1]} has sha256" in result.stderr
     assert "pins" in result.stderr
-    assert json.loads((dtk_project["deploy"] / ".sdrecipe" / "env-dtk-22.10.json").read_text())
+    assert json.loads((dtk_project["deploy"] / ".sdrecipe" / "records" / "dtk-22.10" / "env.json")
+                      .read_text())["complete"], "the refused rebuild left the last build's record"
 
 
 # --- the conda part without conda: py-rattler -------------------------------------------------
@@ -362,23 +365,25 @@ def test_rattler_backend_installs_checked_packages_and_conda_activation(tmp_path
         package = CondaPackage("openmpi", "4.1.2", "h0_0", 0, archive.as_uri(), md5, sha256, ())
         return Lock("dtk-22.10", tmp_path / "x.conda-lock.yml", "", (), (package,), (), (), ())
 
-    with pytest.raises(env.SdrecipeError, match="sha256 .* does not match the lock"):
-        env.fetch_conda_packages(lock_with("0" * 64), tmp_path / "cache")  # a right md5 won't do
+    with pytest.raises(SdrecipeError, match="sha256 .* does not match the lock"):
+        inputs.fetch_conda_packages(lock_with("0" * 64), tmp_path / "cache", load_config())  # a right md5 won't do
     # md5 decides only where the channel listed no sha256
-    with pytest.raises(env.SdrecipeError, match="md5 .* does not match the lock"):
-        env.fetch_conda_packages(lock_with(None, md5="0" * 32), tmp_path / "cache")
-    assert env.fetch_conda_packages(lock_with(None), tmp_path / "cache")
+    with pytest.raises(SdrecipeError, match="md5 .* does not match the lock"):
+        inputs.fetch_conda_packages(lock_with(None, md5="0" * 32), tmp_path / "cache",
+                                     load_config())
+    assert inputs.fetch_conda_packages(lock_with(None), tmp_path / "cache", load_config())
     lock = lock_with(hashlib.sha256(data).hexdigest())
     prefix = tmp_path / "deploy" / "envs" / "dtk-22.10"
-    env.create_rattler(prefix, lock, env.fetch_conda_packages(lock, tmp_path / "cache"),
-                       tmp_path / "cache" / "rattler")
+    backends.create_rattler(prefix, lock, inputs.fetch_conda_packages(lock, tmp_path / "cache",
+                                                                      load_config()),
+                            tmp_path / "cache" / "rattler")
     assert (prefix / "lib" / "libmpi.so.40").read_bytes() == b"stand-in for libmpi\n"
     assert json.loads((prefix / "conda-meta" / "openmpi-4.1.2-h0_0.json").read_text())["name"] \
         == "openmpi"
 
     deployment = Deployment(tmp_path / "deploy")
     recipe = load_recipe(ROOT / "recipe" / "stable-diffusion.yaml")
-    env.write_activation(recipe, deployment, "dtk-22.10", prefix)
+    build.write_activation(recipe, deployment, "dtk-22.10", prefix)
     hook = prefix / "etc" / "conda" / "activate.d" / "sdrecipe.sh"
     unhook = prefix / "etc" / "conda" / "deactivate.d" / "sdrecipe.sh"
     base = {k: v for k, v in os.environ.items() if k not in ("TORCH_HOME", "HF_HOME")}
@@ -394,13 +399,14 @@ def test_rattler_backend_installs_checked_packages_and_conda_activation(tmp_path
     assert undone["LD_LIBRARY_PATH"] == "/opt/lib" and "TORCH_HOME" not in undone
 
 
-def test_a_failed_build_step_shows_its_last_lines_and_the_next_step(capfd):
-    """The step's output streams as it comes; the error repeats its tail and says what to do."""
+def test_a_failed_build_step_shows_its_last_lines_and_the_next_step(caplog):
+    """The step's output is logged as it comes; the error repeats its tail and says what to do."""
     script = "import sys\nfor n in range(40): print('line', n)\nsys.exit(3)"
-    with pytest.raises(env.SdrecipeError) as caught:
-        env._run([sys.executable, "-c", script], "creating the thing", fix="do this next")
+    caplog.set_level("DEBUG", logger="sdrecipe")
+    with pytest.raises(SdrecipeError) as caught:
+        backends.run_step([sys.executable, "-c", script], "creating the thing", fix="do this next")
     message = str(caught.value)
     assert message.startswith("creating the thing failed (exit 3)")
     assert "line 39" in message and "line 14" not in message  # the last lines only
     assert message.endswith("do this next")
-    assert "line 0" in capfd.readouterr().err  # all of it was shown while it ran
+    assert "line 0" in caplog.text  # all of it was logged (debug) while it ran

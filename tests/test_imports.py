@@ -14,13 +14,6 @@ from pathlib import Path
 PACKAGE = "sdrecipe"
 SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
-# Cycles tolerated for now: smoke <-> verify is being untangled with the restructuring of
-# the deploy stages. Empty this set when it is gone (the cycle test says when).
-KNOWN_CYCLES = {frozenset({"sdrecipe.smoke", "sdrecipe.verify"})}
-
-# Modules that may load package modules by name: cli.py's `_handler` imports a command's
-# module only when that command runs (start-up speed), until the commands layer replaces it.
-STRING_IMPORTERS = {"sdrecipe.cli"}
 
 
 def parse_package(root: Path, package: str) -> dict:
@@ -131,25 +124,20 @@ def cycle_report(graph, modules, known=frozenset()) -> list:
                   if group not in known)
 
 
-def test_no_import_cycles_but_the_known_ones():
+def test_no_import_cycles():
     graph, modules = import_graph()
-    cycles = cycle_report(graph, modules, KNOWN_CYCLES)
+    cycles = cycle_report(graph, modules)
     assert not cycles, "import cycles (move what both sides need down into a module of " \
                        "its own):\n  " + "\n  ".join(cycles)
-    gone = [sorted(known) for known in KNOWN_CYCLES if known not in cycle_groups(graph)]
-    assert not gone, f"no longer cycles, remove them from KNOWN_CYCLES: {gone}"
 
 
 def test_no_package_module_is_loaded_by_name():
     _, modules = import_graph()
     found = {name: loads_by_name(tree, PACKAGE) for name, (_, tree) in modules.items()}
     offenders = [f"{modules[name][0]}:{line}: {call}"
-                 for name, calls in sorted(found.items()) if name not in STRING_IMPORTERS
-                 for line, call in calls]
+                 for name, calls in sorted(found.items()) for line, call in calls]
     assert not offenders, "package modules loaded by name (import them instead, from a " \
                           "module above both):\n  " + "\n  ".join(offenders)
-    stale = sorted(name for name in STRING_IMPORTERS if not found.get(name))
-    assert not stale, f"no longer load modules by name, remove them from STRING_IMPORTERS: {stale}"
 
 
 def test_every_package_import_names_a_module_of_the_package():
@@ -176,3 +164,36 @@ def test_the_checks_see_relative_submodule_and_function_level_imports(tmp_path):
     assert chains == ["pkg.a -> pkg.b -> pkg.sub.c -> pkg.a"]
     assert loads_by_name(modules["pkg.sub.c"][1], "pkg") == \
         [(5, "importlib.import_module(f'pkg.{name}')")]
+
+
+# The edge: what may write to the terminal. payload/ runs inside the target environment,
+# where its printed lines (JSON rows, markers) are its protocol with the engine.
+EDGE = ("sdrecipe.cli", "sdrecipe.console", "sdrecipe.__main__", "sdrecipe.commands")
+
+
+def terminal_writes(tree: ast.AST) -> list:
+    """(line, code) of each print() call and each use of sys.stdout / sys.stderr."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id == "print":
+            found.append((node.lineno, ast.unparse(node)[:80]))
+        elif isinstance(node, ast.Attribute) and node.attr in ("stdout", "stderr") \
+                and isinstance(node.value, ast.Name) and node.value.id == "sys":
+            found.append((node.lineno, ast.unparse(node)))
+    return found
+
+
+def test_only_the_cli_and_its_commands_write_to_the_terminal():
+    _, modules = import_graph()
+    offenders = [f"{path}:{line}: {code}" for name, (path, tree) in sorted(modules.items())
+                 if not name.startswith(EDGE) and not name.startswith(f"{PACKAGE}.payload")
+                 for line, code in terminal_writes(tree)]
+    assert not offenders, "the engine logs (logging.getLogger('sdrecipe.<module>')) and " \
+                          "reports progress (progress.Task); it never prints:\n  " \
+                          + "\n  ".join(offenders)
+
+
+def test_terminal_writes_are_found(tmp_path):
+    tree = ast.parse("import sys\nprint('x')\nsys.stderr.write('y')\nlog.info('fine')\n")
+    assert [line for line, _ in terminal_writes(tree)] == [2, 3]

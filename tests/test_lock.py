@@ -128,10 +128,12 @@ def test_conda_part_solved_by_py_rattler_via_a_channel_mirror_then_installed_fro
             "a pip-only relock keeps a conda part locked from the same inputs"
 
         # Install exactly the locked records, no solve, with env build's py-rattler backend.
-        from sdrecipe.env import create_rattler, fetch_conda_packages
+        from sdrecipe.config import load_config
+        from sdrecipe.environment.backends import create_rattler
+        from sdrecipe.environment.inputs import fetch_conda_packages
         prefix = tmp_path / "prefix"
-        create_rattler(prefix, locked, fetch_conda_packages(locked, tmp_path / "pkgs"),
-                       tmp_path / "pkgs")
+        create_rattler(prefix, locked, fetch_conda_packages(locked, tmp_path / "pkgs",
+                                                            load_config()), tmp_path / "pkgs")
 
     assert (prefix / "lib" / "libmpi.so.40").read_text() == "mpi 4.1.2\n"
     assert (prefix / "bin" / "sdr-tool").read_text() == "1.0\n"

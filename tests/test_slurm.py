@@ -26,10 +26,12 @@ from pathlib import Path
 import pytest
 
 import env_helpers
-from sdrecipe.env import activation_env, env_python, write_activation
+from sdrecipe.environment.build import write_activation
+from sdrecipe.environment.location import env_python
+from sdrecipe.environment.runtime import activation_env
 from sdrecipe.layout import Deployment
 from sdrecipe.project import load_recipe
-from sdrecipe.smoke import smoke_models
+from sdrecipe.models import smoke_models
 
 pytestmark = pytest.mark.slurm
 
@@ -444,7 +446,7 @@ def test_real_upstream_prompt_array_matches_standalone_txt2img(smoke_deployment,
     made = prompt_folders(out)
     boat = made["a small boat at sea"]
     assert boat["job"]["array_task"] == 0 and boat["timing"]["model_load_s"] == 0  # 2nd of task 0
-    models = smoke_models(smoke_deployment)
+    models = smoke_models(load_recipe(ROOT / "recipe" / "stable-diffusion.yaml"), smoke_deployment, "cpu")
     alone = tmp_path / "alone"
     env = {**os.environ, **activation_env(smoke_deployment, "cpu"),
            "SD_MODELS_DIR": str(models.models_dir), "TORCH_HOME": str(models.torch_home)}

@@ -364,6 +364,7 @@ def test_two_downloads_to_one_file_are_refused(tmp_path):
 
 # --- progress ------------------------------------------------------------------------------------
 def test_progress_bars_on_a_terminal_and_silence_otherwise(mirror, tmp_path, capsys):
+    """The downloader reports through progress.py; the CLI's session draws it on a terminal."""
     url = mirror.add_plain("w.bin", DATA)
     fast(progress=None).fetch([Download([url], tmp_path / "quiet.bin")])
     assert capsys.readouterr() == ("", "")  # not a terminal: nothing
@@ -373,8 +374,9 @@ def test_progress_bars_on_a_terminal_and_silence_otherwise(mirror, tmp_path, cap
     controller, terminal = pty.openpty()
     child = subprocess.Popen(
         [sys.executable, "-c", "import sys; from pathlib import Path; "
-         "from sdrecipe.transfer import Transfer, Download; "
-         "Transfer(token='').fetch([Download([sys.argv[1]], Path(sys.argv[2]), label='w.bin')])",
+         "from sdrecipe import console; from sdrecipe.transfer import Transfer, Download\n"
+         "with console.session():\n"
+         "    Transfer(token='').fetch([Download([sys.argv[1]], Path(sys.argv[2]), label='w.bin')])",
          url, str(tmp_path / "tty.bin")],
         stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "TERM": "xterm"})

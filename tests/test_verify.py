@@ -172,16 +172,20 @@ def test_the_sample_is_a_command_line_upstreams_txt2img_accepts(tmp_path, sample
 
 
 def test_a_failed_verify_prints_the_logs_tail_once_and_a_pass_prints_none(tmp_path, capsys):
+    from sdrecipe.commands.verify import show_report
+    from sdrecipe.environment.runtime import TAIL_LINES, tail_lines
     lines = [f"line {n}" for n in range(100)]
-    assert verify.tail_lines("\n".join(lines) + "\n\n  \n") == lines[-verify.LOG_TAIL_LINES:]
-    assert verify.tail_lines("only\n", 5) == ["only"] and verify.tail_lines("a\nb", 0) == []
+    assert tail_lines("\n".join(lines) + "\n\n  \n") == lines[-TAIL_LINES:]
+    assert tail_lines("only\n", 5) == ["only"] and tail_lines("a\nb", 0) == []
     (tmp_path / "txt2img.log").write_text("\n".join(lines) + "\n")
     failed = {"ok": False, "checks": [{"name": "completion", "ok": False, "message": "no Enjoy."}]}
-    verify.print_summary(failed, tmp_path)
+    (tmp_path / "report.json").write_text(json.dumps(failed))
+    show_report(tmp_path)
     err = capsys.readouterr().err
-    assert f"last {verify.LOG_TAIL_LINES} lines of {tmp_path / 'txt2img.log'}" in err
-    assert "line 99" in err and f"line {99 - verify.LOG_TAIL_LINES}\n" not in err
-    verify.print_summary({"ok": True, "checks": []}, tmp_path)
+    assert f"last {TAIL_LINES} lines of {tmp_path / 'txt2img.log'}" in err
+    assert "line 99" in err and f"line {99 - TAIL_LINES}\n" not in err
+    (tmp_path / "report.json").write_text(json.dumps({"ok": True, "checks": []}))
+    show_report(tmp_path)
     assert capsys.readouterr().err == ""
 
 

@@ -196,10 +196,11 @@ def artifact_files(recipe) -> tuple[ArtifactFile, ...]:
     return recipe.sections.get("artifacts", ())
 
 
-def select(recipe, profile: str, with_optional=False, only=None) -> list[ArtifactFile]:
-    """The files a profile needs; `only` (artifact names) narrows, and may name optional ones."""
+def select(recipe, profile: str, with_optional=False, only=None, roots=ROOTS) -> list[ArtifactFile]:
+    """The files a profile needs; `only` (artifact names) narrows, and may name optional ones;
+    `roots` narrows to the models folder or $TORCH_HOME (deploy's artifacts and preseed)."""
     recipe.profile(profile)
-    files = [f for f in artifact_files(recipe) if f.applies_to(profile)]
+    files = [f for f in artifact_files(recipe) if f.applies_to(profile) and f.root in roots]
     if only:
         known = {f.artifact for f in artifact_files(recipe)}
         unknown = sorted(set(only) - known)
@@ -291,11 +292,11 @@ def _status(file, deployment, sha256) -> ArtifactStatus:
 
 
 def artifact_status(recipe, deployment, profile: str, with_optional=False,
-                    only=None) -> list[ArtifactStatus]:
+                    only=None, roots=ROOTS) -> list[ArtifactStatus]:
     """Each file's state from its stamp (no hashing): done, stale or missing, with why."""
     lock = ArtifactLock.for_recipe(recipe)
     return [_status(f, deployment, expected(f, lock)[0])
-            for f in select(recipe, profile, with_optional, only)]
+            for f in select(recipe, profile, with_optional, only, roots)]
 
 
 # --- fetch -----------------------------------------------------------------------------
@@ -308,12 +309,13 @@ class Placed:
     method: str | None  # hardlink, reflink or copy, when placed this run
 
 
-def cache_dir() -> Path:
-    return Path(load_config().get("cache_dir")).expanduser()
+def cache_dir(config=None) -> Path:
+    return Path((config or load_config()).get("cache_dir")).expanduser()
 
 
 def fetch_artifacts(recipe, deployment, profile: str, verify=False, with_optional=False,
-                    only=None, extra_pins=None, offline=False) -> list[Placed]:
+                    only=None, extra_pins=None, offline=False, roots=ROOTS,
+                    config=None) -> list[Placed]:
     """Make the profile's files present and correct in the deployment; report what was done.
 
     Files whose stamp matches are trusted (near-instant re-runs); `verify` rehashes
@@ -323,9 +325,10 @@ def fetch_artifacts(recipe, deployment, profile: str, verify=False, with_optiona
     the cache lacks is an error. `extra_pins` (key -> size, sha256) are hashes
     vouched for by a bundle's manifest.
     """
-    files = select(recipe, profile, with_optional, only)
+    config = config or load_config()
+    files = select(recipe, profile, with_optional, only, roots)
     lock = ArtifactLock.for_recipe(recipe)
-    cache = Cache(cache_dir())
+    cache = Cache(cache_dir(config))
     deployment.state.mkdir(parents=True, exist_ok=True)
     done: dict[ArtifactFile, Placed] = {}
     todo: list[ArtifactFile] = []
@@ -343,7 +346,7 @@ def fetch_artifacts(recipe, deployment, profile: str, verify=False, with_optiona
                 todo.append(file)
         if todo:
             with cache.lock():
-                hashes = fill_cache(todo, lock, cache, verify, offline, extra_pins)
+                hashes = fill_cache(todo, lock, cache, verify, offline, extra_pins, config)
             for file in todo:
                 target = file.target(deployment, create=True)
                 existed = os.path.lexists(target)
@@ -396,7 +399,7 @@ def _rehash_ok(file, deployment, sha256, cache) -> bool:
     return False
 
 
-def fill_cache(files, lock, cache, verify, offline, extra_pins) -> dict:
+def fill_cache(files, lock, cache, verify, offline, extra_pins, config) -> dict:
     """sha256 of each file, downloading into the cache what it lacks (trust on first use)."""
     hashes: dict[ArtifactFile, str] = {}
     wanted: dict[Path, tuple] = {}  # download destination -> (files, sha256, size)
@@ -419,7 +422,7 @@ def fill_cache(files, lock, cache, verify, offline, extra_pins) -> dict:
     from .transfer import TransferError  # the downloader (and requests) only when needed
     jobs = [(dest, group, sha256, size) for dest, (group, sha256, size) in wanted.items()]
     try:
-        results = _download(jobs, cache)
+        results = _download(jobs, cache, config)
     except TransferError as exc:
         _adopt(jobs, exc.results, cache, lock, hashes)  # keep what did arrive
         lock.save()
@@ -448,10 +451,9 @@ def _adopt(jobs, results, cache, lock, hashes) -> None:
             hashes[file] = result.sha256
 
 
-def _download(jobs, cache):
+def _download(jobs, cache, config):
     """Run the one downloader over the jobs; results in job order."""
     from .transfer import Download, Transfer, endpoints_from
-    config = load_config()
     endpoints = endpoints_from(config)
     downloads = [Download(urls=group[0].urls(endpoints), dest=dest, sha256=sha256, size=size,
                           gated=group[0].gated, label=group[0].place)

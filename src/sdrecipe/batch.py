@@ -72,7 +72,7 @@ def pending(entries: list[PromptEntry], out: Path) -> list[PromptEntry]:
 def manifest_text(entries: list[PromptEntry], settings: dict, out: Path, source: Path,
                   models) -> str:
     """What the in-job runner reads: prompts, settings, where to write, which upstream and
-    model files (`verify.Models`)."""
+    model files (`models.Models`)."""
     return json.dumps({"out": str(out), "source": str(source), "settings": settings,
                        "models": {"config": str(models.config), "ckpt": str(models.ckpt)},
                        "prompts": [{"index": e.index, "prompt": e.prompt, "folder": e.folder}

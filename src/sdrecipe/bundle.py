@@ -31,6 +31,7 @@ from pathlib import Path
 from . import __version__
 from .artifacts import (ArtifactLock, artifact_status, cache_dir, expected, fetch_artifacts,
                         fill_cache, select)
+from .config import load_config
 from .errors import SdrecipeError
 from .files import sha256_file
 from .placement import Cache, is_safe_relative, place
@@ -60,7 +61,8 @@ def create_bundle(recipe, deployment, out: Path, profiles=None, with_optional=Fa
     cache = Cache(cache_dir())
     lock = ArtifactLock.for_recipe(recipe)
     with cache.lock():
-        hashes = fill_cache(files, lock, cache, verify=False, offline=False, extra_pins=None)
+        hashes = fill_cache(files, lock, cache, verify=False, offline=False, extra_pins=None,
+                            config=load_config())
     lock.save()
     staging = out.parent / (f".{out.name}.partial" if fmt == "dir" else f".{out.name}.files")
     shutil.rmtree(staging, ignore_errors=True)

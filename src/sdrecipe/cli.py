@@ -1,59 +1,24 @@
-"""The `sdrecipe` command: argument parsing and dispatch only.
+"""The `sdrecipe` command: arguments in, one command module called, one line out on error.
 
-Each stage adds its subcommand in one `_add_<stage>` function below and hands the
-work to its module; no logic lives here. `SdrecipeError` becomes a one-line
-message on stderr and exit code 2; Ctrl-C exits 130.
+Each verb has an `_add_<verb>` function that declares its arguments and a small
+handler that builds the run's `Target` once (recipe, deployment, profile, config,
+mode) and calls `commands.<verb>` with explicit keyword arguments: no module below
+sees argparse. `SdrecipeError` becomes one line on stderr and its exit code (2,
+or 1 for a failed verification); Ctrl-C exits 130. Command modules are imported
+only when their verb runs, so `--help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, console
 from .errors import SdrecipeError
-from .layout import deployment_dir
-from .recipe import PROFILES, find_recipe
-
-
-class Context:
-    """What every command needs, loaded on first use."""
-
-    def __init__(self, args):
-        self.args = args
-        self._recipe = None
-
-    @property
-    def recipe(self):
-        if self._recipe is None:
-            from .project import load_recipe  # the stages' modules, only once a recipe is needed
-            self._recipe = load_recipe(find_recipe(self.args.recipe))
-        return self._recipe
-
-    @property
-    def deployment(self):
-        return deployment_dir(self.args.deploy_dir, self.recipe.root)
-
-    def profile(self) -> str:
-        """--profile, else the profile detected on this machine."""
-        if getattr(self.args, "profile", None):
-            return self.args.profile
-        from .doctor import detect_profile
-        return detect_profile()
-
-
-def _handler(module: str, function: str, *args):
-    """Import a stage module only when its command runs: start-up stays fast."""
-    def run(ctx):
-        stage = importlib.import_module(f"sdrecipe.{module}")
-        return getattr(stage, function)(ctx, *args)
-    return run
 
 
 class CommandParser(argparse.ArgumentParser):
-    """Every (sub)command also takes --recipe and --deploy-dir after its name."""
+    """Every (sub)command also takes the global options after its name."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -67,40 +32,97 @@ def _global_options(parser, default=None):
     parser.add_argument("--deploy-dir", default=default,
                         help="deployment folder (default: $SDRECIPE_DEPLOY_DIR "
                              "or ./deploy beside the recipe)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="show debug logs (every run's full log is also kept in "
+                             "<deploy>/.sdrecipe/logs/)")
 
 
-def _profile_option(parser, help_text="platform profile (default: detected on this machine)"):
-    parser.add_argument("--profile", choices=PROFILES, help=help_text)
+def _profile_option(parser, help_text="a profile of the recipe (default: detected on this "
+                                      "machine)"):
+    parser.add_argument("--profile", metavar="PROFILE", help=help_text)
 
 
-def _add_patch(sub):
-    parser = sub.add_parser("patch", help="apply, revert or inspect the patch series on a checkout")
-    actions = parser.add_subparsers(dest="action", required=True)
-    for name, help_text in (("apply", "apply the series for a profile, all or nothing"),
-                            ("revert", "restore the pristine pinned tree"),
-                            ("status", "show each patch as applied, not applied or conflicting")):
-        action = actions.add_parser(name, help=help_text)
-        action.add_argument("--source", required=True, type=Path, help="upstream checkout")
-        _profile_option(action)
-        if name != "status":
-            action.add_argument("--force", action="store_true",
-                                help="overwrite files edited by hand (drift)")
-        action.set_defaults(func=_handler("patches", "run_command", name))
+def _smoke_option(parser, help_text):
+    parser.add_argument("--smoke", action="store_true", default=None, help=help_text)
 
 
-def _add_lint(sub):
-    parser = sub.add_parser("lint", help="check the recipe, patch series and locks (CI gate)")
-    parser.add_argument("--source", type=Path,
-                        help="a checkout at the pinned commit: also apply/reverse every series")
+# --- the run context ---------------------------------------------------------------------------
+
+def _recipe(args):
+    from .project import load_recipe
+    from .recipe import find_recipe
+    return load_recipe(find_recipe(getattr(args, "recipe", None)))
+
+
+def _target(args, smoke=None, log: str | None = None, **options):
+    """The frozen run context; `smoke` None: the deployment's own mode. `log`: keep this
+    run's log in the deployment under that name."""
+    from .config import load_config
+    from .layout import deployment_dir
+    from .target import Options, Target, deployed_mode
+    recipe = _recipe(args)
+    deployment = deployment_dir(getattr(args, "deploy_dir", None), recipe.root)
+    profile = getattr(args, "profile", None)
+    if not profile:
+        from .doctor import detect_profile
+        profile = detect_profile()
+    recipe.profile(profile)
+    if smoke is None:
+        smoke = deployed_mode(deployment, profile)
+    if log:
+        console.keep_log(deployment, log)
+    return Target(recipe, deployment, profile, load_config(), smoke, Options(**options))
+
+
+# --- the verbs -----------------------------------------------------------------------------------
+
+def _add_deploy(sub):
+    parser = sub.add_parser("deploy", help="fetch, patch, build, preseed and verify: every stage "
+                                           "that is not done yet")
+    _profile_option(parser)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny generated models instead of the real weights: no model is "
+                             "downloaded, the whole pipeline runs in minutes")
+    parser.add_argument("--python", metavar="PATH",
+                        help="build the environment as a venv of this Python 3.8 (no conda)")
+    parser.add_argument("--prefix", type=Path, help="environment folder (default: "
+                                                    "<deploy>/envs/<profile>)")
+    parser.add_argument("--source", metavar="DIR",
+                        help="copy this local checkout of the pinned commit instead of cloning "
+                             "(default: $SDRECIPE_UPSTREAM or the upstream_checkout setting)")
+
+    def run(args):
+        from .commands import deploy
+        return deploy.run(_target(args, smoke=args.smoke, log="deploy", source=args.source,
+                                  python=args.python, prefix=args.prefix))
+    parser.set_defaults(run=run)
+
+
+def _add_status(sub):
+    parser = sub.add_parser("status", help="each deploy stage: done, stale, missing or blocked, "
+                                           "why, and what a re-run would do")
+    _profile_option(parser)
+    _smoke_option(parser, "the smoke deployment's status (default: the mode last deployed)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
-    parser.set_defaults(func=_handler("project", "lint_command"))
+
+    def run(args):
+        from .commands import status
+        return status.run(_target(args, smoke=args.smoke), format=args.format)
+    parser.set_defaults(run=run)
 
 
-def _add_upstream_lock(sub):
-    parser = sub.add_parser("upstream-lock",
-                            help="write lock/upstream.lock from a checkout at the pinned commit")
-    parser.add_argument("--source", required=True, type=Path)
-    parser.set_defaults(func=_handler("upstream_lock", "write_command"))
+def _add_verify(sub):
+    parser = sub.add_parser("verify", help="run a short txt2img sample in the built environment, "
+                                           "offline; check it and write report.json/report.html")
+    _profile_option(parser)
+    _smoke_option(parser, "use the tiny generated models (default: the mode last deployed)")
+    parser.add_argument("--out", help="report folder (default: <deploy>/reports/<profile>/"
+                                      "sample or .../smoke)")
+
+    def run(args):
+        from .commands import verify
+        return verify.run(_target(args, smoke=args.smoke, log="verify"), out_dir=args.out)
+    parser.set_defaults(run=run)
 
 
 def _add_env(sub):
@@ -113,16 +135,19 @@ def _add_env(sub):
     build.add_argument("--python", metavar="PATH",
                        help="build a venv of this interpreter instead of a conda environment")
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    build.set_defaults(func=_handler("env", "build_command"))
+
+    def run_build(args):
+        from .commands import env
+        return env.build(_target(args, log="env-build", python=args.python, prefix=args.prefix),
+                         force=args.force)
+    build.set_defaults(run=run_build)
     check = actions.add_parser("check", help="run the offline import check in the environment")
     _profile_option(check)
-    check.set_defaults(func=_handler("env", "check_command"))
 
-
-def _add_doctor(sub):
-    parser = sub.add_parser("doctor", help="diagnose a deployment and name the fix for each problem")
-    _profile_option(parser)
-    parser.set_defaults(func=_handler("doctor", "run_command"))
+    def run_check(args):
+        from .commands import env
+        return env.check(_target(args))
+    check.set_defaults(run=run_check)
 
 
 def _add_fetch(sub):
@@ -137,7 +162,91 @@ def _add_fetch(sub):
                         help="only these artifacts, by recipe name (may name optional ones)")
     parser.add_argument("--from-bundle", type=Path, metavar="BUNDLE",
                         help="restore from an offline bundle (folder or tar); no network")
-    parser.set_defaults(func=_handler("fetch", "run_command"))
+
+    def run(args):
+        from .commands import fetch
+        return fetch.run(_target(args, smoke=False, log="fetch"), verify=args.verify,
+                         with_optional=args.with_optional, only=args.only,
+                         from_bundle=args.from_bundle)
+    parser.set_defaults(run=run)
+
+
+class _Context:
+    """What the commands not yet moved to commands/ read (being replaced)."""
+
+    def __init__(self, args):
+        self.args = args
+        self._recipe = None
+
+    @property
+    def recipe(self):
+        if self._recipe is None:
+            self._recipe = _recipe(self.args)
+        return self._recipe
+
+    @property
+    def deployment(self):
+        from .layout import deployment_dir
+        return deployment_dir(getattr(self.args, "deploy_dir", None), self.recipe.root)
+
+    def profile(self) -> str:
+        if getattr(self.args, "profile", None):
+            self.recipe.profile(self.args.profile)
+            return self.args.profile
+        from .doctor import detect_profile
+        return detect_profile()
+
+
+def _add_patch(sub):
+    parser = sub.add_parser("patch", help="apply, revert or inspect the patch series on a checkout")
+    actions = parser.add_subparsers(dest="action", required=True)
+    for name, help_text in (("apply", "apply the series for a profile, all or nothing"),
+                            ("revert", "restore the pristine pinned tree"),
+                            ("status", "show each patch as applied, not applied or conflicting")):
+        action = actions.add_parser(name, help=help_text)
+        action.add_argument("--source", required=True, type=Path, help="upstream checkout")
+        _profile_option(action)
+        if name != "status":
+            action.add_argument("--force", action="store_true",
+                                help="overwrite files edited by hand (drift)")
+
+        def run(args, verb=name):
+            from . import patches
+            return patches.run_command(_Context(args), verb)
+        action.set_defaults(run=run)
+
+
+def _add_lint(sub):
+    parser = sub.add_parser("lint", help="check the recipe, patch series and locks (CI gate)")
+    parser.add_argument("--source", type=Path,
+                        help="a checkout at the pinned commit: also apply/reverse every series")
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+
+    def run(args):
+        from . import project
+        return project.lint_command(_Context(args))
+    parser.set_defaults(run=run)
+
+
+def _add_upstream_lock(sub):
+    parser = sub.add_parser("upstream-lock",
+                            help="write lock/upstream.lock from a checkout at the pinned commit")
+    parser.add_argument("--source", required=True, type=Path)
+
+    def run(args):
+        from . import upstream_lock
+        return upstream_lock.write_command(_Context(args))
+    parser.set_defaults(run=run)
+
+
+def _add_doctor(sub):
+    parser = sub.add_parser("doctor", help="diagnose a deployment and name the fix for each problem")
+    _profile_option(parser)
+
+    def run(args):
+        from . import doctor
+        return doctor.run_command(_Context(args))
+    parser.set_defaults(run=run)
 
 
 def _add_bundle(sub):
@@ -146,14 +255,18 @@ def _add_bundle(sub):
     create = actions.add_parser("create", help="write source, artifacts, recipe, locks (and "
                                                "wheels) with a sha256 manifest")
     create.add_argument("out", type=Path, help="the bundle to write (a new folder or .tar)")
-    create.add_argument("--profile", dest="profiles", action="append", choices=PROFILES,
+    create.add_argument("--profile", dest="profiles", action="append", metavar="PROFILE",
                         help="profiles to serve (repeatable; default: all of the recipe's)")
     create.add_argument("--with-optional", action="store_true", help="include optional artifacts")
     create.add_argument("--format", choices=("dir", "tar"), default="dir",
                         help="a folder (default; rsync-friendly) or one tar file")
     create.add_argument("--wheels", type=Path, action="append", metavar="DIR",
                         help="a folder of wheels to carry for offline pip (repeatable)")
-    create.set_defaults(func=_handler("bundle", "create_command"))
+
+    def run(args):
+        from . import bundle
+        return bundle.create_command(_Context(args))
+    create.set_defaults(run=run)
 
 
 def _slurm_resource_options(parser):
@@ -202,13 +315,17 @@ def _add_submit(sub):
                           help="default: the recipe's verify precision for the profile")
     generate.add_argument("--smoke", action="store_true",
                           help="the tiny models of deploy --smoke (a rehearsal of the batch)")
+
+    def run(args):
+        from . import jobs
+        return jobs.submit_command(_Context(args))
     for kind in (verify, generate):
         _profile_option(kind)
         _slurm_resource_options(kind)
         kind.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
         kind.add_argument("--no-wait", action="store_true", help="submit and return")
         kind.add_argument("--quiet", action="store_true", help="do not print the job's log")
-        kind.set_defaults(func=_handler("jobs", "submit_command"))
+        kind.set_defaults(run=run)
 
 
 def _add_salloc(sub):
@@ -219,61 +336,38 @@ def _add_salloc(sub):
     parser.add_argument("--run", action="store_true", help="run it: salloc + srun --pty bash, set up")
     parser.add_argument("command", nargs="*", help="with --run: run this command on the node "
                                                    "instead of a shell")
-    parser.set_defaults(func=_handler("jobs", "salloc_command"))
+
+    def run(args):
+        from . import jobs
+        return jobs.salloc_command(_Context(args))
+    parser.set_defaults(run=run)
 
 
 def _add_lock(sub):
     parser = sub.add_parser("lock", help="resolve env/ into lock/<profile>.conda-lock.yml "
                                          "(conda part by py-rattler, pip part by uv)")
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--profile", choices=PROFILES, help="the profile to lock")
+    which.add_argument("--profile", metavar="PROFILE", help="the profile to lock")
     which.add_argument("--all", action="store_true", help="lock every profile of the recipe")
     parser.add_argument("--pip-only", action="store_true",
                         help="lock the pip part only (where conda channels are unreachable); "
                              "a conda part already locked from the same inputs is kept")
-    parser.set_defaults(func=_handler("lock", "run_command"))
+
+    def run(args):
+        from . import lock
+        return lock.run_command(_Context(args))
+    parser.set_defaults(run=run)
 
 
-def _add_verify(sub):
-    parser = sub.add_parser("verify", help="run a short txt2img sample in the built environment, "
-                                           "offline; check it and write report.json/report.html")
-    _profile_option(parser)
-    parser.add_argument("--smoke", action="store_true",
-                        help="use the tiny generated models (seconds; made by deploy --smoke)")
-    parser.add_argument("--out", help="report folder (default: <deploy>/reports/<profile>/"
-                                      "sample or .../smoke)")
-    parser.set_defaults(func=_handler("verify", "run_command"))
-
-
-def _add_deploy(sub):
-    parser = sub.add_parser("deploy", help="fetch, patch, build, preseed and verify: every stage "
-                                           "that is not done yet")
-    _profile_option(parser)
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny generated models instead of the real weights: nothing is "
-                             "downloaded, the whole pipeline runs in minutes")
-    parser.add_argument("--python", metavar="PATH",
-                        help="build the environment as a venv of this Python 3.8 (no conda)")
-    parser.add_argument("--prefix", type=Path, help="environment folder (default: "
-                                                    "<deploy>/envs/<profile>)")
-    parser.add_argument("--source", metavar="DIR",
-                        help="copy this local checkout of the pinned commit instead of cloning "
-                             "(default: $SDRECIPE_UPSTREAM or the upstream_checkout setting)")
-    parser.set_defaults(func=_handler("deploy", "deploy_command"))
-    status = sub.add_parser("status", help="each deploy stage: done, stale or missing, why, "
-                                           "and what a re-run would do")
-    _profile_option(status)
-    status.add_argument("--smoke", action="store_true", help="the smoke deployment's status")
-    status.add_argument("--format", choices=("text", "json"), default="text")
-    status.set_defaults(func=_handler("deploy", "status_command"))
-
-
-COMMANDS = (_add_patch, _add_lint, _add_upstream_lock, _add_env, _add_doctor, _add_fetch,
-            _add_bundle, _add_submit, _add_salloc, _add_lock, _add_verify, _add_deploy)
+COMMANDS = (_add_deploy, _add_status, _add_verify, _add_fetch, _add_env, _add_doctor, _add_patch,
+            _add_lint, _add_upstream_lock, _add_bundle, _add_submit, _add_salloc, _add_lock)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdrecipe", description="Deploy CompVis/stable-diffusion on an HPC cluster from a pinned, patched, locked recipe.")
+    parser = argparse.ArgumentParser(
+        prog="sdrecipe",
+        description="Deploy CompVis/stable-diffusion on an HPC cluster from a pinned, patched, "
+                    "locked recipe.")
     parser.add_argument("--version", action="version", version=f"sdrecipe {__version__}")
     _global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
@@ -286,10 +380,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(Context(args)) or 0)
+        with console.session(verbose=bool(getattr(args, "verbose", False))):
+            return int(args.run(args) or 0)
     except SdrecipeError as exc:
-        print(f"sdrecipe: error: {exc}", file=sys.stderr)
+        console.err(f"sdrecipe: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print("sdrecipe: interrupted", file=sys.stderr)
+        console.err("sdrecipe: interrupted")
         return 130
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] == "sdrecipe":
+            raise
+        console.err(f"sdrecipe: error: {exc}: {missing_dependencies_hint()}")
+        return 2
+
+
+def missing_dependencies_hint() -> str:
+    import sys
+    project = Path(__file__).resolve().parents[2]
+    return (f"its dependencies are missing for {sys.executable}; run: {sys.executable} -m pip "
+            f"install -e '{project}'")

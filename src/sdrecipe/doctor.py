@@ -43,12 +43,12 @@ class DoctorContext:
 
     @property
     def prefix(self) -> Path:
-        from .env import env_prefix
+        from .environment.location import env_prefix
         return env_prefix(self.deployment, self.profile)
 
     @property
     def python(self) -> Path:
-        from .env import env_python
+        from .environment.location import env_python
         return env_python(self.deployment, self.profile)
 
     def site_packages(self) -> Path | None:
@@ -57,7 +57,7 @@ class DoctorContext:
 
     def activated(self) -> dict:
         """The environment a process inside the env runs with (as the import check's)."""
-        from .env import offline_run_env
+        from .environment.runtime import offline_run_env
         return offline_run_env(self.deployment, self.profile, self.environ)
 
 

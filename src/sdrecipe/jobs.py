@@ -80,7 +80,7 @@ def _require(present: bool, problem: str, dry_run: bool):
 
 def _spec(ctx, profile, resources, name, folder, command, array=None, log="slurm-%j.out",
           environment=()):
-    from .env import activation_script
+    from .environment.location import activation_script
     recipe, deployment, dry_run = ctx.recipe, ctx.deployment, ctx.args.dry_run
     _require(deployment.source.is_dir(),
              f"no deployment at {deployment.root} (no {deployment.source}): run sdrecipe deploy "
@@ -151,11 +151,10 @@ def generation_settings(recipe, profile: str, args) -> dict:
     return settings
 
 
-def _models(deployment, smoke: bool):
+def _models(recipe, deployment, profile: str, smoke: bool):
     """The weights txt2img loads (verify's choice of real or smoke files), checked present."""
-    from .smoke import smoke_models
-    from .verify import real_models
-    models = smoke_models(deployment) if smoke else real_models(deployment)
+    from .models import models_for
+    models = models_for(recipe, deployment, profile, smoke)
     if not models.ckpt.is_file():
         how = "sdrecipe deploy --smoke" if smoke else "sdrecipe fetch"
         raise SdrecipeError(f"no checkpoint at {models.ckpt}: run {how} first")
@@ -198,10 +197,10 @@ def prepare_generate(ctx, profile: str, resources) -> PreparedJob | None:
                 len(todo))
     print(f"sdrecipe: {len(todo)} of {len(entries)} prompts to make "
           f"({len(entries) - len(todo)} already done), over {tasks} array tasks")
-    models = _models(deployment, args.smoke)
+    models = _models(ctx.recipe, deployment, profile, args.smoke)
     folder = _new_folder(out / "jobs", "generate")
     manifest, payload = folder / "manifest.json", folder / "txt2img_batch.py"
-    from .env import env_python
+    from .environment.location import env_python
     command = (f"{shlex.quote(str(env_python(deployment, profile)))} {shlex.quote(str(payload))} "
                f"{shlex.quote(str(manifest))} \"${{SLURM_ARRAY_TASK_ID:-0}}\" {tasks}")
     array = f"0-{tasks - 1}" + (f"%{args.max_running}" if args.max_running else "")
@@ -293,7 +292,7 @@ def salloc_command(ctx) -> int:
     args = ctx.args
     profile = ctx.profile()
     resources = _resources(ctx, profile, load_config())
-    from .env import activation_script
+    from .environment.location import activation_script
     setup = slurm.interactive_lines(ctx.recipe.profile(profile).modules,
                                     str(activation_script(ctx.deployment, profile)),
                                     str(ctx.deployment.source))

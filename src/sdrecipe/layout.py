@@ -10,7 +10,9 @@
     <deploy>/smoke/                   smoke mode's tiny generated models, config, $TORCH_HOME
     <deploy>/jobs/                    Slurm jobs: each submission's script, log and report
     <deploy>/outputs/<batch>/         prompt batches: a folder per prompt, gallery.html
-    <deploy>/.sdrecipe/               stamps and state of each stage
+    <deploy>/.sdrecipe/records/       each stage's record (stages/__init__.py: the record rules)
+    <deploy>/.sdrecipe/logs/          a log file of each run
+    <deploy>/.sdrecipe/               placement stamps, locks
     <deploy>/provenance.json          what was deployed, by hash
 """
 
@@ -44,6 +46,16 @@ class Deployment:
     @property
     def state(self) -> Path:
         return self.root / ".sdrecipe"
+
+    def record(self, stage: str, profile: str | None = None, mode: str | None = None) -> Path:
+        """A stage's record: one per deployment (source), per profile, or per profile and
+        mode (smoke or sample) where the two make different things."""
+        folder = self.state / "records" / (profile or "")
+        return folder / (f"{stage}-{mode}.json" if mode else f"{stage}.json")
+
+    @property
+    def logs(self) -> Path:
+        return self.state / "logs"
 
     @property
     def provenance(self) -> Path:

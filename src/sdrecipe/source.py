@@ -21,9 +21,9 @@ anything else is someone's work, which we refuse to touch.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import git
@@ -32,25 +32,21 @@ from .errors import SdrecipeError
 
 # A ref that keeps the pinned commit alive (and names it in source bundles).
 PINNED_REF = "refs/sdrecipe/pinned"
+log = logging.getLogger("sdrecipe.source")
 
 
 class _Unusable(Exception):
     """This URL cannot provide the pinned commit; try the next one."""
 
 
-def configured_checkout() -> str | None:
-    """The site's local checkout of the pinned upstream, if one is configured."""
-    from .config import load_config
-    return load_config().get("upstream_checkout")
-
-
 def ensure_source(recipe, dest, profile: str | None = None, bundle: Path | None = None,
-                  local: Path | str | None = None) -> Path:
+                  local: Path | str | None = None, config=None) -> Path:
     """Return `dest` as a checkout of the pinned commit, cloning it if absent.
 
     `bundle` (a git bundle file made by `sdrecipe bundle create`) replaces the
     network: the commit is read from it and nothing else is contacted. `local`
     (a checkout of the pinned commit) is copied instead; nothing is contacted either.
+    `config` gives the CA bundle that https mirrors are verified against.
     """
     dest = Path(dest)
     pinned = recipe.upstream.commit
@@ -73,10 +69,10 @@ def ensure_source(recipe, dest, profile: str | None = None, bundle: Path | None 
     for url in sources:
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            _clone_pinned(staging, url, pinned, from_bundle=bundle is not None)
+            _clone_pinned(staging, url, pinned, from_bundle=bundle is not None,
+                          ca_bundle=config.get("ca_bundle") if config else None)
             for failure in failures:
-                print(f"sdrecipe: skipped a source that could not serve {pinned[:12]}:\n"
-                      f"{failure}", file=sys.stderr)
+                log.warning("skipped a source that could not serve %s:\n%s", pinned[:12], failure)
             break
         except _Unusable as exc:
             failures.append(f"  {url}: {exc}")
@@ -117,11 +113,12 @@ def _copy_local(recipe, local: Path, staging: Path, profile: str | None) -> None
         raise
 
 
-def _clone_pinned(staging: Path, url: str, pinned: str, from_bundle: bool) -> None:
+def _clone_pinned(staging: Path, url: str, pinned: str, from_bundle: bool,
+                  ca_bundle: str | None) -> None:
     repo = git.Repo.init(staging)
     from .transfer import ca_bundle_environ
     # fail, never prompt, on auth; verify https mirrors against the site's CA bundle
-    repo.git.update_environment(GIT_TERMINAL_PROMPT="0", **ca_bundle_environ())
+    repo.git.update_environment(GIT_TERMINAL_PROMPT="0", **ca_bundle_environ(ca_bundle))
     try:
         if from_bundle:
             # Bundles made from a shallow clone lack the parents: declare the

@@ -12,8 +12,8 @@ Interface (the `artifacts` stage and anything else that downloads uses only this
 - `Transfer(ca_bundle=None, token=None, retries=4, timeout=30.0, jobs=4,
   progress=None, backoff=1.0, quarantine_dir=None)`: `token=None` looks one up
   with `resolve_token()`, `""` means none; `timeout` is per connect and per read;
-  `progress=None` shows per-file and total bars (rich) only when stderr is a
-  terminal, nothing in batch jobs; `from_config(config, **overrides)` takes the
+  `progress=None` reports per-file and total tasks through `progress.py` (the CLI
+  draws bars on a terminal), `False` nothing; `from_config(config, **overrides)` takes the
   CA bundle from the site config.
 - `Download.urls` are candidates tried in order (mirrors first, huggingface.co
   last). `sha256=None` is trust on first use: the hash is computed while
@@ -79,7 +79,6 @@ import queue
 import random
 import re
 import shutil
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -92,6 +91,7 @@ import requests
 import urllib3.exceptions
 
 from .errors import SdrecipeError
+from .progress import Reporter, reporter
 
 log = logging.getLogger(__name__)
 
@@ -382,59 +382,39 @@ class _Mismatch(_NextEndpoint):
 
 # --- progress ----------------------------------------------------------------------------------------
 class _Progress:
-    """Per-file and total bars on a terminal (rich); silent otherwise (batch jobs, pipes),
-    where rich is not even imported."""
+    """Per-file and total tasks of the one progress interface (`progress.py`), which the
+    CLI renders as bars on a terminal; `enabled=False` reports nothing."""
 
     def __init__(self, enabled: bool | None, total: int | None, files: int):
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                       TimeRemainingColumn, TransferSpeedColumn)
-            bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                            TransferSpeedColumn(), TimeRemainingColumn(),
-                            console=Console(stderr=True), transient=True)
-        else:
-            bars = _NoBars()
-        self._bars = bars
-        self._total = self._bars.add_task(f"total ({files} files)", total=total)
+        self._reporter = reporter() if enabled is not False else Reporter()
+        self._total = self._reporter.add(f"total ({files} files)", total, unit="bytes")
         self._completed: dict = {}
+        self._lock = threading.Lock()
 
     def __enter__(self):
-        self._bars.start()
         return self
 
     def __exit__(self, *exc):
-        self._bars.stop()
+        self._reporter.remove(self._total)
 
     def file(self, label: str, total: int | None):
-        return self._bars.add_task(label, total=total)
+        return self._reporter.add(label, total, unit="bytes")
 
     def advance(self, task, amount: int) -> None:
-        self._completed[task] = self._completed.get(task, 0) + amount
-        self._bars.advance(task, amount)
-        self._bars.advance(self._total, amount)
+        with self._lock:
+            self._completed[task] = self._completed.get(task, 0) + amount
+        self._reporter.advance(task, amount)
+        self._reporter.advance(self._total, amount)
 
     def restart(self, task, completed: int, total: int | None) -> None:
         """The file starts over (or resumes) at `completed`; keep the total bar honest."""
-        self._bars.advance(self._total, completed - self._completed.get(task, 0))
-        self._completed[task] = completed
-        self._bars.update(task, completed=completed, total=total)
+        with self._lock:
+            self._reporter.advance(self._total, completed - self._completed.get(task, 0))
+            self._completed[task] = completed
+        self._reporter.update(task, completed=completed, total=total)
 
     def done(self, task) -> None:
-        self._bars.remove_task(task)
-
-
-class _NoBars:
-    """rich.progress.Progress's interface, doing nothing."""
-
-    def add_task(self, *args, **kwargs):
-        return None
-
-    def start(self, *args, **kwargs):
-        pass
-
-    stop = advance = update = remove_task = start
+        self._reporter.remove(task)
 
 
 # --- the downloader ---------------------------------------------------------------------------------
@@ -660,7 +640,7 @@ class Transfer:
                             f"the bad copy is quarantined at {where}")
         os.replace(part.path, download.dest)
         part.meta_path.unlink(missing_ok=True)
-        log.info("%s: %d bytes, sha256 %s, from %s", download.label, size, digest,
+        log.debug("%s: %d bytes, sha256 %s, from %s", download.label, size, digest,
                  self._redact(url))
         return Result(download.dest, digest, size, url)
 

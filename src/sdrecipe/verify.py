@@ -1,4 +1,4 @@
-"""`sdrecipe verify`: run upstream's txt2img.py once, judge the result, write a report.
+"""Verify: run upstream's txt2img.py once, judge the result, write a report.
 
 The seed waited minutes for "Enjoy." and looked at six images by eye. Here a short,
 recipe-configured sample (1 image, fixed seed, PLMS, few steps; `verify:` section of
@@ -7,7 +7,7 @@ the built environment, from a scratch working directory outside the repo, with
 `HF_HUB_OFFLINE=1`, `TRANSFORMERS_OFFLINE=1` and, where the machine allows it, no
 network at all (`unshare -n`, else `unshare -rn`): a deployment that passes needs
 nothing from outside. Each check is a small function returning a `CheckResult`;
-any failed check makes the command exit 1 and print the log tail.
+any failed check fails the verify stage (exit 1) and the log tail is shown.
 
 Report folder (default `<deploy>/reports/<profile>/{sample,smoke}/`):
     report.json   the contract below (the slurm stage reads and writes the same format)
@@ -47,20 +47,20 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 
+from .environment.location import env_python
+from .environment.runtime import network_isolation, offline_run_env, payload_path
 from .errors import SdrecipeError
+from .models import MODELS_ENV, Models, models_for
 from .schema import Node
 
 COMPLETION_LINE = "Enjoy."
 REPLACEMENT_IMAGE = "assets/rick.jpeg"  # what upstream's txt2img shows instead of a flagged sample
-LOG_TAIL_LINES = 40
 # Below these, an image carries no picture (0..255 grey levels). A watermarked
 # constant image still has a standard deviation under 2.
 MIN_STDDEV = 4.0
@@ -262,11 +262,6 @@ def check_timings(timings: dict) -> CheckResult:
 
 # --- running the sample -----------------------------------------------------------
 
-def payload_path(name: str) -> Path:
-    """A script shipped in sdrecipe/payload/ that runs under the environment's Python."""
-    return Path(resources.files("sdrecipe") / "payload" / name)
-
-
 @dataclass
 class Run:
     code: int
@@ -284,7 +279,7 @@ class Run:
         return "\n".join(f"[{seconds:7.2f}s] {line}" for seconds, line in self.lines)
 
 
-def run_logged(command: list[str], env: dict, cwd: Path, echo=None) -> Run:
+def run_logged(command: list[str], env: dict, cwd: Path, on_line=None) -> Run:
     """Run `command`, timestamping each console line (tqdm's \\r updates count as lines)."""
     start = time.monotonic()
     lines, pending, since = [], b"", 0.0  # since: when the unfinished line began to arrive
@@ -301,8 +296,8 @@ def run_logged(command: list[str], env: dict, cwd: Path, echo=None) -> Run:
             line = raw.decode("utf-8", "replace").rstrip()
             if line:
                 lines.append((since if index == 0 else now, line))
-                if echo:
-                    echo(line)
+                if on_line:
+                    on_line(line)
         if complete:
             since = now
         if not chunk:
@@ -345,28 +340,7 @@ def txt2img_command(source: Path, python: Path, sample: Sample, outdir: Path,
                                                     {"config": str(config), "ckpt": str(ckpt)})
 
 
-@dataclass(frozen=True)
-class Models:
-    """Which weights the sample loads: the deployment's real ones, or smoke stand-ins."""
-    config: Path
-    ckpt: Path
-    models_dir: Path  # $SD_MODELS_DIR for the patched upstream
-    torch_home: Path | None  # overrides the activation's TORCH_HOME when set
-    description: str
-
-
-MODELS_ENV = "SD_MODELS_DIR"
-
-
-def real_models(deployment) -> Models:
-    return Models(config=deployment.source / "configs" / "stable-diffusion" / "v1-inference.yaml",
-                  ckpt=deployment.models / "ldm" / "stable-diffusion-v1" / "model.ckpt",
-                  models_dir=deployment.models, torch_home=None,
-                  description="the deployment's pinned weights")
-
-
 def sample_environment(deployment, profile: str, models: Models) -> dict:
-    from .env import offline_run_env
     env = offline_run_env(deployment, profile)
     env["PYTHONUNBUFFERED"] = "1"
     env[MODELS_ENV] = str(models.models_dir)
@@ -380,20 +354,16 @@ def report_dir(deployment, profile: str, smoke: bool) -> Path:
 
 
 def verify(recipe, deployment, profile: str, smoke: bool = False, out: Path | None = None,
-           echo=None) -> dict:
-    """Run the sample and write the report; returns the report.json data."""
+           on_line=None) -> dict:
+    """Run the sample and write the report; returns the report.json data. `on_line` sees
+    each console line as it arrives (the CLI shows sampling progress from it)."""
     from . import report
-    from .env import env_python, network_isolation
     sample = verify_spec(recipe).sample(profile, smoke)
     out = Path(out) if out else report_dir(deployment, profile, smoke)
     if (out / "samples").exists() and not (out / "report.json").exists():
         raise SdrecipeError(f"{out} has a samples/ folder but no report.json: not a verify report "
                             "folder, and verify replaces samples/; choose another --out")
-    if smoke:
-        from .smoke import smoke_models
-        models = smoke_models(deployment)
-    else:
-        models = real_models(deployment)
+    models = models_for(recipe, deployment, profile, smoke)
     python = env_python(deployment, profile)
     for needed in (deployment.source / "scripts" / "txt2img.py", models.ckpt, models.config, python):
         if not needed.is_file():
@@ -405,7 +375,8 @@ def verify(recipe, deployment, profile: str, smoke: bool = False, out: Path | No
     command = prefix + txt2img_command(deployment.source, python, sample, out, models.config,
                                        models.ckpt)
     with tempfile.TemporaryDirectory(prefix="sdrecipe-verify-") as scratch:  # cwd outside the repo
-        run = run_logged(command, sample_environment(deployment, profile, models), Path(scratch), echo)
+        run = run_logged(command, sample_environment(deployment, profile, models), Path(scratch),
+                         on_line)
     (out / "txt2img.log").write_text(run.timed_text + "\n", encoding="utf-8")
     images = sorted((out / "samples").glob("*.png"))
     timings = stage_timings(run)
@@ -426,32 +397,3 @@ def verify(recipe, deployment, profile: str, smoke: bool = False, out: Path | No
             "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
     report.write(out, data)
     return data
-
-
-def tail_lines(text: str, n: int = LOG_TAIL_LINES) -> list[str]:
-    """The last `n` lines of a process's output, trailing blank lines dropped: what a
-    failure shows of a log (verify's txt2img, smoke's generator; one length for both)."""
-    return text.rstrip().splitlines()[-n:] if n > 0 else []
-
-
-def print_summary(data: dict, out: Path, stream=sys.stdout) -> None:
-    for check in data["checks"]:
-        print(f"  {'ok  ' if check['ok'] else 'FAIL'}  {check['name']:<16} {check['message']}",
-              file=stream)
-    print(f"verify: {'passed' if data['ok'] else 'FAILED'}; report: {out / 'report.html'}", file=stream)
-    log = out / "txt2img.log"
-    if not data["ok"] and log.is_file():
-        tail = tail_lines(log.read_text(encoding="utf-8", errors="replace"))
-        print(f"--- last {len(tail)} lines of {log} ---", file=sys.stderr)
-        print("\n".join(tail), file=sys.stderr)
-
-
-def run_command(ctx) -> int:
-    args = ctx.args
-    profile = ctx.profile()
-    out = Path(args.out).resolve() if args.out else report_dir(ctx.deployment, profile, args.smoke)
-    print(f"verify: profile {profile}{' (smoke: tiny random models)' if args.smoke else ''}; "
-          f"running txt2img in {ctx.deployment.root}")
-    data = verify(ctx.recipe, ctx.deployment, profile, smoke=args.smoke, out=out)
-    print_summary(data, out)
-    return 0 if data["ok"] else 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import slurm
 from .errors import SdrecipeError
-from .verify import tail_lines
+from .environment.runtime import tail_lines
 
 EXIT_CODES = {
     "COMPLETED": 0,

@@ -1,0 +1,143 @@
+"""Building an environment in three steps, so the env stage can keep its record honest:
+
+1. `plan_build`: read the lock, find and check the platform wheels, compute the stamp
+   (lock, wheels, backend, interpreter, deployment); changes nothing;
+2. `fetch_inputs`: bring every conda archive and pip-layer file into the cache, checked;
+   the old environment is still untouched;
+3. `make_env`: remove the previous build (only one sdrecipe made), create the base
+   (conda backends or venv), install the pip layer from local files, write activation.
+
+Between 2 and 3 the stage marks its record in progress: a build killed in step 3
+leaves no complete record, and the next run starts it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import activation
+from ..errors import SdrecipeError
+from ..files import atomic_write_text, sha256_file
+from . import backends
+from .inputs import (CondaFile, LocalFile, fetch_conda_packages, fetch_pip_files,
+                     find_platform_wheels, load_build_lock)
+from .location import is_conda_prefix, modulefile_path
+
+log = logging.getLogger("sdrecipe.env")
+STAMP_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    recipe: object
+    deployment: object
+    profile: str
+    prefix: Path
+    backend: str  # venv, micromamba, mamba, conda or rattler
+    python: str | None  # the venv's interpreter
+    lock: object  # lock.Lock
+    wheels: list[LocalFile]
+    stamp: str  # identifies what this plan builds: equal stamps, equal environments
+
+
+@dataclass(frozen=True)
+class Inputs:
+    conda: list[CondaFile]
+    pip: list[LocalFile]
+
+
+def _stamp(lock, wheels: list[LocalFile], backend: str, python: str | None, deployment) -> str:
+    inputs = {"version": STAMP_VERSION, "lock": sha256_file(lock.path),
+              "wheels": sorted(w.sha256 for w in wheels), "backend": backend,
+              "python": str(Path(python).resolve()) if python else None,
+              "deployment": str(deployment.root)}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def plan_build(recipe, deployment, profile: str, config, prefix: Path | None = None,
+               python: str | None = None) -> BuildPlan:
+    recipe.profile(profile)
+    prefix = Path(prefix).expanduser().absolute() if prefix else deployment.env_prefix(profile)
+    backend = backends.choose_backend(python)
+    lock = load_build_lock(recipe, profile, backend)
+    wheel_dir = Path(config.get("wheel_dir")).expanduser()
+    wheels = find_platform_wheels(recipe, profile, lock, wheel_dir)
+    if any(entry.sha256 is None for entry in lock.platform_wheels):
+        from ..lock import load_lock
+        lock = load_lock(recipe, profile)  # re-read: the hashes were just recorded
+    if backend == "venv":
+        backends.check_python(python, lock)
+    return BuildPlan(recipe, deployment, profile, prefix, backend, python, lock, wheels,
+                     _stamp(lock, wheels, backend, python, deployment))
+
+
+def fetch_inputs(plan: BuildPlan, config) -> Inputs:
+    """Everything downloaded and checked before the old environment is touched."""
+    cache = Path(config.get("cache_dir")).expanduser()
+    conda = [] if plan.backend == "venv" else fetch_conda_packages(plan.lock, cache / "conda-pkgs",
+                                                                   config)
+    return Inputs(conda, fetch_pip_files(plan.lock, plan.backend == "venv", cache / "pip", config))
+
+
+def _owner_mark(prefix: Path) -> Path:
+    """Written beside a prefix before sdrecipe creates it: a half-built env is still ours."""
+    return prefix.parent / f".{prefix.name}.sdrecipe"
+
+
+def _clear_prefix(prefix: Path):
+    """Remove a previous build, but only one sdrecipe made: never a user's folder."""
+    if prefix.exists():
+        if _owner_mark(prefix).exists() or (prefix / "etc" / "sdrecipe").is_dir():
+            shutil.rmtree(prefix)
+        elif any(prefix.iterdir()):
+            raise SdrecipeError(f"{prefix} exists, is not empty and was not built by sdrecipe: "
+                                f"choose another --prefix or remove it yourself")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    _owner_mark(prefix).write_text("sdrecipe builds the environment next to this file\n")
+
+
+def make_env(plan: BuildPlan, inputs: Inputs, config) -> None:
+    prefix, lock = plan.prefix, plan.lock
+    _clear_prefix(prefix)
+    if plan.backend == "venv":
+        backends.run_step([plan.python, "-m", "venv", prefix], "creating the venv",
+                          fix=f"{plan.python} must have its venv module and ensurepip "
+                              f"(Debian/Ubuntu system Pythons: apt install "
+                              f"python{lock.python_version}-venv)")
+    elif plan.backend == "rattler":
+        cache = Path(config.get("cache_dir")).expanduser()
+        backends.create_rattler(prefix, lock, inputs.conda, cache / "conda-pkgs" / "rattler")
+    else:
+        with tempfile.TemporaryDirectory(prefix="sdrecipe-env-") as work:
+            backends.create_conda(plan.backend, prefix, lock, inputs.conda, Path(work))
+    backends.install_pip_files(prefix, lock, plan.wheels + inputs.pip)
+    write_activation(plan.recipe, plan.deployment, plan.profile, prefix)
+    log.debug("built the %s environment at %s (%s)", plan.profile, prefix, plan.backend)
+
+
+def write_activation(recipe, deployment, profile: str, prefix: Path):
+    """The bash file, the conda hooks (conda prefixes) and the modulefile, from one table."""
+    profile_info = recipe.profile(profile)
+    table = activation.variables(deployment, profile, prefix)
+    modules = profile_info.modules
+    conda = is_conda_prefix(prefix)
+    script = prefix / "etc" / "sdrecipe" / "activate.sh"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(script, activation.bash_script(table, profile, modules, conda))
+    if conda:
+        on, off = activation.conda_hooks(table, profile, modules)
+        for folder, text in (("activate.d", on), ("deactivate.d", off)):
+            hook = prefix / "etc" / "conda" / folder / "sdrecipe.sh"
+            hook.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(hook, text)
+    module = modulefile_path(deployment, profile)
+    module.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(module, activation.modulefile(table, profile, modules,
+                                                    profile_info.description))
+    return script, module

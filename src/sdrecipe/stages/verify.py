@@ -1,0 +1,90 @@
+"""Stage `verify`: one short txt2img sample, judged, with a report (the work is `verify.py`'s).
+
+Record (per profile and mode): the report's verdict, what it was verified against
+(the recipe's, the patches' and the lock's sha256) and the records of every earlier
+stage it ran on, so any change to the deployment makes the last verify stale. A
+failed sample writes its report but no record.
+"""
+
+from __future__ import annotations
+
+from ..errors import SdrecipeError
+from ..files import sha256_file
+from . import State, StageResult, StageStatus, changed_dependencies
+from . import artifacts, env, patches, preseed, source
+
+NAME = "verify"
+BUILT_ON = ("source", "artifacts", "patches", "env", "preseed")
+_EARLIER = (source, artifacts, patches, env, preseed)
+
+
+class VerifyFailed(SdrecipeError):
+    exit_code = 1
+
+
+def record(target):
+    return target.record(NAME, per_mode=True)
+
+
+def report_folder(target):
+    from ..verify import report_dir
+    return report_dir(target.deployment, target.profile, target.smoke)
+
+
+def verified_against(target) -> dict:
+    """The inputs a verify result depends on, beyond the records of the earlier stages."""
+    from ..lock import lock_path
+    from ..report import input_hashes
+    hashes = input_hashes(target.recipe, target.profile)
+    lock = lock_path(target.recipe, target.profile)
+    return {"recipe": hashes["recipe_sha256"], "patches": hashes["patches"],
+            "lock": sha256_file(lock) if lock.is_file() else None}
+
+
+def built_on(target) -> dict:
+    return {stage.NAME: stage.record(target).digest() for stage in _EARLIER}
+
+
+def status(target) -> StageStatus:
+    from ..report import read
+    out = report_folder(target)
+    again = "run the verification sample again"
+    data = record(target).read()
+    report = read(out)
+    if not data or not data.get("complete"):
+        if report is not None and not report.get("ok"):
+            failed = ", ".join(c["name"] for c in report.get("checks", []) if not c.get("ok"))
+            return StageStatus(NAME, State.STALE, f"last verify failed ({failed}); "
+                               f"{out / 'report.html'}", again)
+        if data:
+            return StageStatus(NAME, State.MISSING, "the last verify did not finish "
+                               f"(started {data.get('started', '?')})", again)
+        return StageStatus(NAME, State.MISSING, "no report yet", "run the verification sample")
+    if report is None:
+        return StageStatus(NAME, State.MISSING, f"the report in {out} is gone", again)
+    if data["inputs"] != verified_against(target):
+        return StageStatus(NAME, State.STALE, "the recipe, a patch or the lock changed since "
+                           "it was verified", again)
+    redone = changed_dependencies(NAME, data, built_on(target))
+    if redone:
+        return StageStatus(NAME, State.STALE, f"the deployment changed since it was verified "
+                           f"({redone.reason})", again)
+    return StageStatus(NAME, State.DONE, f"passed: {out / 'report.html'}")
+
+
+def run(target, out=None, on_line=None) -> StageResult:
+    """`out`: another report folder (`sdrecipe verify --out`): no record then, the
+    deployment's own verify stays what it was."""
+    from ..verify import verify
+    rec = record(target) if out is None else None
+    inputs = verified_against(target)
+    if rec:
+        rec.begin(inputs)
+    folder = out or report_folder(target)
+    data = verify(target.recipe, target.deployment, target.profile, smoke=target.smoke,
+                  out=folder, on_line=on_line)
+    if not data["ok"]:
+        raise VerifyFailed(f"verification failed; report: {folder / 'report.html'}")
+    if rec:
+        rec.finish(inputs, {"ok": True, "images": data["images"]}, built_on(target))
+    return StageResult(NAME, f"passed; report: {folder / 'report.html'}")

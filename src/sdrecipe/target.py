@@ -1,0 +1,60 @@
+"""The run context: one frozen `Target` that the CLI builds once and passes everywhere.
+
+Recipe, deployment, profile, site config and mode (smoke or real) travel together,
+so no stage, check or diagnosis loads the config again or is handed them loose.
+`Options` holds what the person asked of this run beyond the recipe (a local
+checkout to copy, the interpreter or prefix of the environment).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .config import Config
+from .layout import Deployment
+from .recipe import Recipe
+from .stages import Record
+
+
+@dataclass(frozen=True)
+class Options:
+    source: str | None = None  # a local checkout of the pinned commit to copy
+    python: str | None = None  # build the env as a venv of this interpreter
+    prefix: Path | None = None  # the env's folder, when not <deploy>/envs/<profile>
+
+
+@dataclass(frozen=True)
+class Target:
+    recipe: Recipe
+    deployment: Deployment
+    profile: str
+    config: Config
+    smoke: bool = False
+    options: Options = field(default_factory=Options)
+
+    def __post_init__(self):
+        self.recipe.profile(self.profile)  # an unknown profile names the recipe's
+
+    @property
+    def mode(self) -> str:
+        return "smoke" if self.smoke else "sample"
+
+    def record(self, stage: str, per_mode: bool = False, per_profile: bool = True) -> Record:
+        path = self.deployment.record(stage, self.profile if per_profile else None,
+                                      self.mode if per_mode else None)
+        return Record(path, stage)
+
+    def with_options(self, **changes) -> "Target":
+        return replace(self, options=replace(self.options, **changes))
+
+
+def deployed_mode(deployment: Deployment, profile: str) -> bool:
+    """Whether the last deploy of `profile` here was a smoke one (so `status`, `doctor` and
+    `verify` need no --smoke after `deploy --smoke`); False when unknown."""
+    try:
+        data = json.loads(deployment.provenance.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(data.get("smoke")) and data.get("profile") == profile
