@@ -178,7 +178,7 @@ def test_changed_lock_rebuilds_offline(cpu_env, tmp_path):
     isolation, _ = runtime.network_isolation()
     closed = f"http://127.0.0.1:{free_port()}/simple"  # nothing listens there
     rebuilt = sdrecipe(*isolation, ROOT / "scripts" / "build-env.sh", "--profile", "cpu",
-                       "--python", PY38, deploy=deployment.root,
+                       "--python", PY38, "--verbose", deploy=deployment.root,
                        recipe=project / "recipe" / "stable-diffusion.yaml",
                        extra_env={"PIP_INDEX_URL": closed, "PIP_RETRIES": "0"})
     assert "built the cpu environment" in rebuilt.stderr, rebuilt.stderr[-3000:]

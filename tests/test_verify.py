@@ -306,3 +306,39 @@ def test_verify_before_deploy_says_what_to_run(tmp_path):
     recipe = load_recipe(ROOT / "recipe" / "stable-diffusion.yaml")
     with pytest.raises(SdrecipeError, match=r"run `sdrecipe deploy --profile cpu --smoke` first"):
         verify.verify(recipe, Deployment(tmp_path / "deploy"), "cpu", smoke=True)
+
+
+def test_sampling_progress_follows_txt2imgs_sampler_lines():
+    """verify shows the denoising loop live: each tqdm line of the sampler moves one task."""
+    from sdrecipe.progress import Reporter, Task, reporting
+    from sdrecipe.stages.verify import SamplingProgress
+
+    class Recorder(Reporter):
+        def __init__(self):
+            self.updates = []
+
+        def update(self, task, **changes):
+            self.updates.append(changes)
+
+    with reporting(Recorder()) as seen, Task("txt2img") as task:
+        follow = SamplingProgress(task)
+        for line in ["Loading model from m.ckpt", "data:   0%|          | 0/1 [00:00<?, ?it/s]",
+                     "PLMS Sampler:   0%|          | 0/5 [00:00<?, ?it/s]",
+                     "PLMS Sampler:  40%|####      | 2/5 [00:01<00:01,  2.00it/s]",
+                     "DDIM Sampler: 100%|##########| 5/5 [00:02<00:00,  2.10it/s]"]:
+            follow(line)
+    assert seen.updates == [
+        {"description": "PLMS Sampler", "completed": 0, "total": 5},
+        {"description": "PLMS Sampler", "completed": 2, "total": 5},
+        {"description": "DDIM Sampler", "completed": 5, "total": 5}]
+
+
+def test_an_interrupted_verify_leaves_a_folder_the_next_verify_may_replace(tmp_path):
+    """Verify marks its report folder before it replaces samples/: the samples an interrupted
+    run left are replaced next time, a folder of someone's pictures never is."""
+    out = tmp_path / "deploy" / "reports" / "cpu" / "smoke"
+    (out / "samples").mkdir(parents=True)
+    (out / verify.REPORT_MARK).touch()
+    recipe = load_recipe(ROOT / "recipe" / "stable-diffusion.yaml")
+    with pytest.raises(SdrecipeError, match=r"is missing: run `sdrecipe deploy"):
+        verify.verify(recipe, Deployment(tmp_path / "deploy"), "cpu", smoke=True, out=out)

@@ -95,7 +95,7 @@ def _add_deploy(sub):
         from .commands import deploy
         return deploy.run(_target(args, smoke=args.smoke, log="deploy", source=args.source,
                                   python=args.python, prefix=args.prefix))
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def _add_status(sub):
@@ -108,7 +108,7 @@ def _add_status(sub):
     def run(args):
         from .commands import status
         return status.run(_target(args, smoke=args.smoke), format=args.format)
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def _add_verify(sub):
@@ -122,7 +122,7 @@ def _add_verify(sub):
     def run(args):
         from .commands import verify
         return verify.run(_target(args, smoke=args.smoke, log="verify"), out_dir=args.out)
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def _add_env(sub):
@@ -140,14 +140,14 @@ def _add_env(sub):
         from .commands import env
         return env.build(_target(args, log="env-build", python=args.python, prefix=args.prefix),
                          force=args.force)
-    build.set_defaults(run=run_build)
+    build.set_defaults(handler=run_build)
     check = actions.add_parser("check", help="run the offline import check in the environment")
     _profile_option(check)
 
     def run_check(args):
         from .commands import env
         return env.check(_target(args))
-    check.set_defaults(run=run_check)
+    check.set_defaults(handler=run_check)
 
 
 def _add_fetch(sub):
@@ -168,7 +168,7 @@ def _add_fetch(sub):
         return fetch.run(_target(args, smoke=False, log="fetch"), verify=args.verify,
                          with_optional=args.with_optional, only=args.only,
                          from_bundle=args.from_bundle)
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 class _Context:
@@ -213,7 +213,7 @@ def _add_patch(sub):
         def run(args, verb=name):
             from . import patches
             return patches.run_command(_Context(args), verb)
-        action.set_defaults(run=run)
+        action.set_defaults(handler=run)
 
 
 def _add_lint(sub):
@@ -225,7 +225,7 @@ def _add_lint(sub):
     def run(args):
         from . import project
         return project.lint_command(_Context(args))
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def _add_upstream_lock(sub):
@@ -236,7 +236,7 @@ def _add_upstream_lock(sub):
     def run(args):
         from . import upstream_lock
         return upstream_lock.write_command(_Context(args))
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def _add_doctor(sub):
@@ -246,7 +246,7 @@ def _add_doctor(sub):
     def run(args):
         from . import doctor
         return doctor.run_command(_Context(args))
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def _add_bundle(sub):
@@ -266,7 +266,7 @@ def _add_bundle(sub):
     def run(args):
         from . import bundle
         return bundle.create_command(_Context(args))
-    create.set_defaults(run=run)
+    create.set_defaults(handler=run)
 
 
 def _slurm_resource_options(parser):
@@ -325,7 +325,7 @@ def _add_submit(sub):
         kind.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
         kind.add_argument("--no-wait", action="store_true", help="submit and return")
         kind.add_argument("--quiet", action="store_true", help="do not print the job's log")
-        kind.set_defaults(run=run)
+        kind.set_defaults(handler=run)
 
 
 def _add_salloc(sub):
@@ -340,7 +340,7 @@ def _add_salloc(sub):
     def run(args):
         from . import jobs
         return jobs.salloc_command(_Context(args))
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def _add_lock(sub):
@@ -356,7 +356,7 @@ def _add_lock(sub):
     def run(args):
         from . import lock
         return lock.run_command(_Context(args))
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 COMMANDS = (_add_deploy, _add_status, _add_verify, _add_fetch, _add_env, _add_doctor, _add_patch,
@@ -381,7 +381,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with console.session(verbose=bool(getattr(args, "verbose", False))):
-            return int(args.run(args) or 0)
+            return int(args.handler(args) or 0)
     except SdrecipeError as exc:
         console.err(f"sdrecipe: error: {exc}")
         return exc.exit_code

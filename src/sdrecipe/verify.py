@@ -60,6 +60,7 @@ from .models import MODELS_ENV, Models, models_for
 from .schema import Node
 
 COMPLETION_LINE = "Enjoy."
+REPORT_MARK = ".sdrecipe-report"  # written before samples/: this folder is verify's
 REPLACEMENT_IMAGE = "assets/rick.jpeg"  # what upstream's txt2img shows instead of a flagged sample
 # Below these, an image carries no picture (0..255 grey levels). A watermarked
 # constant image still has a standard deviation under 2.
@@ -360,7 +361,8 @@ def verify(recipe, deployment, profile: str, smoke: bool = False, out: Path | No
     from . import report
     sample = verify_spec(recipe).sample(profile, smoke)
     out = Path(out) if out else report_dir(deployment, profile, smoke)
-    if (out / "samples").exists() and not (out / "report.json").exists():
+    ours = (out / "report.json").exists() or (out / REPORT_MARK).exists()
+    if (out / "samples").exists() and not ours:
         raise SdrecipeError(f"{out} has a samples/ folder but no report.json: not a verify report "
                             "folder, and verify replaces samples/; choose another --out")
     models = models_for(recipe, deployment, profile, smoke)
@@ -369,8 +371,9 @@ def verify(recipe, deployment, profile: str, smoke: bool = False, out: Path | No
         if not needed.is_file():
             raise SdrecipeError(f"{needed} is missing: run `sdrecipe deploy --profile {profile}"
                                 f"{' --smoke' if smoke else ''}` first")
-    shutil.rmtree(out / "samples", ignore_errors=True)  # txt2img numbers after what it finds
     out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_MARK).touch()  # an interrupted run's samples/ are ours to replace next time
+    shutil.rmtree(out / "samples", ignore_errors=True)  # txt2img numbers after what it finds
     prefix, network = network_isolation()
     command = prefix + txt2img_command(deployment.source, python, sample, out, models.config,
                                        models.ckpt)

@@ -73,6 +73,7 @@ def plan_build(recipe, deployment, profile: str, config, prefix: Path | None = N
         lock = load_lock(recipe, profile)  # re-read: the hashes were just recorded
     if backend == "venv":
         backends.check_python(python, lock)
+    check_prefix(prefix)
     return BuildPlan(recipe, deployment, profile, prefix, backend, python, lock, wheels,
                      _stamp(lock, wheels, backend, python, deployment))
 
@@ -90,14 +91,22 @@ def _owner_mark(prefix: Path) -> Path:
     return prefix.parent / f".{prefix.name}.sdrecipe"
 
 
+def _ours(prefix: Path) -> bool:
+    return _owner_mark(prefix).exists() or (prefix / "etc" / "sdrecipe").is_dir()
+
+
+def check_prefix(prefix: Path) -> None:
+    """Refuse, before anything is changed, to build over a folder that is not ours."""
+    if prefix.exists() and not _ours(prefix) and any(prefix.iterdir()):
+        raise SdrecipeError(f"{prefix} exists, is not empty and was not built by sdrecipe: "
+                            f"choose another --prefix or remove it yourself")
+
+
 def _clear_prefix(prefix: Path):
     """Remove a previous build, but only one sdrecipe made: never a user's folder."""
+    check_prefix(prefix)
     if prefix.exists():
-        if _owner_mark(prefix).exists() or (prefix / "etc" / "sdrecipe").is_dir():
-            shutil.rmtree(prefix)
-        elif any(prefix.iterdir()):
-            raise SdrecipeError(f"{prefix} exists, is not empty and was not built by sdrecipe: "
-                                f"choose another --prefix or remove it yourself")
+        shutil.rmtree(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     _owner_mark(prefix).write_text("sdrecipe builds the environment next to this file\n")
 

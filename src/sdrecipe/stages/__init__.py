@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,6 +27,16 @@ from ..errors import SdrecipeError
 from ..files import atomic_write_text
 
 RECORD_SCHEMA = 1
+# Test-only: "<stage>:begin" pauses a run right after its record is marked in progress,
+# "<stage>:finish" right before the complete record is written, so a test can kill it there.
+HOLD_ENV = "SDRECIPE_TEST_HOLD"
+log = logging.getLogger("sdrecipe.stages")
+
+
+def _hold_for_test(stage: str, point: str) -> None:
+    if os.environ.get(HOLD_ENV) == f"{stage}:{point}":
+        log.warning("test hold at %s:%s", stage, point)
+        time.sleep(3600)
 
 
 class State(str, Enum):
@@ -107,9 +120,11 @@ class Record:
         keeping what was asked for (`inputs`), so a later run knows how to continue."""
         self._write({"schema": RECORD_SCHEMA, "stage": self.stage, "complete": False,
                      "inputs": inputs, "started": _now()})
+        _hold_for_test(self.stage, "begin")
 
     def finish(self, inputs: dict, outputs: dict, built_on: dict | None = None) -> dict:
         """After the work succeeded: the record is complete, with what it was made from."""
+        _hold_for_test(self.stage, "finish")
         data = {"schema": RECORD_SCHEMA, "stage": self.stage, "complete": True,
                 "inputs": inputs, "outputs": outputs, "built_on": built_on or {},
                 "finished": _now()}

@@ -8,8 +8,11 @@ failed sample writes its report but no record.
 
 from __future__ import annotations
 
+import re
+
 from ..errors import SdrecipeError
 from ..files import sha256_file
+from ..progress import Task
 from . import State, StageResult, StageStatus, changed_dependencies
 from . import artifacts, env, patches, preseed, source
 
@@ -18,8 +21,24 @@ BUILT_ON = ("source", "artifacts", "patches", "env", "preseed")
 _EARLIER = (source, artifacts, patches, env, preseed)
 
 
+# tqdm's line for the denoising loop, as txt2img prints it: "PLMS Sampler:  40%|####  | 2/5 [..."
+SAMPLER_PROGRESS = re.compile(r"(\w+ Sampler):\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")
+
+
 class VerifyFailed(SdrecipeError):
     exit_code = 1
+
+
+class SamplingProgress:
+    """txt2img's sampling progress, live, as a progress task (fed each console line)."""
+
+    def __init__(self, task: Task):
+        self.task = task
+
+    def __call__(self, line: str) -> None:
+        found = SAMPLER_PROGRESS.search(line)
+        if found:
+            self.task.update(description=found[1], completed=int(found[2]), total=int(found[3]))
 
 
 def record(target):
@@ -72,7 +91,7 @@ def status(target) -> StageStatus:
     return StageStatus(NAME, State.DONE, f"passed: {out / 'report.html'}")
 
 
-def run(target, out=None, on_line=None) -> StageResult:
+def run(target, out=None) -> StageResult:
     """`out`: another report folder (`sdrecipe verify --out`): no record then, the
     deployment's own verify stays what it was."""
     from ..verify import verify
@@ -81,8 +100,9 @@ def run(target, out=None, on_line=None) -> StageResult:
     if rec:
         rec.begin(inputs)
     folder = out or report_folder(target)
-    data = verify(target.recipe, target.deployment, target.profile, smoke=target.smoke,
-                  out=folder, on_line=on_line)
+    with Task("txt2img: loading the model") as task:
+        data = verify(target.recipe, target.deployment, target.profile, smoke=target.smoke,
+                      out=folder, on_line=SamplingProgress(task))
     if not data["ok"]:
         raise VerifyFailed(f"verification failed; report: {folder / 'report.html'}")
     if rec:
