@@ -54,14 +54,18 @@ def _recipe(args):
     return load_recipe(find_recipe(getattr(args, "recipe", None)))
 
 
+def _deployment(args, recipe):
+    from .layout import deployment_dir
+    return deployment_dir(getattr(args, "deploy_dir", None), recipe.root)
+
+
 def _target(args, smoke=None, log: str | None = None, **options):
     """The frozen run context; `smoke` None: the deployment's own mode. `log`: keep this
     run's log in the deployment under that name."""
     from .config import load_config
-    from .layout import deployment_dir
     from .target import Options, Target, deployed_mode
     recipe = _recipe(args)
-    deployment = deployment_dir(getattr(args, "deploy_dir", None), recipe.root)
+    deployment = _deployment(args, recipe)
     profile = getattr(args, "profile", None)
     if not profile:
         from .doctor import detect_profile
@@ -206,13 +210,15 @@ def _add_patch(sub):
         action = actions.add_parser(name, help=help_text)
         action.add_argument("--source", required=True, type=Path, help="upstream checkout")
         _profile_option(action)
-        if name != "status":
+        if name == "status":
+            action.set_defaults(force=False)
+        else:
             action.add_argument("--force", action="store_true",
                                 help="overwrite files edited by hand (drift)")
 
         def run(args, verb=name):
-            from . import patches
-            return patches.run_command(_Context(args), verb)
+            from .commands import patch
+            return patch.run(_target(args), action=verb, source=args.source, force=args.force)
         action.set_defaults(run=run)
 
 
