@@ -229,8 +229,8 @@ def _add_lint(sub):
     parser.add_argument("--format", choices=("text", "json"), default="text")
 
     def run(args):
-        from . import project
-        return project.lint_command(_Context(args))
+        from .commands import lint
+        return lint.run(_recipe(args), source=args.source, format=args.format)
     parser.set_defaults(run=run)
 
 
@@ -240,8 +240,8 @@ def _add_upstream_lock(sub):
     parser.add_argument("--source", required=True, type=Path)
 
     def run(args):
-        from . import upstream_lock
-        return upstream_lock.write_command(_Context(args))
+        from .commands import upstream_lock
+        return upstream_lock.run(_recipe(args), source=args.source)
     parser.set_defaults(run=run)
 
 
