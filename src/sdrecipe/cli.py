@@ -248,10 +248,11 @@ def _add_upstream_lock(sub):
 def _add_doctor(sub):
     parser = sub.add_parser("doctor", help="diagnose a deployment and name the fix for each problem")
     _profile_option(parser)
+    _smoke_option(parser, "diagnose the smoke deployment (default: the mode last deployed)")
 
     def run(args):
-        from . import doctor
-        return doctor.run_command(_Context(args))
+        from .commands import doctor
+        return doctor.run(_target(args, smoke=args.smoke))
     parser.set_defaults(run=run)
 
 
