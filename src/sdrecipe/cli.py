@@ -271,8 +271,12 @@ def _add_bundle(sub):
                         help="a folder of wheels to carry for offline pip (repeatable)")
 
     def run(args):
-        from . import bundle
-        return bundle.create_command(_Context(args))
+        from .commands import bundle
+        from .config import load_config
+        recipe = _recipe(args)
+        return bundle.create(recipe, _deployment(args, recipe), load_config(), args.out,
+                             profiles=args.profiles, with_optional=args.with_optional,
+                             wheels=args.wheels or (), format=args.format)
     create.set_defaults(run=run)
 
 
