@@ -365,8 +365,10 @@ def _add_lock(sub):
                              "a conda part already locked from the same inputs is kept")
 
     def run(args):
-        from . import lock
-        return lock.run_command(_Context(args))
+        from .commands import lock
+        from .config import load_config
+        return lock.run(_recipe(args), load_config(), profiles=None if args.all else [args.profile],
+                        pip_only=args.pip_only)
     parser.set_defaults(run=run)
 
 
