@@ -4,9 +4,9 @@ Each verb has an `_add_<verb>` function that declares its arguments and a small
 handler that builds the run's `Target` once (recipe, deployment, profile, config,
 mode), or for the verbs of no one profile (lint, upstream-lock, lock, bundle) just
 what they use, and calls `commands.<verb>` with explicit keyword arguments: no
-module below sees argparse. `SdrecipeError` becomes one line on stderr and its exit code (2,
-or 1 for a failed verification); Ctrl-C exits 130. Command modules are imported
-only when their verb runs, so `--help` stays fast.
+module below sees argparse. `SdrecipeError` becomes one line on stderr and its exit
+code (2, or 1 for a failed verification); Ctrl-C exits 130. Command modules are
+imported only when their verb runs, so `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -368,8 +368,8 @@ def _add_lock(sub):
     def run(args):
         from .commands import lock
         from .config import load_config
-        return lock.run(_recipe(args), load_config(), profiles=None if args.all else [args.profile],
-                        pip_only=args.pip_only)
+        profiles = None if args.all else [args.profile]
+        return lock.run(_recipe(args), load_config(), profiles=profiles, pip_only=args.pip_only)
     parser.set_defaults(run=run)
 
 
