@@ -41,3 +41,13 @@ def test_global_options_work_after_the_command_too(tmp_path):
     nested = build_parser().parse_args(["env", "build", "--deploy-dir", "C", "--recipe", "r.yaml"])
     assert (before.deploy_dir, after.deploy_dir, nested.deploy_dir) == ("A", "B", "C")
     assert (before.recipe, nested.recipe) == (None, "r.yaml")
+
+
+def test_an_option_named_run_leaves_the_handler_alone():
+    """`salloc --run` once stored True where main() looks for the verb's handler."""
+    from sdrecipe.cli import build_parser
+    for argv, start, command in ((["salloc"], False, []),
+                                 (["salloc", "--run", "--", "hostname", "-s"], True,
+                                  ["hostname", "-s"])):
+        args = build_parser().parse_args(argv)
+        assert callable(args.run) and (args.start, args.node_command) == (start, command)

@@ -20,9 +20,11 @@ import pytest
 
 from env_helpers import DTK_MODULE, PY38, bash_environ, dtk_module_tree, lmod
 from sdrecipe import doctor
+from sdrecipe.config import Config
 from sdrecipe.doctor import detect_profile
 from sdrecipe.layout import Deployment
 from sdrecipe.project import load_recipe
+from sdrecipe.target import Target
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +44,13 @@ def env_skeleton(deployment: Deployment, profile: str) -> Path:
     return site
 
 
-def run_check(name, recipe, deployment, profile, environ=None):
-    ctx = doctor.DoctorContext(recipe, deployment, profile,
+def target(recipe, deployment, profile, smoke=False) -> Target:
+    """What the CLI hands doctor (no diagnosis reads the site config)."""
+    return Target(recipe, deployment, profile, Config({}, None), smoke)
+
+
+def run_check(name, recipe, deployment, profile, environ=None, smoke=False):
+    ctx = doctor.DoctorContext(target(recipe, deployment, profile, smoke),
                                dict(os.environ if environ is None else environ))
     return list(doctor.DIAGNOSES[name].func(ctx))
 
@@ -198,6 +205,34 @@ def test_kornia_downloads_hardnet_without_the_preseed(recipe, tmp_path):
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"weights")
     assert run_check("kornia-hardnet", recipe, deployment, "cpu") == []
+
+
+def test_smoke_mode_is_diagnosed_against_smokes_own_models(recipe, tmp_path):
+    """After `deploy --smoke` the tiny stand-ins live in <deploy>/smoke/ and the real
+    folders stay empty: a smoke target is checked there, and its fix is smoke's deploy."""
+    deployment = Deployment(tmp_path / "deploy")
+
+    def hub_errors(smoke):
+        return [f for f in doctor.diagnose(target(recipe, deployment, "cpu", smoke))
+                if f.check == "local-hf-models"]
+
+    assert len(hub_errors(smoke=True)) == 2
+    assert all(str(deployment.smoke / "models") in f.cause
+               and f.fix.startswith("sdrecipe deploy --smoke") for f in hub_errors(smoke=True))
+    for folder in doctor.local_hf_models(recipe, "cpu"):  # what the smoke generator writes
+        (deployment.smoke / "models" / folder).mkdir(parents=True)
+        (deployment.smoke / "models" / folder / "config.json").write_text("{}")
+    assert hub_errors(smoke=True) == []
+    assert len(hub_errors(smoke=False)) == 2  # the real models are still missing
+
+    site = env_skeleton(deployment, "cpu")
+    (site / "kornia").mkdir()
+    findings = run_check("kornia-hardnet", recipe, deployment, "cpu", smoke=True)
+    assert [str(deployment.smoke / "torch-home") in f.cause for f in findings] == [True]
+    standin = deployment.smoke / "torch-home/hub/checkpoints/checkpoint_liberty_with_aug.pth"
+    standin.parent.mkdir(parents=True)
+    standin.write_bytes(b"random weights")
+    assert run_check("kornia-hardnet", recipe, deployment, "cpu", smoke=True) == []
 
 
 def lmod_environ(tmp_path: Path, *load) -> dict:

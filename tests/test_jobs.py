@@ -107,6 +107,35 @@ def test_verdicts_follow_the_job_state():
     assert code == 10 and any("5_1 was cancelled" in line for line in lines)
 
 
+def test_follow_hands_on_state_changes_and_whole_log_lines(tmp_path, monkeypatch):
+    """follow() prints nothing: each new state goes to on_status, each new whole line of the
+    log to on_line (a tqdm bar as its last redraw), the unfinished last line at the end."""
+    from sdrecipe import watch
+    log = tmp_path / "slurm-7.out"
+    log.write_text("")
+    steps = [("RUNNING", "loading\nPLMS 1/3\rPLMS 3/3\npart"), ("RUNNING", "ial end"),
+             ("COMPLETED", "")]
+    now = [0.0]
+
+    def query(job_id):
+        state = steps[0][0]
+        return [slurm.TaskState(job_id, state, "None", "0:0", str(log), "n1")]
+
+    def sleep(_):  # the job moves on while follow() waits; every round polls Slurm again
+        _, text = steps.pop(0)
+        with log.open("a") as handle:
+            handle.write(text)
+        now[0] += 100
+
+    monkeypatch.setattr(slurm, "query", query)
+    statuses, lines = [], []
+    tasks = watch.follow("7", on_status=statuses.append, on_line=lines.append,
+                         clock=lambda: now[0], sleep=sleep)
+    assert [t.state for t in tasks] == ["COMPLETED"]
+    assert statuses == ["sdrecipe: job 7: RUNNING on n1", "sdrecipe: job 7: COMPLETED"]
+    assert lines == ["loading", "PLMS 3/3", "partial end"]
+
+
 def test_prompt_folders_survive_edits_but_not_new_settings(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n# skipped\n\na dog\na cat\n")

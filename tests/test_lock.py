@@ -387,3 +387,13 @@ def test_platform_wheel_hash_recorded_once_then_enforced_and_kept_by_relock(tmp_
 
     assert relocked.platform_wheels[0].sha256 == "a" * 64
     assert relocked.platform_wheels[1].sha256 is None
+
+
+def test_lock_refuses_a_profile_the_recipe_does_not_define_before_writing(tmp_path, capsys):
+    from sdrecipe.cli import main
+    recipe_file = copy_project(tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "lock").iterdir()}
+    assert main(["--recipe", str(recipe_file), "lock", "--profile", "rocm"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"sdrecipe: error: unknown profile 'rocm' in {recipe_file} (known: dtk-22.10, cuda, cpu)")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "lock").iterdir()} == before

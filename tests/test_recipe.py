@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from patch_fixtures import PROFILES_YAML
-from sdrecipe.errors import RecipeError
+from sdrecipe.errors import RecipeError, SdrecipeError
 from sdrecipe.project import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +53,18 @@ def test_a_good_recipe_loads_and_filters_by_profile(tmp_path):
     assert recipe.patch_dir == tmp_path / "patches" / "tiny"
 
 
+def test_a_profile_may_have_any_plain_name(tmp_path):
+    """Profiles are the recipe's to name (a new platform needs no code change); `when`,
+    `--profile` and the other sections check against them."""
+    text = GOOD.replace("  cpu:", "  rocm-5.4_cpu:").replace("when: [cpu]", "when: [rocm-5.4_cpu]")
+    recipe = load_recipe(write(tmp_path, text))
+    assert list(recipe.profiles) == ["dtk-22.10", "cuda", "rocm-5.4_cpu"]
+    assert [p.file for p in recipe.series("rocm-5.4_cpu")] == ["0001-a.patch", "0002-b.patch"]
+    with pytest.raises(SdrecipeError, match=r"unknown profile 'cpu' in .*known: dtk-22.10, cuda, "
+                                            r"rocm-5.4_cpu\)$"):
+        recipe.profile("cpu")
+
+
 def test_the_shipped_recipe_loads():
     recipe = load_recipe(ROOT / "recipe" / "stable-diffusion.yaml")
     assert recipe.upstream.commit == "21f890f9da3cfbeaba8e2ac3c425ee9e998d5229"
@@ -83,6 +95,9 @@ def test_the_shipped_recipe_loads():
     ("schema: 1", "schema: 2", "schema:", "schema", "unsupported schema version 2"),
     ("    accelerator: none", "    accelerator: tpu", "accelerator: tpu",
      "profiles.cpu.accelerator", "expected one of dcu, cuda, none"),
+    ("  cpu:", "  CPU:", "  CPU:", "profiles.CPU", "profile name 'CPU' must be lowercase"),
+    ("  cpu:", "  cpu/avx:", "  cpu/avx:", "profiles.cpu/avx", "starting with a letter or digit"),
+    ("  cpu:", "  .cpu:", "  .cpu:", "profiles..cpu", "profile name '.cpu'"),
 ])
 def test_broken_recipes_name_file_line_and_field(tmp_path, old, new, needle, field, message):
     assert old in GOOD

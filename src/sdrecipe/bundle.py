@@ -31,7 +31,6 @@ from pathlib import Path
 from . import __version__
 from .artifacts import (ArtifactLock, artifact_status, cache_dir, expected, fetch_artifacts,
                         fill_cache, select)
-from .config import load_config
 from .errors import SdrecipeError
 from .files import sha256_file
 from .placement import Cache, is_safe_relative, place
@@ -47,9 +46,10 @@ PROJECT_FOLDERS = ("recipe", "env", "lock")  # plus the recipe's patch folder
 
 # --- create ----------------------------------------------------------------------------
 
-def create_bundle(recipe, deployment, out: Path, profiles=None, with_optional=False,
+def create_bundle(recipe, deployment, out: Path, config, profiles=None, with_optional=False,
                   wheels=(), fmt="dir") -> Path:
-    """Write a bundle for `profiles` (default: all of the recipe's) to `out`."""
+    """Write a bundle for `profiles` (default: all of the recipe's) to `out`, filling the
+    site's download cache (`config`: where it is, the mirrors) on the way."""
     out = Path(out)
     if os.path.lexists(out):
         raise SdrecipeError(f"{out} already exists; choose a new name (bundles are not updated "
@@ -58,11 +58,11 @@ def create_bundle(recipe, deployment, out: Path, profiles=None, with_optional=Fa
     if missing:
         raise SdrecipeError(f"--wheels: no such folder: {', '.join(missing)}")
     files = _bundle_files(recipe, profiles or list(recipe.profiles), with_optional)
-    cache = Cache(cache_dir())
+    cache = Cache(cache_dir(config))
     lock = ArtifactLock.for_recipe(recipe)
     with cache.lock():
         hashes = fill_cache(files, lock, cache, verify=False, offline=False, extra_pins=None,
-                            config=load_config())
+                            config=config)
     lock.save()
     staging = out.parent / (f".{out.name}.partial" if fmt == "dir" else f".{out.name}.files")
     shutil.rmtree(staging, ignore_errors=True)
@@ -284,17 +284,4 @@ def _shape_problem(manifest: dict) -> str | None:
         if bad:
             return f"{section} entry {bad[0]!r} lacks a 64-hex sha256 or a byte size"
     return None
-
-
-# --- commands --------------------------------------------------------------------------
-
-def create_command(ctx) -> int:
-    args = ctx.args
-    out = create_bundle(ctx.recipe, ctx.deployment, args.out, args.profiles, args.with_optional,
-                        args.wheels or (), args.format)
-    manifest_note = "" if args.format == "tar" else f" (manifest: {out / MANIFEST})"
-    print(f"bundle: wrote {out}{manifest_note}")
-    print(f"next: copy it to the cluster (rsync -a --partial {out} host:PATH), then run "
-          f"`sdrecipe fetch --from-bundle PATH` on the node without network")
-    return 0
 

@@ -2,10 +2,11 @@
 
 Each verb has an `_add_<verb>` function that declares its arguments and a small
 handler that builds the run's `Target` once (recipe, deployment, profile, config,
-mode) and calls `commands.<verb>` with explicit keyword arguments: no module below
-sees argparse. `SdrecipeError` becomes one line on stderr and its exit code (2,
-or 1 for a failed verification); Ctrl-C exits 130. Command modules are imported
-only when their verb runs, so `--help` stays fast.
+mode), or for the verbs of no one profile (lint, upstream-lock, lock, bundle) just
+what they use, and calls `commands.<verb>` with explicit keyword arguments: no
+module below sees argparse. `SdrecipeError` becomes one line on stderr and its exit
+code (2, or 1 for a failed verification); Ctrl-C exits 130. Command modules are
+imported only when their verb runs, so `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -54,14 +55,19 @@ def _recipe(args):
     return load_recipe(find_recipe(getattr(args, "recipe", None)))
 
 
+def _deployment(args, recipe):
+    """--deploy-dir, else $SDRECIPE_DEPLOY_DIR, else the project's deploy/ (not created)."""
+    from .layout import deployment_dir
+    return deployment_dir(getattr(args, "deploy_dir", None), recipe.root)
+
+
 def _target(args, smoke=None, log: str | None = None, **options):
     """The frozen run context; `smoke` None: the deployment's own mode. `log`: keep this
     run's log in the deployment under that name."""
     from .config import load_config
-    from .layout import deployment_dir
     from .target import Options, Target, deployed_mode
     recipe = _recipe(args)
-    deployment = deployment_dir(getattr(args, "deploy_dir", None), recipe.root)
+    deployment = _deployment(args, recipe)
     profile = getattr(args, "profile", None)
     if not profile:
         from .doctor import detect_profile
@@ -171,32 +177,6 @@ def _add_fetch(sub):
     parser.set_defaults(handler=run)
 
 
-class _Context:
-    """What the commands not yet moved to commands/ read (being replaced)."""
-
-    def __init__(self, args):
-        self.args = args
-        self._recipe = None
-
-    @property
-    def recipe(self):
-        if self._recipe is None:
-            self._recipe = _recipe(self.args)
-        return self._recipe
-
-    @property
-    def deployment(self):
-        from .layout import deployment_dir
-        return deployment_dir(getattr(self.args, "deploy_dir", None), self.recipe.root)
-
-    def profile(self) -> str:
-        if getattr(self.args, "profile", None):
-            self.recipe.profile(self.args.profile)
-            return self.args.profile
-        from .doctor import detect_profile
-        return detect_profile()
-
-
 def _add_patch(sub):
     parser = sub.add_parser("patch", help="apply, revert or inspect the patch series on a checkout")
     actions = parser.add_subparsers(dest="action", required=True)
@@ -206,13 +186,15 @@ def _add_patch(sub):
         action = actions.add_parser(name, help=help_text)
         action.add_argument("--source", required=True, type=Path, help="upstream checkout")
         _profile_option(action)
-        if name != "status":
+        if name == "status":
+            action.set_defaults(force=False)
+        else:
             action.add_argument("--force", action="store_true",
                                 help="overwrite files edited by hand (drift)")
 
         def run(args, verb=name):
-            from . import patches
-            return patches.run_command(_Context(args), verb)
+            from .commands import patch
+            return patch.run(_target(args), action=verb, source=args.source, force=args.force)
         action.set_defaults(handler=run)
 
 
@@ -223,8 +205,8 @@ def _add_lint(sub):
     parser.add_argument("--format", choices=("text", "json"), default="text")
 
     def run(args):
-        from . import project
-        return project.lint_command(_Context(args))
+        from .commands import lint
+        return lint.run(_recipe(args), source=args.source, format=args.format)
     parser.set_defaults(handler=run)
 
 
@@ -234,18 +216,19 @@ def _add_upstream_lock(sub):
     parser.add_argument("--source", required=True, type=Path)
 
     def run(args):
-        from . import upstream_lock
-        return upstream_lock.write_command(_Context(args))
+        from .commands import upstream_lock
+        return upstream_lock.run(_recipe(args), source=args.source)
     parser.set_defaults(handler=run)
 
 
 def _add_doctor(sub):
     parser = sub.add_parser("doctor", help="diagnose a deployment and name the fix for each problem")
     _profile_option(parser)
+    _smoke_option(parser, "diagnose the smoke deployment (default: the mode last deployed)")
 
     def run(args):
-        from . import doctor
-        return doctor.run_command(_Context(args))
+        from .commands import doctor
+        return doctor.run(_target(args, smoke=args.smoke))
     parser.set_defaults(handler=run)
 
 
@@ -264,25 +247,37 @@ def _add_bundle(sub):
                         help="a folder of wheels to carry for offline pip (repeatable)")
 
     def run(args):
-        from . import bundle
-        return bundle.create_command(_Context(args))
+        from .commands import bundle
+        from .config import load_config
+        recipe = _recipe(args)
+        return bundle.create(recipe, _deployment(args, recipe), load_config(), args.out,
+                             profiles=args.profiles, with_optional=args.with_optional,
+                             wheels=args.wheels or (), format=args.format)
     create.set_defaults(handler=run)
+
+
+SLURM_RESOURCES = (
+    ("partition", str, "partition (default: $SDRECIPE_PARTITION or the config file)"),
+    ("account", str, "account to charge"), ("qos", str, "quality of service"),
+    ("nodes", int, "nodes"), ("ntasks", int, "tasks"), ("cpus_per_task", int, "CPUs per task"),
+    ("gres", str, "generic resources, e.g. dcu:2 or gpu:1 ('none': no devices)"),
+    ("time", str, "time limit: minutes, HH:MM:SS or D-HH:MM:SS"))
 
 
 def _slurm_resource_options(parser):
     group = parser.add_argument_group("Slurm resources (default: the recipe's slurm: section "
                                       "for the profile; partition/account/qos from site config)")
-    for flag, kind, help_text in (
-            ("--partition", str, "partition (default: $SDRECIPE_PARTITION or the config file)"),
-            ("--account", str, "account to charge"), ("--qos", str, "quality of service"),
-            ("--nodes", int, "nodes"), ("--ntasks", int, "tasks"),
-            ("--cpus-per-task", int, "CPUs per task"),
-            ("--gres", str, "generic resources, e.g. dcu:2 or gpu:1 ('none': no devices)"),
-            ("--time", str, "time limit: minutes, HH:MM:SS or D-HH:MM:SS")):
-        group.add_argument(flag, type=kind, help=help_text)
+    for name, kind, help_text in SLURM_RESOURCES:
+        group.add_argument("--" + name.replace("_", "-"), type=kind, help=help_text)
     group.add_argument("--sbatch-arg", action="append", metavar="OPTION",
                        help="one more sbatch/salloc option as is, e.g. --sbatch-arg=--mem=64G "
                             "(repeatable)")
+
+
+def _slurm_request(args) -> dict:
+    """The Slurm resources asked (None: the recipe's, then the site's) and extra options."""
+    return {"resources": {name: getattr(args, name) for name, _, _ in SLURM_RESOURCES},
+            "sbatch_args": tuple(args.sbatch_arg or ())}
 
 
 def _add_submit(sub):
@@ -316,10 +311,24 @@ def _add_submit(sub):
     generate.add_argument("--smoke", action="store_true",
                           help="the tiny models of deploy --smoke (a rehearsal of the batch)")
 
-    def run(args):
-        from . import jobs
-        return jobs.submit_command(_Context(args))
-    for kind in (verify, generate):
+    def submission(args) -> dict:
+        return dict(_slurm_request(args), dry_run=args.dry_run, no_wait=args.no_wait,
+                    quiet=args.quiet)
+
+    def run_verify(args):
+        from .commands import submit
+        return submit.verify(_target(args, smoke=args.smoke), **submission(args))
+
+    def run_generate(args):
+        from .commands import submit
+        from .jobs import Sampling
+        sampling = Sampling(sampler=args.sampler, steps=args.steps, n_samples=args.n_samples,
+                            n_iter=args.n_iter, height=args.height, width=args.width,
+                            scale=args.scale, seed=args.seed, precision=args.precision)
+        return submit.generate(_target(args, smoke=args.smoke), args.prompts, out_dir=args.out,
+                               array_tasks=args.array_tasks, max_running=args.max_running,
+                               sampling=sampling, **submission(args))
+    for kind, run in ((verify, run_verify), (generate, run_generate)):
         _profile_option(kind)
         _slurm_resource_options(kind)
         kind.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
@@ -333,13 +342,16 @@ def _add_salloc(sub):
                                            "salloc, a shell on the node, module and environment")
     _profile_option(parser)
     _slurm_resource_options(parser)
-    parser.add_argument("--run", action="store_true", help="run it: salloc + srun --pty bash, set up")
-    parser.add_argument("command", nargs="*", help="with --run: run this command on the node "
-                                                   "instead of a shell")
+    # dest "start": "command" is the verb's dest
+    parser.add_argument("--run", dest="start", action="store_true",
+                        help="run it: salloc + srun --pty bash, set up")
+    parser.add_argument("node_command", metavar="command", nargs="*",
+                        help="with --run: run this command on the node instead of a shell")
 
     def run(args):
-        from . import jobs
-        return jobs.salloc_command(_Context(args))
+        from .commands import salloc
+        return salloc.run(_target(args), **_slurm_request(args), start=args.start,
+                          command=args.node_command)
     parser.set_defaults(handler=run)
 
 
@@ -354,8 +366,10 @@ def _add_lock(sub):
                              "a conda part already locked from the same inputs is kept")
 
     def run(args):
-        from . import lock
-        return lock.run_command(_Context(args))
+        from .commands import lock
+        from .config import load_config
+        profiles = None if args.all else [args.profile]
+        return lock.run(_recipe(args), load_config(), profiles=profiles, pip_only=args.pip_only)
     parser.set_defaults(handler=run)
 
 

@@ -1,4 +1,4 @@
-"""`sdrecipe doctor`: find what is wrong with a deployment and name the fix.
+"""What is wrong with a deployment, and the fix for each problem (`sdrecipe doctor`).
 
 Each error the seed met by hand (and the ones it would have met next) has one
 registered diagnosis here: a small function, decorated with `@diagnosis`, that
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import SdrecipeError
+from .target import Target
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -36,10 +38,40 @@ class Finding:
 
 @dataclass
 class DoctorContext:
-    recipe: object
-    deployment: object
-    profile: str
+    """What a diagnosis looks at: the run's target (recipe, deployment, profile, mode) and
+    the process environment it would run in (tests pass one of their own)."""
+
+    target: Target
     environ: dict = field(default_factory=lambda: dict(os.environ))
+
+    @property
+    def recipe(self):
+        return self.target.recipe
+
+    @property
+    def deployment(self):
+        return self.target.deployment
+
+    @property
+    def profile(self) -> str:
+        return self.target.profile
+
+    @property
+    def smoke(self) -> bool:
+        return self.target.smoke
+
+    @property
+    def models(self):
+        """The weights a run in the target's mode loads: the deployment's, or smoke's."""
+        from .models import models_for
+        return models_for(self.recipe, self.deployment, self.profile, self.smoke)
+
+    def fetch_fix(self, how: str) -> str:
+        """What puts the mode's model files in place: fetch (`how` it helps), or for smoke
+        mode its deploy, which generates them."""
+        if self.smoke:
+            return "sdrecipe deploy --smoke   (its preseed stage makes the tiny stand-ins)"
+        return f"sdrecipe fetch   ({how})"
 
     @property
     def prefix(self) -> Path:
@@ -301,15 +333,15 @@ def local_hf_models(recipe, profile: str) -> dict[str, str]:
 @diagnosis("local-hf-models", "the safety checker and CLIP are read from local folders")
 def check_local_models(ctx):
     for folder, repo in local_hf_models(ctx.recipe, ctx.profile).items():
-        path = ctx.deployment.models / folder
+        path = ctx.models.models_dir / folder
         if not (path / "config.json").is_file():
             yield _finding("local-hf-models",
                            f"OSError: We couldn't connect to 'https://huggingface.co' to load "
                            f"this model ({repo})",
                            f"{path}/config.json is missing, so the patched upstream has no local "
                            f"copy and transformers tries the Hub (offline here)",
-                           "sdrecipe fetch   (on a login node with internet or a mirror; or "
-                           "bundle restore for air-gapped sites)")
+                           ctx.fetch_fix("on a login node with internet or a mirror; or "
+                                         "bundle restore for air-gapped sites"))
 
 
 @diagnosis("kornia-hardnet", "kornia's HardNet checkpoint is preseeded in TORCH_HOME")
@@ -319,16 +351,18 @@ def check_hardnet(ctx):
         return
     from .artifacts import select
     # what the recipe preseeds into TORCH_HOME: the checkpoints torch.hub would download
+    # (smoke mode has a TORCH_HOME of its own, with a stand-in at the same place)
     for preseed in (f for f in select(ctx.recipe, ctx.profile) if f.root == "torch_home"):
-        checkpoint = preseed.target(ctx.deployment)
+        checkpoint = (ctx.models.torch_home / preseed.dest if ctx.smoke
+                      else preseed.target(ctx.deployment))
         if not checkpoint.is_file():
             yield _finding("kornia-hardnet",
                            f"Downloading: \".../{checkpoint.name}\" to {checkpoint} "
                            f"(hangs offline)",
                            f"kornia 0.6 builds HardNet(pretrained=True) at import and "
                            f"{checkpoint} is missing",
-                           "sdrecipe fetch   (preseeds TORCH_HOME; activation points TORCH_HOME "
-                           "there)")
+                           ctx.fetch_fix("preseeds TORCH_HOME; activation points TORCH_HOME "
+                                         "there"))
 
 
 # --- this machine ------------------------------------------------------------------------------
@@ -402,28 +436,11 @@ def detect_profile(environ=None) -> str:
 # --- running --------------------------------------------------------------------------------------
 
 
-def diagnose(recipe, deployment, profile: str, environ=None) -> list[Finding]:
-    ctx = DoctorContext(recipe, deployment, profile, dict(os.environ if environ is None else environ))
+def diagnose(target: Target, environ=None) -> list[Finding]:
+    """Every registered diagnosis' findings for `target`, in the environment `environ`
+    (default: this process's)."""
+    ctx = DoctorContext(target, dict(os.environ if environ is None else environ))
     findings: list[Finding] = []
     for registered in DIAGNOSES.values():
         findings.extend(registered.func(ctx) or ())
     return findings
-
-
-def run_command(cli_ctx) -> int:
-    from rich.console import Console
-    from rich.markup import escape
-    profile = cli_ctx.profile()
-    findings = diagnose(cli_ctx.recipe, cli_ctx.deployment, profile)
-    console = Console()
-    console.print(f"sdrecipe doctor: profile {profile}, deployment {cli_ctx.deployment.root}, "
-                  f"{len(DIAGNOSES)} diagnoses")
-    for finding in findings:
-        colour = "red" if finding.severity == "error" else "yellow"
-        console.print(f"[{colour}]{finding.severity}[/{colour}] {escape(f'[{finding.check}]')} "
-                      f"{escape(finding.symptom)}\n  cause: {escape(finding.cause)}\n"
-                      f"  fix:   {escape(finding.fix)}")
-    errors = sum(1 for f in findings if f.severity == "error")
-    console.print(f"{errors} errors, {len(findings) - errors} warnings" if findings
-                  else "no problems found")
-    return 1 if errors else 0

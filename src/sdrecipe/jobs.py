@@ -1,11 +1,14 @@
-"""`sdrecipe submit verify|generate` and `sdrecipe salloc`: run the deployment as Slurm jobs.
+"""Slurm jobs of a deployment, prepared here and run by `sdrecipe submit` and `sdrecipe salloc`
+(commands/submit.py, commands/salloc.py).
 
-`submit` prepares a job (its folder under the deployment, the batch script from
-`slurm.batch_script`, the files the payload reads), submits it, follows it
-(`watch.follow`: state changes and the log as it grows) and collects what it
-made: the verify report, or a prompt batch's images and `gallery.html`. The
-exit code says how the job ended (`watch.EXIT_CODES`, also in README).
-`salloc` prints or runs the interactive equivalent.
+A job is a folder of its own under the deployment: the batch script from
+`slurm.batch_script`, the files its payload reads and, once submitted, its id.
+`prepare_verify` makes the job that runs `sdrecipe verify`; `plan_batch` and
+`prepare_generate` the array job over the prompts of a prompt file not done yet.
+After the job, `collect_report` reads the verify report and `write_gallery` the
+batch's `gallery.html`. `interactive` is a job's interactive equivalent. Nothing
+here prints: the commands show what these return, and follow the job
+(`watch.follow`).
 """
 
 from __future__ import annotations
@@ -14,36 +17,73 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from . import batch, gallery, slurm
-from .config import load_config
 from .errors import SdrecipeError
 from .payload import txt2img_batch as runner
-from .watch import EXIT_CODES, follow, judge
 
-# --- preparing a job ---------------------------------------------------------------------------
+log = logging.getLogger("sdrecipe.jobs")
+
+JOB_ID_FILE = "job_id"
+
+
+# --- a job -------------------------------------------------------------------------------------
 
 
 @dataclass
 class PreparedJob:
-    """A job ready to submit: its folder, script, extra files and how to collect it."""
+    """A job ready to submit: its folder, what its script runs, the files it reads, and where
+    its results will be (the verify report's folder, or the batch's output folder)."""
 
     folder: Path
     spec: slurm.JobSpec
+    results: Path
     files: dict[Path, str] = field(default_factory=dict)
-    collect: Callable[[list], None] = lambda tasks: None
-    later: str = ""  # where the results will be, for --no-wait
 
     @property
     def script(self) -> Path:
         return self.folder / "job.sh"
+
+    def batch_script(self) -> str:
+        return slurm.batch_script(self.spec)
+
+    def log_hint(self, job_id: str) -> str:
+        """The job's log file(s), for `tail -f`."""
+        return self.spec.output.replace("%j", job_id).replace("%A", job_id).replace("%a", "*")
+
+
+def submit(job: PreparedJob) -> str:
+    """Write the job's files and script, submit it and keep its id in its folder (a rerun
+    of a batch looks for jobs still running); returns the id."""
+    for path, text in job.files.items():
+        path.write_text(text)
+    job.script.write_text(job.batch_script())
+    job_id = slurm.sbatch(job.script)
+    (job.folder / JOB_ID_FILE).write_text(job_id + "\n")
+    return job_id
+
+
+def discard(job: PreparedJob) -> None:
+    """Remove the (empty) folder prepared for a job not submitted, and the jobs folder it
+    may have made: a dry run leaves nothing behind."""
+    job.folder.rmdir()
+    with contextlib.suppress(OSError):
+        job.folder.parent.rmdir()
+
+
+def job_resources(target, overrides: dict, sbatch_args=()) -> slurm.Resources:
+    """The recipe's resources for the profile with the site's partition, account and qos,
+    then the person's `overrides` (None: not given) and extra sbatch options."""
+    resources = slurm.resolve_resources(target.recipe, target.profile, target.config, overrides)
+    if sbatch_args:
+        resources = dataclasses.replace(resources, extra=tuple(sbatch_args))
+    return resources
 
 
 def _new_folder(parent: Path, prefix: str) -> Path:
@@ -75,13 +115,13 @@ def _require(present: bool, problem: str, dry_run: bool):
         return
     if not dry_run:
         raise SdrecipeError(problem)
-    print(f"sdrecipe: note: {problem}", file=sys.stderr)
+    log.info("note: %s", problem)
 
 
-def _spec(ctx, profile, resources, name, folder, command, array=None, log="slurm-%j.out",
+def _spec(target, resources, name, folder, command, dry_run, array=None, log_name="slurm-%j.out",
           environment=()):
     from .environment.location import activation_script
-    recipe, deployment, dry_run = ctx.recipe, ctx.deployment, ctx.args.dry_run
+    deployment, profile = target.deployment, target.profile
     _require(deployment.source.is_dir(),
              f"no deployment at {deployment.root} (no {deployment.source}): run sdrecipe deploy "
              f"--profile {profile} first, or pass --deploy-dir", dry_run)
@@ -90,27 +130,32 @@ def _spec(ctx, profile, resources, name, folder, command, array=None, log="slurm
              f"the {profile} environment is not built in {deployment.root} ({activation} is "
              f"missing): run sdrecipe env build --profile {profile} (or sdrecipe deploy "
              f"--profile {profile}) first", dry_run)
+    chosen = target.recipe.profile(profile)
     return slurm.JobSpec(
-        name=name, resources=resources, output=str(folder / log),
-        modules=recipe.profile(profile).modules, activation=str(activation),
-        accelerator=recipe.profile(profile).accelerator, workdir=str(deployment.source),
-        command=command, array=array, profile=profile, environment=tuple(environment))
+        name=name, resources=resources, output=str(folder / log_name), modules=chosen.modules,
+        activation=str(activation), accelerator=chosen.accelerator,
+        workdir=str(deployment.source), command=command, array=array, profile=profile,
+        environment=tuple(environment))
 
 
-def prepare_verify(ctx, profile: str, resources, config) -> PreparedJob:
-    deployment = ctx.deployment
+# --- verify in a job ---------------------------------------------------------------------------
+
+
+def prepare_verify(target, resources, dry_run: bool = False) -> PreparedJob:
+    """A job that runs `sdrecipe verify` for the target (its mode too) into the job's folder."""
+    deployment, profile = target.deployment, target.profile
     folder = _new_folder(deployment.jobs, f"verify-{profile}")
     report = folder / "report"
-    command = (f"{engine_command(config)} --recipe {shlex.quote(str(ctx.recipe.path.resolve()))} "
+    command = (f"{engine_command(target.config)} "
+               f"--recipe {shlex.quote(str(target.recipe.path.resolve()))} "
                f"--deploy-dir {shlex.quote(str(deployment.root))} verify --profile {profile}"
-               + (" --smoke" if ctx.args.smoke else "") + f" --out {shlex.quote(str(report))}")
-    spec = _spec(ctx, profile, resources, f"sdrecipe-verify-{profile}", folder, command)
-    return PreparedJob(folder, spec, collect=lambda tasks: collect_report(report, tasks),
-                       later=f"its report will be in {report}")
+               + (" --smoke" if target.smoke else "") + f" --out {shlex.quote(str(report))}")
+    spec = _spec(target, resources, f"sdrecipe-verify-{profile}", folder, command, dry_run)
+    return PreparedJob(folder, spec, results=report)
 
 
-def collect_report(report: Path, tasks, wait_s: float = 30.0):
-    """Print the verify report's verdict.
+def collect_report(report: Path, tasks, wait_s: float = 30.0) -> dict | None:
+    """The report.json the verify job wrote in `report`; None when it wrote none.
 
     A payload that ran to its end wrote a report; a shared filesystem may show it
     to the login node a few seconds late, so wait for it then. A job that was
@@ -123,45 +168,68 @@ def collect_report(report: Path, tasks, wait_s: float = 30.0):
         time.sleep(1)
     if not path.is_file():
         if ran_to_end:
-            print(f"sdrecipe: the job wrote no verify report at {path}", file=sys.stderr)
-        return
-    data = json.loads(path.read_text())
-    failed = [c for c in data.get("checks", []) if not c.get("ok")]
-    timings = ", ".join(f"{k} {v}" for k, v in (data.get("timings") or {}).items())
-    print(f"sdrecipe: verify report: {'OK' if data.get('ok') else 'FAILED'} "
-          f"({len(data.get('checks', [])) - len(failed)}/{len(data.get('checks', []))} checks, "
-          f"{len(data.get('images', []))} images{'; ' + timings if timings else ''})")
-    for check in failed:
-        print(f"  failed check {check.get('name')}: {check.get('message')}")
-    print(f"sdrecipe: report: {report / 'report.html'}")
+            log.warning("the job wrote no verify report at %s", path)
+        return None
+    return json.loads(path.read_text())
 
 
-def generation_settings(recipe, profile: str, args) -> dict:
+# --- a prompt batch as an array job ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The txt2img settings asked of a prompt batch; None keeps upstream's default
+    (`batch.DEFAULT_SETTINGS`), for precision the recipe's verify precision of the profile."""
+
+    sampler: str | None = None
+    steps: int | None = None
+    n_samples: int | None = None
+    n_iter: int | None = None
+    height: int | None = None
+    width: int | None = None
+    scale: float | None = None
+    seed: int | None = None
+    precision: str | None = None
+
+    def overrides(self) -> dict:
+        """The settings given, under txt2img's names (`H`, `W` for the image size)."""
+        names = {"height": "H", "width": "W"}
+        return {names.get(f.name, f.name): getattr(self, f.name)
+                for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+def generation_settings(target, sampling: Sampling) -> dict:
     """Upstream's defaults; the precision the recipe's verify sample uses on this profile
-    (full on cpu); then the options."""
+    (full on cpu); then the settings asked."""
     from .verify import verify_spec
-    settings = dict(batch.DEFAULT_SETTINGS, smoke=args.smoke,
-                    precision=verify_spec(recipe).sample(profile, args.smoke).precision)
-    for key, value in (("sampler", args.sampler), ("steps", args.steps),
-                       ("n_samples", args.n_samples), ("n_iter", args.n_iter), ("H", args.height),
-                       ("W", args.width), ("scale", args.scale), ("seed", args.seed),
-                       ("precision", args.precision)):
-        if value is not None:
-            settings[key] = value
-    return settings
+    precision = verify_spec(target.recipe).sample(target.profile, target.smoke).precision
+    return {**batch.DEFAULT_SETTINGS, "smoke": target.smoke, "precision": precision,
+            **sampling.overrides()}
 
 
-def _models(recipe, deployment, profile: str, smoke: bool):
-    """The weights txt2img loads (verify's choice of real or smoke files), checked present."""
-    from .models import models_for
-    models = models_for(recipe, deployment, profile, smoke)
-    if not models.ckpt.is_file():
-        how = "sdrecipe deploy --smoke" if smoke else "sdrecipe fetch"
-        raise SdrecipeError(f"no checkpoint at {models.ckpt}: run {how} first")
-    return models
+@dataclass(frozen=True)
+class PromptBatch:
+    """A prompt file planned against its output folder: every prompt, and those not done."""
+
+    prompts: Path
+    out: Path
+    settings: dict
+    entries: list
+    todo: list
+
+    @property
+    def title(self) -> str:
+        return f"{self.prompts.name}: {len(self.entries)} prompts"
 
 
-JOB_ID_FILE = "job_id"
+def plan_batch(target, prompts: Path, out: Path | None = None,
+               sampling: Sampling = Sampling()) -> PromptBatch:
+    """The prompts of `prompts` with the settings asked, and which of them `out` (default:
+    <deploy>/outputs/<prompt file name>) does not hold yet."""
+    settings = generation_settings(target, sampling)
+    entries = batch.plan(prompts, settings)
+    out = Path(out).resolve() if out else target.deployment.outputs / Path(prompts).stem
+    return PromptBatch(Path(prompts), out, settings, entries, batch.pending(entries, out))
 
 
 def _unfinished_jobs(out: Path) -> list[str]:
@@ -175,144 +243,92 @@ def _unfinished_jobs(out: Path) -> list[str]:
     return unfinished
 
 
-def prepare_generate(ctx, profile: str, resources) -> PreparedJob | None:
-    """An array job over the prompts not done yet; None when every prompt is done."""
-    args, deployment = ctx.args, ctx.deployment
-    settings = generation_settings(ctx.recipe, profile, args)
-    entries = batch.plan(args.prompts, settings)
-    out = Path(args.out).resolve() if args.out else deployment.outputs / Path(args.prompts).stem
-    running = [] if args.dry_run else _unfinished_jobs(out)
+def refuse_if_running(planned: PromptBatch) -> None:
+    """A batch is submitted once at a time: a second job would make the same prompts."""
+    running = _unfinished_jobs(planned.out)
     if running:
-        raise SdrecipeError(f"job {', '.join(running)} of this batch ({out}) is still queued or "
-                            "running: wait for it (it finishes the same prompts) or scancel it, "
-                            "then rerun to finish the rest")
-    todo = batch.pending(entries, out)
-    title = f"{Path(args.prompts).name}: {len(entries)} prompts"
-    if not todo:
-        print(f"sdrecipe: all {len(entries)} prompts of {args.prompts} are done in {out}")
-        if not args.dry_run:
-            _report_gallery(entries, out, title)
-        return None
-    tasks = min(args.array_tasks or slurm.profile_defaults(ctx.recipe, profile).array_tasks,
-                len(todo))
-    print(f"sdrecipe: {len(todo)} of {len(entries)} prompts to make "
-          f"({len(entries) - len(todo)} already done), over {tasks} array tasks")
-    models = _models(ctx.recipe, deployment, profile, args.smoke)
-    folder = _new_folder(out / "jobs", "generate")
-    manifest, payload = folder / "manifest.json", folder / "txt2img_batch.py"
+        raise SdrecipeError(f"job {', '.join(running)} of this batch ({planned.out}) is still "
+                            "queued or running: wait for it (it finishes the same prompts) or "
+                            "scancel it, then rerun to finish the rest")
+
+
+def array_tasks(target, planned: PromptBatch, asked: int | None = None) -> int:
+    """How many array tasks share the prompts to make: as asked, else the recipe's
+    `array_tasks` for the profile, never more than there are prompts."""
+    default = slurm.profile_defaults(target.recipe, target.profile).array_tasks
+    return min(asked or default, len(planned.todo))
+
+
+def _models(target):
+    """The weights txt2img loads (verify's choice of real or smoke files), checked present."""
+    from .models import models_for
+    models = models_for(target.recipe, target.deployment, target.profile, target.smoke)
+    if not models.ckpt.is_file():
+        how = "sdrecipe deploy --smoke" if target.smoke else "sdrecipe fetch"
+        raise SdrecipeError(f"no checkpoint at {models.ckpt}: run {how} first")
+    return models
+
+
+def prepare_generate(target, resources, planned: PromptBatch, tasks: int,
+                     max_running: int | None = None, dry_run: bool = False) -> PreparedJob:
+    """An array job of `tasks` tasks over the batch's prompts not done yet (at most
+    `max_running` at once); the runner and its manifest are copied into the job's folder,
+    so a later change of the checkout cannot alter a queued job."""
     from .environment.location import env_python
+    deployment, profile = target.deployment, target.profile
+    models = _models(target)
+    folder = _new_folder(planned.out / "jobs", "generate")
+    manifest, payload = folder / "manifest.json", folder / "txt2img_batch.py"
     command = (f"{shlex.quote(str(env_python(deployment, profile)))} {shlex.quote(str(payload))} "
                f"{shlex.quote(str(manifest))} \"${{SLURM_ARRAY_TASK_ID:-0}}\" {tasks}")
-    array = f"0-{tasks - 1}" + (f"%{args.max_running}" if args.max_running else "")
-    spec = _spec(ctx, profile, resources, f"sdrecipe-generate-{profile}", folder, command,
-                 array=array, log="slurm-%A_%a.out",
-                 environment=[("SD_MODELS_DIR", str(models.models_dir))]
-                 + ([("TORCH_HOME", str(models.torch_home))] if models.torch_home else []))
-    job = PreparedJob(folder, spec, collect=lambda tasks: _report_gallery(entries, out, title),
-                      later=f"rerun this command to write {out / gallery.GALLERY}")
+    array = f"0-{tasks - 1}" + (f"%{max_running}" if max_running else "")
+    environment = [("SD_MODELS_DIR", str(models.models_dir))]
+    if models.torch_home:
+        environment.append(("TORCH_HOME", str(models.torch_home)))
+    spec = _spec(target, resources, f"sdrecipe-generate-{profile}", folder, command, dry_run,
+                 array=array, log_name="slurm-%A_%a.out", environment=environment)
+    job = PreparedJob(folder, spec, results=planned.out)
     job.files[payload] = Path(runner.__file__).read_text()
-    job.files[manifest] = batch.manifest_text(todo, settings, out, deployment.source, models)
+    job.files[manifest] = batch.manifest_text(planned.todo, planned.settings, planned.out,
+                                              deployment.source, models)
     return job
 
 
-def _report_gallery(entries, out: Path, title: str):
-    out.mkdir(parents=True, exist_ok=True)
-    path, done = gallery.write_gallery(entries, out, title)
-    print(f"sdrecipe: gallery: {path} ({done} of {len(entries)} prompts done)")
+def write_gallery(planned: PromptBatch) -> tuple[Path, int]:
+    """The batch's gallery.html as it stands; returns its path and how many prompts are done."""
+    planned.out.mkdir(parents=True, exist_ok=True)
+    return gallery.write_gallery(planned.entries, planned.out, planned.title)
 
 
-def _interrupted(job_id: str, log_hint: str) -> int:
-    if sys.stdin.isatty():
-        try:
-            answer = input(f"\nsdrecipe: cancel job {job_id} with scancel? [y/N] ").strip().lower()
-        except (EOFError, KeyboardInterrupt):
-            answer = ""
-        if answer in ("y", "yes"):
-            slurm.scancel(job_id)
-            print(f"sdrecipe: cancelled job {job_id}", file=sys.stderr)
-            return EXIT_CODES["INTERRUPTED"]
-    print(f"\nsdrecipe: job {job_id} keeps running. Cancel it with: scancel {job_id}\n"
-          f"  follow its log with: tail -f {log_hint}", file=sys.stderr)
-    return EXIT_CODES["INTERRUPTED"]
+# --- interactive ---------------------------------------------------------------------------------
 
 
-# --- the commands ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Session:
+    """A job's interactive equivalent: an allocation, then a shell on its node set up as the
+    batch script sets up a job (modules, activation, the checkout as cwd)."""
+
+    allocate: list  # salloc's argv, run on the login node
+    setup: list  # the shell lines that set up the node's shell
 
 
-def _resources(ctx, profile: str, config):
-    args = ctx.args
-    overrides = {"partition": args.partition, "account": args.account, "qos": args.qos,
-                 "nodes": args.nodes, "ntasks": args.ntasks, "cpus_per_task": args.cpus_per_task,
-                 "gres": args.gres, "time": args.time}
-    resources = slurm.resolve_resources(ctx.recipe, profile, config, overrides)
-    if args.sbatch_arg:
-        resources = dataclasses.replace(resources, extra=tuple(args.sbatch_arg))
-    return resources
-
-
-def submit_command(ctx) -> int:
-    args = ctx.args
-    profile = ctx.profile()
-    config = load_config()
-    resources = _resources(ctx, profile, config)
-    job = (prepare_verify(ctx, profile, resources, config) if args.kind == "verify"
-           else prepare_generate(ctx, profile, resources))
-    if job is None:
-        return 0
-    script = slurm.batch_script(job.spec)
-    if args.dry_run:
-        print(script, end="")
-        job.folder.rmdir()  # made empty by prepare: a dry run leaves nothing behind,
-        with contextlib.suppress(OSError):
-            job.folder.parent.rmdir()  # nor the jobs folder it may have made (if empty)
-        return 0
-    for path, text in job.files.items():
-        path.write_text(text)
-    job.script.write_text(script)
-    job_id = slurm.sbatch(job.script)
-    (job.folder / JOB_ID_FILE).write_text(job_id + "\n")
-    log_hint = job.spec.output.replace("%j", job_id).replace("%A", job_id).replace("%a", "*")
-    print(f"sdrecipe: submitted job {job_id} ({job.script})", flush=True)
-    if args.no_wait:
-        print(f"sdrecipe: follow it with: tail -f {log_hint}; {job.later}")
-        return 0
-    try:
-        tasks = follow(job_id, stream=not args.quiet)
-    except KeyboardInterrupt:
-        return _interrupted(job_id, log_hint)
-    code, lines = judge(job_id, tasks)
-    for line in lines:
-        print(line, file=sys.stderr if code else sys.stdout)
-    job.collect(tasks)
-    return code
-
-
-def salloc_command(ctx) -> int:
-    """Print the interactive sequence, or run it: salloc, then a shell on the node, set up."""
-    args = ctx.args
-    profile = ctx.profile()
-    resources = _resources(ctx, profile, load_config())
+def interactive(target, resources) -> Session:
     from .environment.location import activation_script
-    setup = slurm.interactive_lines(ctx.recipe.profile(profile).modules,
-                                    str(activation_script(ctx.deployment, profile)),
-                                    str(ctx.deployment.source))
-    allocate = slurm.salloc_command(resources, f"sdrecipe-{profile}")
-    if not args.run:
-        print("# 1. ask for an allocation (on the login node):")
-        print(shlex.join(allocate))
-        print("# 2. open a shell on the allocated node:")
-        print("srun --pty bash -l")
-        print("# 3. inside that shell:")
-        print("\n".join(setup))
-        return 0
-    rc = ctx.deployment.jobs / f"salloc-{profile}.rc"
+    setup = slurm.interactive_lines(target.recipe.profile(target.profile).modules,
+                                    str(activation_script(target.deployment, target.profile)),
+                                    str(target.deployment.source))
+    return Session(slurm.salloc_command(resources, f"sdrecipe-{target.profile}"), setup)
+
+
+def session_argv(target, session: Session, command=()) -> list[str]:
+    """salloc, then srun of an interactive shell set up by an rc file written here, or of
+    `command` run in that set-up shell instead."""
+    rc = target.deployment.jobs / f"salloc-{target.profile}.rc"
     rc.parent.mkdir(parents=True, exist_ok=True)
-    body = ["[ -f ~/.bashrc ] && . ~/.bashrc", slurm.MODULE_SETUP] + setup
+    body = ["[ -f ~/.bashrc ] && . ~/.bashrc", slurm.MODULE_SETUP] + session.setup
     rc.write_text("\n".join(body) + "\n")
-    if args.command:  # run one command in the prepared environment instead of a shell
-        inner = ["bash", "-c", f'. {shlex.quote(str(rc))} && exec "$@"', "sdrecipe", *args.command]
+    if command:
+        inner = ["bash", "-c", f'. {shlex.quote(str(rc))} && exec "$@"', "sdrecipe", *command]
     else:
         inner = ["--pty", "bash", "--rcfile", str(rc), "-i"]
-    argv = allocate + ["srun"] + inner
-    print("sdrecipe: " + shlex.join(argv), file=sys.stderr)
-    return subprocess.call(argv)
+    return session.allocate + ["srun"] + inner

@@ -4,8 +4,9 @@ In the style of Spack's `audit.py`: each check is a function decorated with
 `@check("name", "what it guards")` that takes a `LintContext` and returns (or
 yields) `Finding`s. Checks live beside the stage they guard and register when
 their module is imported; this registry sits below those modules, so
-`project`, above them, imports them all and runs `sdrecipe lint`: it prints the
-findings and exits non-zero on any error (warnings alone exit 0).
+`project`, above them, imports them all, and `commands/lint.py` runs `sdrecipe
+lint`: it prints the findings and exits non-zero on any error (warnings alone
+exit 0).
 """
 
 from __future__ import annotations

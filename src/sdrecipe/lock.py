@@ -32,7 +32,7 @@ Committed locks name the canonical hosts (conda.anaconda.org, files.pythonhosted
 `pypi_files_mirror`, so a mirror serves the same bytes the lock's hashes check.
 
 The API the other stages use:
-    load_lock(recipe, profile) -> Lock       (SdrecipeError when there is none)
+    load_lock(recipe, profile, config=None) -> Lock   (SdrecipeError when there is none)
         .conda (empty: conda part not locked yet; .conda_locked), .pip, .venv,
         .platform_wheels (sha256 None until first seen), .content_hash
     lock_staleness(recipe, profile) -> str | None   (the reason, naming the fix)
@@ -61,7 +61,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 
-from .config import load_config
+from .config import Config, load_config
 from .errors import SdrecipeError
 from .files import atomic_write_text
 from .lint import check
@@ -333,13 +333,14 @@ def _parse(path: Path):
                             ) from exc
 
 
-def load_lock(recipe, profile: str) -> Lock:
+def load_lock(recipe, profile: str, config: Config | None = None) -> Lock:
     """The profile's lock as plain records; SdrecipeError when there is none.
 
-    URLs are where this site fetches from: conda packages under `conda_channel_alias`,
-    PyPI files under `pypi_files_mirror` when set (md5/sha256 are checked as locked).
+    URLs are where this site (`config`, default: loaded here) fetches from: conda
+    packages under `conda_channel_alias`, PyPI files under `pypi_files_mirror` when set
+    (md5/sha256 are checked as locked).
     """
-    config = load_config()
+    config = config or load_config()
     alias, pypi_mirror = config.get("conda_channel_alias"), config.get("pypi_files_mirror")
     path = lock_path(recipe, profile)
     lockfile = _parse(path)
@@ -508,10 +509,9 @@ def solve_conda_part(spec: EnvSpec, channel_alias: str | None = None) -> list:
     return locked
 
 
-def _platform_wheel_entries(spec: EnvSpec, previous) -> list:
+def _platform_wheel_entries(spec: EnvSpec, previous, wheel_dir: Path) -> list:
     """Platform wheels as pip entries; sha256 carried over from the previous lock."""
     from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency
-    wheel_dir = Path(load_config().get("wheel_dir")).expanduser()
     known = {_file_name(d.url): d for d in previous or () if d.url.startswith("file:")}
     entries = []
     for file_name in spec.platform_wheels:
@@ -558,8 +558,10 @@ def _previous_packages(spec: EnvSpec):
     return (lockfile.package, lockfile.metadata) if lockfile else ([], None)
 
 
-def write_lock(recipe, profile: str, pip_only: bool = False) -> Lock:
-    """`sdrecipe lock`: resolve env/ into lock/<profile>.conda-lock.yml."""
+def write_lock(recipe, profile: str, pip_only: bool = False, config: Config | None = None) -> Lock:
+    """`sdrecipe lock`: resolve env/ into lock/<profile>.conda-lock.yml, through the site's
+    channel alias, PyPI index and wheel folder (`config`, default: loaded here)."""
+    config = config or load_config()
     spec = load_env_spec(recipe, profile)
     previous, metadata = _previous_packages(spec)
     if pip_only:
@@ -567,11 +569,12 @@ def write_lock(recipe, profile: str, pip_only: bool = False) -> Lock:
                            == spec.conda_inputs_hash())
         conda = [d for d in previous if d.manager == "conda"] if same_inputs else []
     else:
-        conda = solve_conda_part(spec)
-    index_url = load_config().get("pip_index_url")
-    pip = resolve_pip_part(spec, index_url) + _platform_wheel_entries(spec, previous)
+        conda = solve_conda_part(spec, config.get("conda_channel_alias"))
+    wheel_dir = Path(config.get("wheel_dir")).expanduser()
+    pip = (resolve_pip_part(spec, config.get("pip_index_url"))
+           + _platform_wheel_entries(spec, previous, wheel_dir))
     _write(spec, conda + pip, conda_locked=bool(conda))
-    return load_lock(recipe, profile)
+    return load_lock(recipe, profile, config)
 
 
 def lock_conda_part(recipe, profile: str) -> Lock:
@@ -608,22 +611,7 @@ def record_wheel_hash(recipe, profile: str, filename: str, sha256: str,
     _write(spec, previous, conda_locked=conda_locked)
 
 
-# --- command and lint -----------------------------------------------------------------------
-
-
-def run_command(ctx) -> int:
-    args = ctx.args
-    profiles = list(ctx.recipe.profiles) if args.all else [ctx.profile()]
-    for profile in profiles:
-        lock = write_lock(ctx.recipe, profile, pip_only=args.pip_only)
-        conda = (f"{len(lock.conda)} conda packages" if lock.conda_locked else
-                 "conda part not locked (--pip-only): commit, and run `sdrecipe lock` where "
-                 "the channels are reachable")
-        wheels = f", {len(lock.platform_wheels)} platform wheels" if lock.platform_wheels else ""
-        print(f"wrote {lock.path.relative_to(ctx.recipe.root)}: {len(lock.pip)} pip packages"
-              f"{f' (+{len(lock.venv)} for the venv backend)' if lock.venv else ''}{wheels}; "
-              f"{conda}")
-    return 0
+# --- lint -----------------------------------------------------------------------------------
 
 
 @check("stale-lock", "each profile's lock/<profile>.conda-lock.yml matches env/ (content hash)")

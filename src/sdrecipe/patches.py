@@ -1,4 +1,4 @@
-"""`sdrecipe patch apply|revert|status`: the patch series on an upstream checkout.
+"""The patch series on an upstream checkout (`sdrecipe patch apply|revert|status`).
 
 Why this mechanism (details in ARCHITECTURE.md, "Applying the series"):
 - All or nothing: the whole series is applied with `git apply --cached` into a
@@ -17,9 +17,9 @@ Why this mechanism (details in ARCHITECTURE.md, "Applying the series"):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,9 +34,11 @@ from .files import atomic_write_text, sha256_file
 from .patchfile import locate_apply_error
 from .recipe import PatchEntry, Recipe
 
+log = logging.getLogger("sdrecipe.patches")
+
 NULL_BLOB = "0" * 40
-# Test-only hook: after writing this many files, announce it on stderr and sleep, so a
-# test can SIGKILL the process at a journaled point (tests/test_patches.py).
+# Test-only hook: after writing this many files, announce it (a log line on stderr) and
+# sleep, so a test can SIGKILL the process at a journaled point (tests/test_patches.py).
 HOLD_ENV = "SDRECIPE_TEST_HOLD_AFTER"
 
 APPLIED, NOT_APPLIED, CONFLICTING = "applied", "not applied", "conflicting"
@@ -333,7 +335,7 @@ def _lock(checkout: Checkout) -> FileLock:
 
 def _hold_for_test(written: int):
     if os.environ.get(HOLD_ENV) == str(written):
-        print(f"sdrecipe: test hold after {written} files", file=sys.stderr, flush=True)
+        log.info("test hold after %d files", written)
         time.sleep(3600)
 
 
@@ -460,42 +462,3 @@ def apply_series(source, recipe: Recipe, profile: str, force: bool = False) -> s
 def revert_series(source, recipe: Recipe, profile: str, force: bool = False) -> str:
     """Restore every file any series touches to the pinned tree (added files are removed)."""
     return _run(source, recipe, profile, force, "revert")
-
-
-# --- the CLI ------------------------------------------------------------------------------
-
-def format_state(state: TreeState) -> str:
-    lines = [f"profile {state.profile}: {state.state}"]
-    width = max((len(p.entry.file) for p in state.patches), default=0)
-    for patch in state.patches:
-        detail = f"  ({patch.detail})" if patch.detail else ""
-        lines.append(f"  [{patch.state:^11}] {patch.entry.file:<{width}}  "
-                     f"{patch.entry.summary}{detail}")
-    if not state.patches:
-        lines.append("  (the series for this profile is empty)")
-    if state.conflict:
-        lines.append(state.conflict)
-    if state.drifted:
-        lines.append("drift (edited by hand; apply/revert refuse without --force): "
-                     + ", ".join(state.drifted))
-    if state.foreign:
-        lines.append("changed by another profile's series (apply resets them): "
-                     + ", ".join(state.foreign))
-    if state.interrupted:
-        lines.append(f"an interrupted {state.interrupted.get('action')} was found; the next "
-                     "apply or revert finishes it")
-    return "\n".join(lines)
-
-
-def run_command(ctx, action: str) -> int:
-    args, recipe = ctx.args, ctx.recipe
-    profile = ctx.profile()
-    recipe.profile(profile)
-    if action == "status":
-        state = tree_state(args.source, recipe, profile)
-        print(f"{Path(args.source).resolve()} at {recipe.upstream.commit[:12]} (pinned)")
-        print(format_state(state))
-        return 1 if state.conflict else 0
-    run = apply_series if action == "apply" else revert_series
-    print(run(args.source, recipe, profile, force=args.force))
-    return 0

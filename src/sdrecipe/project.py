@@ -9,14 +9,10 @@ has every lint check registered.
 
 from __future__ import annotations
 
-import json
-import sys
-from dataclasses import asdict
 from pathlib import Path
 
 # lock and patch_lint only for their @check functions, which register on import
 from . import artifacts, lock, patch_lint, slurm, verify  # noqa: F401
-from .lint import CHECKS, LintContext, run_checks
 from .recipe import Recipe, parse_recipe
 
 # The optional recipe sections, each parsed by the stage that owns its schema.
@@ -31,19 +27,3 @@ def load_recipe(path: Path | str) -> Recipe:
     """Load and validate a recipe file, every section; errors name file:line:field."""
     return parse_recipe(path, SECTIONS)
 
-
-def lint_command(cli_ctx) -> int:
-    """`sdrecipe lint`: every check's findings, as text or JSON; exit 1 on any error."""
-    args = cli_ctx.args
-    findings = run_checks(LintContext(recipe=cli_ctx.recipe, source=args.source))
-    errors = [f for f in findings if f.severity == "error"]
-    if args.format == "json":
-        json.dump({"ok": not errors, "findings": [asdict(f) for f in findings]},
-                  sys.stdout, indent=2)
-        print()
-    else:
-        for finding in findings:
-            print(finding)
-        ran = sum(1 for c in CHECKS.values() if args.source or not c.needs_source)
-        print(f"lint: {ran} checks, {len(errors)} errors, {len(findings) - len(errors)} warnings")
-    return 1 if errors else 0

@@ -14,6 +14,7 @@ so a recipe that loads is valid as a whole.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -22,7 +23,9 @@ from .errors import SdrecipeError
 from .schema import SHA1_RE, SHA256_RE, Node, load_yaml
 
 SCHEMA_VERSION = 1
-PROFILES = ("dtk-22.10", "cuda", "cpu")
+# A profile's name becomes part of paths (envs/<profile>, lock/<profile>.conda-lock.yml)
+# and of commands, so it must be safe in both.
+PROFILE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 DEFAULT_RECIPE = "recipe/stable-diffusion.yaml"
 
 
@@ -116,8 +119,9 @@ def _parse_patches(node: Node, recipe_path: Path,
 def _parse_profiles(node: Node) -> dict[str, Profile]:
     profiles = {}
     for name, item in node.entries():
-        if name not in PROFILES:
-            raise item.error(f"unknown profile (known: {', '.join(PROFILES)})")
+        if not isinstance(name, str) or not PROFILE_NAME_RE.match(name):
+            raise item.error(f"profile name {name!r} must be lowercase letters, digits, '.', "
+                             "'_' or '-', starting with a letter or digit")
         item.keys(required=("description", "accelerator"), optional=("env", "modules"))
         accelerator = item.text("accelerator")
         if accelerator not in ("dcu", "cuda", "none"):

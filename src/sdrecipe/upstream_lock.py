@@ -78,8 +78,3 @@ def write_upstream_lock(source, recipe: Recipe) -> Path:
     atomic_write_text(path, _HEADER + "\n".join(body) + "\n")
     return path
 
-
-def write_command(ctx) -> int:
-    path = write_upstream_lock(ctx.args.source, ctx.recipe)
-    print(f"wrote {path} ({ctx.recipe.upstream.commit})")
-    return 0

@@ -1,4 +1,5 @@
-"""Following a submitted job: poll Slurm, stream its log, turn how it ended into an exit code.
+"""Following a submitted job: poll Slurm, read its log as it grows, turn how it ended into an
+exit code and the lines that tell why (the command shows them).
 
 Polling `scontrol` backs off from 1 s to 15 s (about 250 queries an hour at most,
 for a scheduler shared by hundreds of users; `sbatch --wait` polls far less
@@ -10,9 +11,9 @@ of the interface (README lists them): scripts branch on them.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from . import slurm
 from .errors import SdrecipeError
@@ -40,11 +41,11 @@ LOG_TAIL_LINES = 20
 
 
 class LogStreamer:
-    """Print what each task's log gained since last time, whole lines only."""
+    """Hand on what each task's log gained since last time, whole lines only."""
 
-    def __init__(self, prefix_tasks: bool, out=None):
+    def __init__(self, prefix_tasks: bool, on_line: Callable[[str], None]):
         self.prefix_tasks = prefix_tasks
-        self.out = out or sys.stdout
+        self.on_line = on_line
         self.offsets: dict[str, int] = {}
         self.partial: dict[str, str] = {}
 
@@ -66,8 +67,7 @@ class LogStreamer:
             prefix = f"[{task.job_id}] " if self.prefix_tasks else ""
             for line in lines:
                 # progress bars (tqdm) redraw with \r: show the last state only
-                print(prefix + line.rstrip("\r").rsplit("\r", 1)[-1], file=self.out)
-        self.out.flush()
+                self.on_line(prefix + line.rstrip("\r").rsplit("\r", 1)[-1])
 
 
 def _status_line(job_id: str, tasks) -> str:
@@ -82,8 +82,12 @@ def _status_line(job_id: str, tasks) -> str:
             + (f" on {', '.join(sorted(nodes))}" if nodes else ""))
 
 
-def follow(job_id: str, stream: bool, clock=time.monotonic, sleep=time.sleep):
-    """Poll until every task of the job has ended; print state changes and the logs."""
+def follow(job_id: str, on_status: Callable[[str], None],
+           on_line: Callable[[str], None] | None = None, clock=time.monotonic, sleep=time.sleep):
+    """Poll until every task of the job has ended; returns the tasks as they ended.
+
+    Each change of the job's state goes to `on_status` as one line, each new line of
+    its logs to `on_line` (None: the logs are not read)."""
     streamer, interval, next_poll, last = None, FIRST_POLL_S, 0.0, None
     tasks = []
     while True:
@@ -95,13 +99,13 @@ def follow(job_id: str, stream: bool, clock=time.monotonic, sleep=time.sleep):
                                     "no accounting to ask instead; look at its log")
             status = _status_line(job_id, tasks)
             if status != last:
-                print(status, flush=True)
+                on_status(status)
                 last, interval = status, FIRST_POLL_S
             else:
                 interval = min(interval * 1.5, MAX_POLL_S)
             next_poll = now + interval
-            if streamer is None and stream:
-                streamer = LogStreamer(prefix_tasks=any("_" in t.job_id for t in tasks))
+            if streamer is None and on_line:
+                streamer = LogStreamer(any("_" in t.job_id for t in tasks), on_line)
         finished = bool(tasks) and all(t.done for t in tasks)
         if streamer:
             streamer.poll(tasks, final=finished)
