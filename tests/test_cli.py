@@ -50,4 +50,4 @@ def test_an_option_named_run_leaves_the_handler_alone():
                                  (["salloc", "--run", "--", "hostname", "-s"], True,
                                   ["hostname", "-s"])):
         args = build_parser().parse_args(argv)
-        assert callable(args.run) and (args.start, args.node_command) == (start, command)
+        assert callable(args.handler) and (args.start, args.node_command) == (start, command)
