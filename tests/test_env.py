@@ -212,16 +212,18 @@ def test_missing_platform_wheel_names_the_folder_and_file(tmp_path):
 
 
 def test_unlocked_conda_part_with_unreachable_channels_says_what_to_do(tmp_path):
-    """No conda on PATH: the py-rattler backend needs the conda part, which is not locked
-    here; solving it fails offline with a message naming both ways out, and nothing changes."""
+    """No conda on PATH and no Python 3.8 to make a venv of: the py-rattler backend needs the
+    conda part, which is not locked here; solving it fails offline with a message naming the
+    ways out, and nothing changes."""
     lock = ROOT / "lock" / "cpu.conda-lock.yml"
     before = lock.read_bytes()
     result = sdrecipe(ROOT / "scripts" / "build-env.sh", "--profile", "cpu", deploy=tmp_path,
                       extra_env={"SDRECIPE_CONDA_CHANNEL_ALIAS": (tmp_path / "none").as_uri(),
-                                 "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
+                                 "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+                                 "PYENV_ROOT": str(tmp_path / "no-pyenv")})  # no Python 3.8
     assert result.returncode == 2
     assert "has no conda part yet: solving it once" in result.stderr
-    assert "--python /path/to/python3.8" in result.stderr
+    assert "--python /path/to/python3.8" in result.stderr and "install Python 3.8" in result.stderr
     assert lock.read_bytes() == before
     assert not (tmp_path / "envs" / "cpu").exists()
 
@@ -410,3 +412,19 @@ def test_a_failed_build_step_shows_its_last_lines_and_the_next_step(caplog):
     assert "line 39" in message and "line 14" not in message  # the last lines only
     assert message.endswith("do this next")
     assert "line 0" in caplog.text  # all of it was logged (debug) while it ran
+
+
+def test_without_conda_or_python_the_build_picks_the_locks_python_from_pyenv(tmp_path, monkeypatch):
+    """A machine with no conda and no --python: the lock's Python (3.8) from PATH or pyenv
+    makes the venv, instead of py-rattler, which has no conda part to install."""
+    fake_pyenv = tmp_path / "pyenv"
+    (fake_pyenv / "versions" / "3.8.99" / "bin").mkdir(parents=True)
+    (fake_pyenv / "versions" / "3.8.99" / "bin" / "python").symlink_to(PY38)
+    monkeypatch.setenv("PYENV_ROOT", str(fake_pyenv))
+    monkeypatch.setenv("PATH", "/nonexistent")  # no conda tools, no python3.8
+    found = backends.find_python("3.8")
+    assert found == str(fake_pyenv / "versions" / "3.8.99" / "bin" / "python")
+    assert backends.find_python("3.7") is None
+    recipe = load_recipe(ROOT / "recipe" / "stable-diffusion.yaml")
+    plan = build.plan_build(recipe, Deployment(tmp_path / "deploy"), "cpu", load_config())
+    assert (plan.backend, plan.python) == ("venv", found)

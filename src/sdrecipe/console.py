@@ -96,8 +96,9 @@ class _OneLine(logging.Formatter):
 def session(verbose: bool = False):
     """Logging to stderr and progress bars (on a terminal) for one command."""
     logger = logging.getLogger("sdrecipe")
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # a library's logging.basicConfig() must not print them twice
     tty = sys.stderr.isatty()
     if tty:
         from rich.console import Console
@@ -119,6 +120,7 @@ def session(verbose: bool = False):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
         for extra in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
             logger.removeHandler(extra)
             extra.close()

@@ -58,6 +58,23 @@ def install_pip_files(prefix: Path, lock, files: list[LocalFile]):
                          on_line=lambda line: line.startswith("Processing ") and task.advance())
 
 
+def find_python(version: str) -> str | None:
+    """An interpreter of `version` (the lock's, e.g. 3.8) for a venv where there is no conda:
+    `python3.8` on PATH, else the newest pyenv install of it."""
+    import glob
+    import os
+    pyenv = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    candidates = [shutil.which(f"python{version}")] + sorted(
+        glob.glob(os.path.join(pyenv, "versions", f"{version}.*", "bin", "python")), reverse=True)
+    for candidate in filter(None, candidates):
+        try:
+            if _python_version(candidate) == version:
+                return candidate
+        except SdrecipeError:
+            continue
+    return None
+
+
 def choose_backend(python: str | None) -> str:
     if python:
         return "venv"

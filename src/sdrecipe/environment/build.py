@@ -65,6 +65,14 @@ def plan_build(recipe, deployment, profile: str, config, prefix: Path | None = N
     recipe.profile(profile)
     prefix = Path(prefix).expanduser().absolute() if prefix else deployment.env_prefix(profile)
     backend = backends.choose_backend(python)
+    if backend == "rattler":  # no conda here: without a locked conda part, a venv will do
+        from ..lock import load_lock
+        committed = load_lock(recipe, profile)
+        found = None if committed.conda else backends.find_python(committed.python_version)
+        if found:
+            log.info("no conda on this machine and no conda part in %s: building a venv of "
+                     "%s (Python %s)", committed.path.name, found, committed.python_version)
+            backend, python = "venv", found
     lock = load_build_lock(recipe, profile, backend)
     wheel_dir = Path(config.get("wheel_dir")).expanduser()
     wheels = find_platform_wheels(recipe, profile, lock, wheel_dir)

@@ -141,9 +141,10 @@ def load_build_lock(recipe, profile: str, backend: str):
         try:
             lock_conda_part(recipe, profile)
         except SdrecipeError as exc:
-            raise SdrecipeError(f"{exc}\nOr build without conda: a venv of a Python "
-                                f"{lock.python_version} interpreter, ./scripts/build-env.sh "
-                                f"--profile {profile} --python /path/to/python{lock.python_version}"
+            raise SdrecipeError(f"{exc}\nOr build without conda: install Python "
+                                f"{lock.python_version} (found on PATH as python"
+                                f"{lock.python_version} or under pyenv), or pass --python "
+                                f"/path/to/python{lock.python_version} to the same command"
                                 ) from exc
         lock = load_lock(recipe, profile)
         log.warning("wrote the conda part into %s; commit it so builds stay solver-free:\n"

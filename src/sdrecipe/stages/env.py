@@ -73,7 +73,7 @@ def run(target, force: bool = False) -> StageResult:
                                "to date (lock, wheels and backend unchanged): nothing to do",
                                changed=False)
         inputs = fetch_inputs(plan, target.config)
-        asked = {**asked, "prefix": str(plan.prefix)}
+        asked = {"python": plan.python, "prefix": str(plan.prefix)}  # as found, if not asked
         rec.begin(asked)
         make_env(plan, inputs, target.config)
         rec.finish(asked, {"prefix": str(plan.prefix), "backend": plan.backend,
