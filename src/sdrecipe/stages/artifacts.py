@@ -75,8 +75,8 @@ def place(target, stage: str, roots: tuple[str, ...], rec, built_on=None, then=N
 
 def status(target) -> StageStatus:
     if target.smoke:
-        return StageStatus(NAME, State.SKIPPED, "smoke mode downloads nothing (tiny models are "
-                           "generated)")
+        return StageStatus(NAME, State.SKIPPED, "smoke mode downloads no model files (tiny "
+                           "models are generated)")
     return placed_status(target, NAME, ROOTS, "model files", record(target))
 
 
