@@ -178,6 +178,20 @@ def test_smoke_deploy_goes_from_nothing_to_a_verified_image_and_report(smoke):
 
 @pytest.mark.upstream
 @pytest.mark.slow
+def test_after_a_smoke_deploy_plain_status_and_doctor_know_the_deployment(smoke):
+    """No --profile, no --smoke: the commands ask the deployment what was deployed."""
+    recipe, deploy, first, _ = smoke
+    assert first.returncode == 0, first.stderr[-3000:]
+    status = sdrecipe("status", recipe=recipe, deploy=deploy)
+    assert status.returncode == 0, status.stdout
+    assert "(profile cpu, smoke)" in status.stdout and "would do nothing" in status.stdout
+    doctor = sdrecipe("doctor", recipe=recipe, deploy=deploy)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert "no problems found" in doctor.stdout
+
+
+@pytest.mark.upstream
+@pytest.mark.slow
 def test_a_second_deploy_is_a_no_op(smoke):
     recipe, deploy, first, _ = smoke
     assert first.returncode == 0, first.stderr[-3000:]

@@ -61,20 +61,24 @@ def _deployment(args, recipe):
     return deployment_dir(getattr(args, "deploy_dir", None), recipe.root)
 
 
-def _target(args, smoke=None, log: str | None = None, **options):
-    """The frozen run context; `smoke` None: the deployment's own mode. `log`: keep this
-    run's log in the deployment under that name."""
+def _target(args, smoke=None, log: str | None = None, detect: bool = False, **options):
+    """The frozen run context. Not given: the profile and mode of the deployment's last
+    deploy (`detect`: this machine's profile first, for deploy itself), else the detected
+    profile, real mode. `log`: keep this run's log in the deployment under that name."""
     from .config import load_config
-    from .target import Options, Target, deployed_mode
+    from .target import Options, Target, last_deployed
     recipe = _recipe(args)
     deployment = _deployment(args, recipe)
     profile = getattr(args, "profile", None)
+    last = last_deployed(deployment)
+    if not profile and last and not detect:
+        profile = last[0]
     if not profile:
         from .doctor import detect_profile
         profile = detect_profile()
     recipe.profile(profile)
     if smoke is None:
-        smoke = deployed_mode(deployment, profile)
+        smoke = bool(last and last == (profile, True))
     if log:
         console.keep_log(deployment, log)
     return Target(recipe, deployment, profile, load_config(), smoke, Options(**options))
@@ -99,7 +103,8 @@ def _add_deploy(sub):
 
     def run(args):
         from .commands import deploy
-        return deploy.run(_target(args, smoke=args.smoke, log="deploy", source=args.source,
+        return deploy.run(_target(args, smoke=args.smoke, log="deploy", detect=True,
+                                  source=args.source,
                                   python=args.python, prefix=args.prefix))
     parser.set_defaults(handler=run)
 

@@ -50,11 +50,11 @@ class Target:
         return replace(self, options=replace(self.options, **changes))
 
 
-def deployed_mode(deployment: Deployment, profile: str) -> bool:
-    """Whether the last deploy of `profile` here was a smoke one (so `status`, `doctor` and
-    `verify` need no --smoke after `deploy --smoke`); False when unknown."""
+def last_deployed(deployment: Deployment) -> tuple[str, bool] | None:
+    """(profile, smoke) of the last deploy into `deployment`, from its provenance.json, so
+    `status`, `doctor`, `verify` and `submit` need no --profile or --smoke after a deploy."""
     try:
         data = json.loads(deployment.provenance.read_text())
-    except (OSError, ValueError):
-        return False
-    return bool(data.get("smoke")) and data.get("profile") == profile
+        return str(data["profile"]), bool(data.get("smoke"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
