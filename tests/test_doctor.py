@@ -302,6 +302,16 @@ def test_unapplied_patch_series(tmp_path):
     apply_series(deployment.source, recipe, "cpu")
     assert run_check("patch-series", recipe, deployment, "cpu") == []
 
+    # one character edited in a patched file: "edited by hand", not "not applied"
+    patched = git(deployment.source, "diff", "--name-only", "HEAD").split()[0]
+    edited = deployment.source / patched
+    edited.write_text(edited.read_text().replace("\n", " \n", 1))
+    [finding] = run_check("patch-series", recipe, deployment, "cpu")
+    assert "edited by hand" in finding.cause and "not applied" not in finding.cause
+    assert edited.relative_to(deployment.source).as_posix() in finding.cause
+    assert finding.fix.endswith(f"./scripts/apply-patches.sh --source {deployment.source} "
+                                "--profile cpu --force")
+
 
 def test_stale_lock(tmp_path):
     project = tmp_path / "project"
@@ -326,3 +336,20 @@ def test_doctor_command_reports_and_fails(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "[env-built]" in result.stdout and "./scripts/build-env.sh --profile cpu" in result.stdout
     assert "[local-hf-models]" in result.stdout
+
+
+@pytest.mark.upstream
+def test_missing_local_models_quote_what_the_patched_tree_prints(recipe, tmp_path, upstream):
+    """With the series applied, upstream no longer tries the Hub: patch 0003 raises its own
+    FileNotFoundError, and that is what doctor says a user would see."""
+    from sdrecipe.patches import apply_series
+    from sdrecipe.source import ensure_source
+    deployment = Deployment(tmp_path / "deploy")
+    ensure_source(recipe, deployment.source, "cpu", local=upstream)
+    apply_series(deployment.source, recipe, "cpu")
+    findings = run_check("local-hf-models", recipe, deployment, "cpu")
+    assert len(findings) == 2
+    for finding in findings:
+        assert finding.symptom.startswith("FileNotFoundError: local model folder "
+                                          f"{deployment.models}/")
+        assert "is missing: `sdrecipe fetch` places it there" in finding.symptom

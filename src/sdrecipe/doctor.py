@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import textwrap
@@ -313,13 +314,34 @@ def check_patch_series(ctx):
         yield _finding("patch-series", str(exc), "the checkout is not the pinned upstream",
                        "redeploy the source: sdrecipe fetch")
         return
-    if state.state != "applied":
+    apply = (f"./scripts/apply-patches.sh --source {shlex.quote(str(source))} "
+             f"--profile {ctx.profile}")
+    if state.drifted:
+        yield _finding("patch-series", f"patch series is {state.state} on {source}",
+                       "edited by hand (neither pristine nor patched): "
+                       + ", ".join(state.drifted),
+                       f"save your edits (git -C {shlex.quote(str(source))} diff > my.patch), "
+                       f"then {apply} --force")
+    elif state.state != "applied":
         pending = [p.entry.file for p in state.patches if p.state != "applied"]
         yield _finding("patch-series", f"patch series is {state.state} on {source}",
-                       "not applied: " + ", ".join(pending) if pending else state.state,
-                       f"./scripts/apply-patches.sh --source {source} --profile {ctx.profile}"
-                       + (" --force   (files were edited by hand: " + ", ".join(state.drifted)
-                          + ")" if state.drifted else ""))
+                       "not applied: " + ", ".join(pending) if pending else state.state, apply)
+
+
+def _missing_model_error(ctx, path: Path, folder: str, repo: str) -> str:
+    """What txt2img prints for a missing local model: the patched tree's own error (patch
+    0003's `local_model_dir`), or, unpatched, transformers' try of the Hub."""
+    source = ctx.deployment.source
+    if (source / ".git").exists():
+        from .patches import tree_state
+        try:
+            patched = tree_state(source, ctx.recipe, ctx.profile).state == "applied"
+        except SdrecipeError:
+            patched = False
+        if patched:
+            return (f"FileNotFoundError: local model folder {path} is missing: `sdrecipe fetch` "
+                    f"places it there, or set SD_MODELS_DIR to the folder that holds {folder}/")
+    return f"OSError: We couldn't connect to 'https://huggingface.co' to load this model ({repo})"
 
 
 def local_hf_models(recipe, profile: str) -> dict[str, str]:
@@ -335,9 +357,7 @@ def check_local_models(ctx):
     for folder, repo in local_hf_models(ctx.recipe, ctx.profile).items():
         path = ctx.models.models_dir / folder
         if not (path / "config.json").is_file():
-            yield _finding("local-hf-models",
-                           f"OSError: We couldn't connect to 'https://huggingface.co' to load "
-                           f"this model ({repo})",
+            yield _finding("local-hf-models", _missing_model_error(ctx, path, folder, repo),
                            f"{path}/config.json is missing, so the patched upstream has no local "
                            f"copy and transformers tries the Hub (offline here)",
                            ctx.fetch_fix("on a login node with internet or a mirror; or "
