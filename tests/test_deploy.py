@@ -311,3 +311,26 @@ def test_status_and_deploy_catch_a_drifted_file(damaged, path, words):
         assert target.read_bytes().endswith(b"# a local edit\n")  # the edit is never overwritten
     finally:
         target.write_bytes(original)
+
+
+@pytest.mark.upstream
+@pytest.mark.slow
+def test_the_fix_status_suggests_runs_as_printed_and_fixes_it(damaged):
+    """A patched file edited by hand blocks the deploy; the command status prints (with this
+    deployment's --recipe and --deploy-dir filled in) runs as is and unblocks it."""
+    recipe, deploy = damaged
+    target = deploy / "stable-diffusion" / "scripts" / "txt2img.py"
+    target.write_bytes(target.read_bytes() + b"\n# a local edit\n")
+    bin_dir = str(Path(sys.executable).parent)  # where pip put the `sdrecipe` command
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SDRECIPE_")}
+    environ.update(PATH=f"{bin_dir}:{environ['PATH']}", PYTHONPATH=str(ROOT / "src"))
+    status = subprocess.run([sys.executable, "-m", "sdrecipe", "--recipe", str(recipe),
+                             "--deploy-dir", str(deploy), "status", "--format", "json"],
+                            capture_output=True, text=True, env=environ)
+    patches = {s["stage"]: s for s in json.loads(status.stdout)["stages"]}["patches"]
+    assert patches["blocking"] and "then: " in patches["action"], patches
+    fix = patches["action"].split("then: ", 1)[1]
+    assert f"--deploy-dir {deploy}" in fix and f"--recipe {recipe}" in fix
+    done = subprocess.run(["bash", "-c", fix], capture_output=True, text=True, env=environ)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert status_of(recipe, deploy)["patches"]["state"] == "done"

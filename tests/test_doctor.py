@@ -128,7 +128,7 @@ def test_no_module_named_ldm_until_the_syspath_patch(recipe, tmp_path):
 
     findings = run_check("ldm-import", recipe, deployment, "cpu")
     assert [f.symptom for f in findings] == ["ModuleNotFoundError: No module named 'ldm'"]
-    assert f"apply-patches.sh --source {source}" in findings[0].fix
+    assert f"patch apply --profile cpu --source {source}" in findings[0].fix
 
     # The seed's hand fix, and the series' patch (a name defined first, then used).
     for patch in ('sys.path.append(os.path.join(os.path.dirname(__file__), ".."))',
@@ -150,7 +150,7 @@ def test_vectorquantizer2_missing_from_taming_0_0_1(recipe, tmp_path):
     findings = run_check("taming-vectorquantizer", recipe, deployment, "cpu")
     assert [f.symptom for f in findings] == [
         "ImportError: cannot import name 'VectorQuantizer2' from 'taming.modules.vqvae.quantize'"]
-    assert "apply-patches.sh" in findings[0].fix
+    assert " patch apply --profile cpu --source " in findings[0].fix
 
     # The series' patch: import the class that taming 0.0.1 has.
     autoencoder.write_text("from taming.modules.vqvae.quantize import VectorQuantizer\n")
@@ -178,7 +178,8 @@ def test_missing_local_hf_models_mean_a_hub_connection_error(recipe, tmp_path):
     assert len(findings) == 2
     assert all("We couldn't connect to 'https://huggingface.co'" in f.symptom for f in findings)
     assert {"CompVis/stable-diffusion-safety-checker" in f.symptom for f in findings} == {True, False}
-    assert all(f.fix.startswith("sdrecipe fetch") for f in findings)
+    assert all(f.fix.startswith(f"sdrecipe --deploy-dir {deployment.root} fetch --profile cpu")
+               for f in findings)
 
     folders = doctor.local_hf_models(recipe, "cpu")  # derived from the recipe's artifacts
     assert folders == {"stable-diffusion-safety-checker": "CompVis/stable-diffusion-safety-checker",
@@ -198,7 +199,8 @@ def test_kornia_downloads_hardnet_without_the_preseed(recipe, tmp_path):
     assert len(findings) == 1
     assert "checkpoint_liberty_with_aug.pth" in findings[0].symptom
     assert str(deployment.torch_home) in findings[0].cause
-    assert findings[0].fix.startswith("sdrecipe fetch")
+    assert findings[0].fix.startswith(f"sdrecipe --deploy-dir {deployment.root} fetch "
+                                      "--profile cpu")
 
     # where kornia 0.6's torch.hub.load_state_dict_from_url looks
     checkpoint = deployment.torch_home / "hub/checkpoints/checkpoint_liberty_with_aug.pth"
@@ -218,7 +220,8 @@ def test_smoke_mode_is_diagnosed_against_smokes_own_models(recipe, tmp_path):
 
     assert len(hub_errors(smoke=True)) == 2
     assert all(str(deployment.smoke / "models") in f.cause
-               and f.fix.startswith("sdrecipe deploy --smoke") for f in hub_errors(smoke=True))
+               and f.fix.startswith(f"sdrecipe --deploy-dir {deployment.root} deploy --profile cpu "
+                                    "--smoke") for f in hub_errors(smoke=True))
     for folder in doctor.local_hf_models(recipe, "cpu"):  # what the smoke generator writes
         (deployment.smoke / "models" / folder).mkdir(parents=True)
         (deployment.smoke / "models" / folder / "config.json").write_text("{}")
@@ -297,7 +300,9 @@ def test_unapplied_patch_series(tmp_path):
     assert len(findings) == 1
     assert findings[0].symptom == f"patch series is pristine on {deployment.source}"
     assert "0001-main-syspath.patch" in findings[0].cause
-    assert findings[0].fix == f"./scripts/apply-patches.sh --source {deployment.source} --profile cpu"
+    assert findings[0].fix == (f"sdrecipe --recipe {recipe.path.resolve()} --deploy-dir "
+                               f"{deployment.root} patch apply --profile cpu --source "
+                               f"{deployment.source}")  # runs as printed, for this deployment
 
     apply_series(deployment.source, recipe, "cpu")
     assert run_check("patch-series", recipe, deployment, "cpu") == []
@@ -309,8 +314,7 @@ def test_unapplied_patch_series(tmp_path):
     [finding] = run_check("patch-series", recipe, deployment, "cpu")
     assert "edited by hand" in finding.cause and "not applied" not in finding.cause
     assert edited.relative_to(deployment.source).as_posix() in finding.cause
-    assert finding.fix.endswith(f"./scripts/apply-patches.sh --source {deployment.source} "
-                                "--profile cpu --force")
+    assert finding.fix.endswith(f"patch apply --profile cpu --source {deployment.source} --force")
 
 
 def test_stale_lock(tmp_path):
@@ -334,7 +338,8 @@ def test_doctor_command_reports_and_fails(tmp_path):
     result = subprocess.run([str(ROOT / "scripts" / "sdrecipe"), "--deploy-dir", str(tmp_path),
                              "doctor", "--profile", "cpu"], capture_output=True, text=True)
     assert result.returncode == 1, result.stderr
-    assert "[env-built]" in result.stdout and "./scripts/build-env.sh --profile cpu" in result.stdout
+    assert "[env-built]" in result.stdout
+    assert f"--deploy-dir {tmp_path} env build --profile cpu\n" in result.stdout  # one line, whole
     assert "[local-hf-models]" in result.stdout
 
 

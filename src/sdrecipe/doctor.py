@@ -71,8 +71,14 @@ class DoctorContext:
         """What puts the mode's model files in place: fetch (`how` it helps), or for smoke
         mode its deploy, which generates them."""
         if self.smoke:
-            return "sdrecipe deploy --smoke   (its preseed stage makes the tiny stand-ins)"
-        return f"sdrecipe fetch   ({how})"
+            return f"{self.target.command('deploy')}   (its preseed stage makes the tiny stand-ins)"
+        return f"{self.target.command('fetch')}   ({how})"
+
+    def build_command(self, *args) -> str:
+        return self.target.command("env build", *args)
+
+    def apply_command(self, *args) -> str:
+        return self.target.command("patch apply", "--source", self.deployment.source, *args)
 
     @property
     def prefix(self) -> Path:
@@ -116,10 +122,6 @@ def _finding(check, symptom, cause, fix, severity="error") -> Finding:
     return Finding(severity, check, symptom, cause, fix)
 
 
-def _build_command(profile: str) -> str:
-    return f"./scripts/build-env.sh --profile {profile}"
-
-
 # --- the environment ---------------------------------------------------------------------
 
 
@@ -128,7 +130,7 @@ def check_env_built(ctx):
     if not ctx.python.exists():
         yield _finding("env-built", f"{ctx.python}: No such file or directory",
                        f"the {ctx.profile} environment has not been built",
-                       _build_command(ctx.profile))
+                       ctx.build_command())
 
 
 @diagnosis("stale-lock", "the lock matches env/ (else the env was built from an old lock)")
@@ -138,7 +140,7 @@ def check_stale_lock(ctx):
     if reason:
         yield _finding("stale-lock", f"lock/{ctx.profile}.conda-lock.yml is stale", reason,
                        f"sdrecipe lock --profile {ctx.profile}, commit the lock, then "
-                       f"{_build_command(ctx.profile)}")
+                       f"{ctx.build_command()}")
 
 
 def _missing_libraries(library: Path, environ: dict) -> list[str]:
@@ -163,14 +165,14 @@ def check_shared_libraries(ctx):
         needed_by = f"`import torch` loads torch/{users[0]}, whose dependencies need {name}"
         if name.startswith("libmpi"):
             fix = (f"the lock's conda part installs openmpi=4.1.2, which puts {name} in "
-                   f"{ctx.prefix}/lib: build with a conda backend ({_build_command(ctx.profile)} "
+                   f"{ctx.prefix}/lib: build with a conda backend ({ctx.build_command()} "
                    f"without --python) and activate it (source "
                    f"{ctx.prefix}/etc/sdrecipe/activate.sh sets LD_LIBRARY_PATH); with a venv, "
                    f"module load the site's OpenMPI 4")
         elif modules:
             fix = f"module load {modules}, then activate the environment"
         else:
-            fix = f"rebuild the environment: {_build_command(ctx.profile)} --force"
+            fix = f"rebuild the environment: {ctx.build_command('--force')}"
         yield _finding("shared-libraries", symptom, needed_by + " and nothing on "
                        "LD_LIBRARY_PATH or the system's library path provides it", fix)
 
@@ -198,7 +200,7 @@ def check_clip_package(ctx):
                        f"PyPI's package named 'clip' ({installed['clip'].name}) is an unrelated "
                        f"clipboard tool; upstream needs OpenAI's CLIP",
                        f"{ctx.python} -m pip uninstall -y clip, then "
-                       f"{_build_command(ctx.profile)} --force (the lock pins clip-anytorch)")
+                       f"{ctx.build_command('--force')} (the lock pins clip-anytorch)")
 
 
 def _class_names(path: Path) -> set[str]:
@@ -233,8 +235,7 @@ def check_taming(ctx):
                        f"'taming.modules.vqvae.quantize'",
                        f"{source}/ldm/models/autoencoder.py imports {name}, which the installed "
                        f"taming-transformers ({quantize}) does not define",
-                       f"apply the patch series: ./scripts/apply-patches.sh --source {source} "
-                       f"--profile {ctx.profile}")
+                       f"apply the patch series: {ctx.apply_command()}")
 
 
 # --- the upstream checkout and its data ----------------------------------------------------------
@@ -298,8 +299,7 @@ def check_ldm_import(ctx):
         yield _finding("ldm-import", error,
                        "python puts scripts/ (not the repository root) on sys.path, and the "
                        "sys.path patch of the series is not applied",
-                       f"./scripts/apply-patches.sh --source {ctx.deployment.source} "
-                       f"--profile {ctx.profile}")
+                       ctx.apply_command())
 
 
 @diagnosis("patch-series", "the recipe's patch series is applied to the deployed checkout")
@@ -312,20 +312,19 @@ def check_patch_series(ctx):
         state = tree_state(source, ctx.recipe, ctx.profile)
     except SdrecipeError as exc:
         yield _finding("patch-series", str(exc), "the checkout is not the pinned upstream",
-                       "redeploy the source: sdrecipe fetch")
+                       f"redeploy the source: {ctx.target.command('fetch')}")
         return
-    apply = (f"./scripts/apply-patches.sh --source {shlex.quote(str(source))} "
-             f"--profile {ctx.profile}")
     if state.drifted:
         yield _finding("patch-series", f"patch series is {state.state} on {source}",
                        "edited by hand (neither pristine nor patched): "
                        + ", ".join(state.drifted),
                        f"save your edits (git -C {shlex.quote(str(source))} diff > my.patch), "
-                       f"then {apply} --force")
+                       f"then {ctx.apply_command('--force')}")
     elif state.state != "applied":
         pending = [p.entry.file for p in state.patches if p.state != "applied"]
         yield _finding("patch-series", f"patch series is {state.state} on {source}",
-                       "not applied: " + ", ".join(pending) if pending else state.state, apply)
+                       "not applied: " + ", ".join(pending) if pending else state.state,
+                       ctx.apply_command())
 
 
 def _missing_model_error(ctx, path: Path, folder: str, repo: str) -> str:

@@ -9,10 +9,14 @@ checkout to copy, the interpreter or prefix of the environment).
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import Config
+from .errors import SdrecipeError
 from .layout import Deployment
 from .recipe import Recipe
 from .stages import Record
@@ -46,8 +50,42 @@ class Target:
                                       self.mode if per_mode else None)
         return Record(path, stage)
 
+    def command(self, verb: str, *args, profile: bool = True) -> str:
+        """A command line to print as a fix or next step: it runs as printed, for this very
+        deployment (its recipe and folder when not the defaults, its profile and mode),
+        quoted for the shell."""
+        from .layout import deployment_dir
+        from .recipe import find_recipe
+        words = [_sdrecipe_program(self.recipe.root)]
+        try:
+            default_recipe = find_recipe().resolve()
+        except SdrecipeError:
+            default_recipe = None
+        if self.recipe.path.resolve() != default_recipe:
+            words += ["--recipe", str(self.recipe.path.resolve())]
+        if self.deployment.root != deployment_dir(None, self.recipe.root).root:
+            words += ["--deploy-dir", str(self.deployment.root)]
+        words += verb.split()
+        if profile:
+            words += ["--profile", self.profile] + (["--smoke"] if self.smoke and verb in
+                                                    ("deploy", "status", "verify", "doctor")
+                                                    else [])
+        return shlex.join(words + [str(a) for a in args])
+
     def with_options(self, **changes) -> "Target":
         return replace(self, options=replace(self.options, **changes))
+
+
+def _sdrecipe_program(project: Path) -> str:
+    """`sdrecipe` where it is on PATH, else this checkout's wrapper (as a path that works
+    from the current folder)."""
+    if shutil.which("sdrecipe"):
+        return "sdrecipe"
+    wrapper = project / "scripts" / "sdrecipe"
+    try:
+        return "./" + wrapper.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return os.fspath(wrapper)
 
 
 def last_deployed(deployment: Deployment) -> tuple[str, bool] | None:

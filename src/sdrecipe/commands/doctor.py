@@ -10,7 +10,7 @@ def run(target) -> int:
     from rich.console import Console
     from rich.markup import escape
     findings = diagnose(target)
-    console = Console()  # stdout; colours only on a terminal
+    console = Console(soft_wrap=True)  # stdout; colours only on a terminal; fixes never wrapped
     console.print(f"sdrecipe doctor: profile {target.profile}{' (smoke)' if target.smoke else ''}, "
                   f"deployment {target.deployment.root}, {len(DIAGNOSES)} diagnoses")
     for finding in findings:

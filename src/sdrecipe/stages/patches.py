@@ -8,6 +8,7 @@ overwritten: a person's edits block the deploy until they decide.
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -69,8 +70,8 @@ def status(target) -> StageStatus:
     tree = tree_state(source, target.recipe, target.profile)
     if tree.drifted:
         return StageStatus(NAME, State.BLOCKED, f"edited by hand: {', '.join(tree.drifted)}",
-                           f"save your edits, then `sdrecipe patch apply --force --source "
-                           f"{source} --profile {target.profile}`")
+                           f"save your edits (git -C {shlex.quote(str(source))} diff > my.patch), "
+                           f"then: {target.command('patch apply', '--source', source, '--force')}")
     if series and tree.state == "pristine":
         return StageStatus(NAME, State.MISSING, "series not applied", f"apply {len(series)} patches")
     if series and tree.state != "applied":
@@ -95,8 +96,10 @@ def status(target) -> StageStatus:
     if edited:
         return StageStatus(NAME, State.BLOCKED, "deployed files differ from what deploy "
                            f"recorded: {', '.join(edited[:5])}",
-                           f"save your edits (git -C {source} diff), restore with `git checkout "
-                           "-- <file>`, or deploy into a new --deploy-dir")
+                           f"save your edits (git -C {shlex.quote(str(source))} diff > my.patch), "
+                           f"restore with: git -C {shlex.quote(str(source))} checkout -- "
+                           f"{' '.join(shlex.quote(p) for p in edited[:5])}; or deploy into a new "
+                           "--deploy-dir")
     if not series:
         return StageStatus(NAME, State.DONE, f"the recipe has no patches for {target.profile}")
     return StageStatus(NAME, State.DONE, f"{len(series)} patches applied")

@@ -78,7 +78,7 @@ def _import_check(target) -> None:
     result = env_stage.check(target)
     if not result.ok:
         raise SdrecipeError(f"the {target.profile} environment's import check failed for: "
-                            f"{result.failed}; run: sdrecipe doctor --profile {target.profile}")
+                            f"{result.failed}; run: {target.command('doctor')}")
 
 
 def _run_smoke(target) -> StageResult:
