@@ -20,8 +20,8 @@ def show_check(target, result) -> int:
     Console().print(table)
     out(usage(target.deployment, target.profile))
     if not result.ok:
-        err(f"import check failed for: {result.failed}; for the fix, run: sdrecipe doctor "
-            f"--profile {target.profile}")
+        err(f"import check failed for: {result.failed}; for the fix, run: "
+            f"{target.command('doctor')}")
         return 1
     return 0
 
