@@ -12,7 +12,7 @@ import json
 import os
 import shlex
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config
@@ -71,9 +71,6 @@ class Target:
                                                     ("deploy", "status", "verify", "doctor")
                                                     else [])
         return shlex.join(words + [str(a) for a in args])
-
-    def with_options(self, **changes) -> "Target":
-        return replace(self, options=replace(self.options, **changes))
 
 
 def _sdrecipe_program(project: Path) -> str:

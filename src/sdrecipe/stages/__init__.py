@@ -1,7 +1,7 @@
 """The stage contract: what every deploy stage is, and the rules of its record.
 
-A stage is a module with `NAME`, `BUILT_ON` (the stages whose records it uses),
-`status(target) -> StageStatus` (read-only, cheap) and `run(target) -> StageResult`.
+A stage is a module with `NAME`, `status(target) -> StageStatus` (read-only, cheap)
+and `run(target) -> StageResult`.
 It owns one record, `<deploy>/.sdrecipe/records/...json`, and that record is a
 promise: `begin()` marks it in progress before the stage changes anything, and
 `finish()` writes it complete, atomically, only after the work has succeeded. An
@@ -136,9 +136,6 @@ class Record:
         data = self.complete()
         if data:
             self._write({**data, key: value})
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
 
     def _write(self, data: dict) -> None:
         try:

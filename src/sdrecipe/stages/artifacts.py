@@ -13,7 +13,6 @@ from __future__ import annotations
 from . import State, StageResult, StageStatus, incomplete_status
 
 NAME = "artifacts"
-BUILT_ON: tuple[str, ...] = ()
 ROOTS = ("models",)
 
 

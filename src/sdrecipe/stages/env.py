@@ -16,7 +16,6 @@ from ..files import sha256_file
 from . import State, StageResult, StageStatus, incomplete_status, new_build_id
 
 NAME = "env"
-BUILT_ON: tuple[str, ...] = ()
 
 
 def record(target):

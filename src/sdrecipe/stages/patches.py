@@ -17,7 +17,6 @@ from . import State, StageResult, StageStatus, changed_dependencies, incomplete_
 from . import source as source_stage
 
 NAME = "patches"
-BUILT_ON = ("source",)
 
 
 def record(target):

@@ -19,7 +19,6 @@ from . import env as env_stage
 from . import patches as patches_stage
 
 NAME = "preseed"
-BUILT_ON = ("env", "patches")
 ROOTS = ("torch_home",)
 
 

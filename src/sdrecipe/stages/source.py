@@ -9,7 +9,6 @@ from __future__ import annotations
 from . import State, StageResult, StageStatus, incomplete_status
 
 NAME = "source"
-BUILT_ON: tuple[str, ...] = ()
 
 
 def record(target):

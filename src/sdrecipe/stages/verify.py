@@ -17,7 +17,6 @@ from . import State, StageResult, StageStatus, changed_dependencies
 from . import artifacts, env, patches, preseed, source
 
 NAME = "verify"
-BUILT_ON = ("source", "artifacts", "patches", "env", "preseed")
 _EARLIER = (source, artifacts, patches, env, preseed)
 
 
