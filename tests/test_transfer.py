@@ -8,12 +8,14 @@ import logging
 import os
 import resource
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from fetch_fixtures import free_port
 from mirror_server import MirrorServer
 from sdrecipe.errors import SdrecipeError
 from sdrecipe.transfer import (GATED_HINT, DiskSpaceError, Download, GatedError, IntegrityError,
@@ -422,3 +424,58 @@ def test_a_second_process_on_the_same_file_waits_for_the_first(mirror, tmp_path,
     assert first.wait(timeout=30) == 0
     assert result.sha256 == SHA and (tmp_path / "w.bin").read_bytes() == DATA
     assert "another process is downloading" in caplog.text
+
+
+# --- unreachable endpoints and plain http (issue 10) ----------------------------------------------
+def test_token_is_refused_over_plain_http_to_a_remote_host_before_any_connection(
+        tmp_path, monkeypatch):
+    """192.0.2.1 is TEST-NET-1 (documentation only): the refusal must come before a socket
+    is even opened, so nothing leaves the machine."""
+    def no_connection(*args, **kwargs):
+        pytest.fail(f"a connection was attempted: {args}")
+    monkeypatch.setattr(socket, "create_connection", no_connection)
+    import urllib3.util.connection
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", no_connection)
+    urls = hf_resolve_urls(["http://192.0.2.1"], "CompVis/sd", "main", "model.ckpt")
+    with pytest.raises(SdrecipeError) as caught:
+        fast(token=TOKEN).fetch([Download(urls, tmp_path / "m", gated=True)])
+    text = str(caught.value)
+    assert "\n" not in text and "refusing to send your Hugging Face token over plain http to " \
+        "http://192.0.2.1" in text and "https://" in text and TOKEN not in text
+    assert not isinstance(caught.value, TransferError)
+
+
+def test_token_over_plain_http_to_loopback_is_allowed_and_https_too(mirror, tmp_path):
+    url = mirror.add_file("CompVis/sd", "model.ckpt", DATA, token=TOKEN)
+    [result] = fast(token=TOKEN).fetch([pinned([url], tmp_path / "m", gated=True)])
+    assert result.sha256 == SHA
+
+
+def test_unreachable_endpoints_fail_fast_with_one_error_and_the_ways_forward(tmp_path):
+    """A refused loopback port and a name under the reserved .invalid TLD (resolution fails
+    locally): no retries with backoff, one error naming both endpoints and three ways on."""
+    closed = free_port()
+    endpoints = [f"http://127.0.0.1:{closed}", "http://hub.invalid"]
+    downloads = [Download(hf_resolve_urls(endpoints, "org/model", "main", f"f{i}.bin"),
+                          tmp_path / f"f{i}.bin") for i in range(11)]
+    started = time.monotonic()
+    with pytest.raises(TransferError) as caught:
+        fast(backoff=2.0, retries=4).fetch(downloads)
+    assert time.monotonic() - started < 5  # the backoff alone would take minutes
+    text = str(caught.value)
+    assert "\n" not in text and "11 of 11 downloads failed" in text
+    assert f"http://127.0.0.1:{closed} (connection refused)" in text
+    assert "http://hub.invalid (name does not resolve)" in text
+    for way in ("HF_ENDPOINT=<mirror>", "fetch --from-bundle", "deploy --smoke"):
+        assert way in text
+    assert leftovers(tmp_path) == []
+
+
+def test_an_unreachable_mirror_falls_through_to_the_next_endpoint(mirror, tmp_path):
+    endpoints = ["http://hub.invalid", mirror.url]
+    mirror.add_file("org/model", "w.bin", DATA)
+    started = time.monotonic()
+    [result] = fast(backoff=2.0).fetch(
+        [pinned(hf_resolve_urls(endpoints, "org/model", "main", "w.bin"), tmp_path / "w.bin")])
+    assert time.monotonic() - started < 5
+    assert result.url.startswith(mirror.url)

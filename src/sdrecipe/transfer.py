@@ -72,6 +72,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -79,12 +80,13 @@ import queue
 import random
 import re
 import shutil
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import filelock
 import requests
@@ -109,8 +111,10 @@ GATED_HINT = ("this repo is gated: accept its license on huggingface.co and set 
 class DownloadError(SdrecipeError):
     """One file could not be fetched from any of its URLs; `attempts` says why, per URL."""
 
-    def __init__(self, download: "Download", summary: str, attempts: list[str]):
+    def __init__(self, download: "Download", summary: str, attempts: list[str],
+                 unreachable: dict[str, str] | None = None):
         self.download, self.attempts = download, attempts
+        self.unreachable = unreachable or {}  # endpoint -> why, when no URL could be reached
         lines = [f"{download.label}: {summary}"] + [f"  {a}" for a in attempts]
         super().__init__("\n".join(lines))
 
@@ -130,10 +134,25 @@ class DiskSpaceError(SdrecipeError):
 class TransferError(SdrecipeError):
     """Some files failed; all failures at once, plus the files that did arrive."""
 
-    def __init__(self, failures: list[SdrecipeError], results: list["Result"], total: int):
+    def __init__(self, failures: list[SdrecipeError], results: list["Result"], total: int,
+                 message: str | None = None):
         self.failures, self.results = failures, results
         head = f"{len(failures)} of {total} downloads failed:"
-        super().__init__("\n".join([head] + [str(f) for f in failures]))
+        super().__init__(message or "\n".join([head] + [str(f) for f in failures]))
+
+
+class UnreachableError(TransferError):
+    """No endpoint could be reached at all (names that do not resolve, refused connections):
+    one error with the ways forward instead of a page of per-file failures."""
+
+    def __init__(self, failures, results, total: int, endpoints: dict[str, str]):
+        tried = ", ".join(f"{where} ({why})" for where, why in endpoints.items())
+        super().__init__(failures, results, total, message=(
+            f"cannot reach any download endpoint ({tried}); {len(failures)} of {total} "
+            "downloads failed. Ways forward: HF_ENDPOINT=<mirror> (or config hf_endpoints) "
+            "for a mirror this node reaches; `sdrecipe fetch --from-bundle BUNDLE` with a "
+            "bundle made where the Hub is reachable; or `sdrecipe deploy --smoke`, which "
+            "downloads no model"))
 
 
 # --- what to fetch, what arrived ------------------------------------------------------------
@@ -380,6 +399,11 @@ class _Mismatch(_NextEndpoint):
     pass
 
 
+class _Unreachable(_NextEndpoint):
+    """The name does not resolve or the port refuses: retrying will not help, and every
+    other download from the same endpoint skips it at once."""
+
+
 # --- progress ----------------------------------------------------------------------------------------
 class _Progress:
     """Per-file and total tasks of the one progress interface (`progress.py`), which the
@@ -433,6 +457,8 @@ class Transfer:
     backoff: float = 1.0
     quarantine_dir: Path | None = None
     _verify: str | bool = field(init=False, repr=False)
+    _unreachable: dict = field(init=False, repr=False, default_factory=dict)
+    _lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
 
     def __post_init__(self):
         self._verify = resolve_ca_bundle(self.ca_bundle)
@@ -458,6 +484,8 @@ class Transfer:
         if len(set(dests)) != len(dests):
             twice = sorted({str(d) for d in dests if dests.count(d) > 1})
             raise SdrecipeError(f"two downloads write to the same file: {', '.join(twice)}")
+        self._refuse_token_over_plain_http(downloads)
+        self._unreachable.clear()
         self._check_free_space(downloads)
         sizes = [d.size for d in downloads]
         total = None if None in sizes else sum(sizes)
@@ -471,13 +499,29 @@ class Transfer:
                     results[index] = future.result()
                 except SdrecipeError as exc:
                     failures.append(exc)
+        arrived = [r for r in results if r]
+        if failures and all(getattr(f, "unreachable", None) for f in failures):
+            endpoints = {e: why for f in failures for e, why in f.unreachable.items()}
+            raise UnreachableError(failures, arrived, len(downloads), endpoints)
         if failures:
-            raise TransferError(failures, [r for r in results if r], len(downloads))
+            raise TransferError(failures, arrived, len(downloads))
         return results
+
+    def _refuse_token_over_plain_http(self, downloads) -> None:
+        """The token travels only over TLS, or to this machine: checked before any connection."""
+        if not self.token:
+            return
+        for download in downloads:
+            for url in download.urls if download.gated else ():
+                if urlsplit(url).scheme == "http" and not _is_loopback(urlsplit(url).hostname):
+                    raise SdrecipeError(
+                        f"{download.label}: refusing to send your Hugging Face token over plain "
+                        f"http to {_endpoint(url)}: use an https:// endpoint (HF_ENDPOINT or "
+                        "config hf_endpoints); tokens go only over TLS or to this machine")
 
     # -- one file -----------------------------------------------------------------------------------
     def _fetch_one(self, download: Download, progress: _Progress) -> Result:
-        part, attempts, kinds = _Part(download), [], set()
+        part, attempts, kinds, unreachable = _Part(download), [], set(), {}
         task = progress.file(download.label, download.size)
         try:
             download.dest.parent.mkdir(parents=True, exist_ok=True)
@@ -493,6 +537,8 @@ class Transfer:
                     except _NextEndpoint as exc:
                         attempts.append(self._redact(f"{url}: {exc}"))
                         kinds.add(type(exc))
+                        if isinstance(exc, _Unreachable):
+                            unreachable[_endpoint(url)] = self._unreachable[_endpoint(url)]
                         if isinstance(exc, _AuthRefused) and exc.gated_repo:
                             kinds.add("gated repo")
                 if not part.offset:
@@ -521,11 +567,15 @@ class Transfer:
         if kinds == {_Mismatch}:
             raise IntegrityError(download, "every URL served different bytes than pinned "
                                  "(bad copies are quarantined)", attempts)
-        raise DownloadError(download, f"failed from all {len(download.urls)} URL(s)", attempts)
+        raise DownloadError(download, f"failed from all {len(download.urls)} URL(s)", attempts,
+                            unreachable if kinds == {_Unreachable} else None)
 
     def _from_url(self, download, url, part, progress, task) -> Result:
         """Retry one URL within bounds; restart fresh once if a resumed part mismatches."""
         failures_in_a_row, last = 0, None
+        known = self._unreachable.get(_endpoint(url))
+        if known:
+            raise _Unreachable(f"{known} (as a moment ago)")
         while failures_in_a_row <= self.retries:
             before, resumed = part.offset, part.resumed
             try:
@@ -564,6 +614,7 @@ class Transfer:
                 "ca_bundle in the sdrecipe config or SDRECIPE_CA_BUNDLE to its PEM file "
                 "(verification is never switched off)") from None
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            self._raise_if_unreachable(url, exc)
             raise _Retry(f"no response ({_reason(exc)})") from None
         except requests.exceptions.RequestException as exc:
             raise _NextEndpoint(_reason(exc)) from None
@@ -668,6 +719,15 @@ class Transfer:
         for folder, missing, labels in needed.values():
             _ensure_space(folder, missing, ", ".join(labels))
 
+    def _raise_if_unreachable(self, url: str, exc: Exception) -> None:
+        """A name that does not resolve or a refused port is not transient like a 5xx: say
+        so at once, and remember it so no other download waits on that endpoint."""
+        reason = _unreachable_reason(exc)
+        if reason:
+            with self._lock:
+                self._unreachable[_endpoint(url)] = reason
+            raise _Unreachable(reason) from None
+
     def _redact(self, text: str) -> str:
         return text.replace(self.token, "***") if self.token else text
 
@@ -707,6 +767,41 @@ def _existing_parent(path: Path) -> Path:
 def _content_range_start(response) -> int | None:
     match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
     return int(match[1]) if match else None
+
+
+def _endpoint(url: str) -> str:
+    """scheme://host[:port] of a URL: what a person types into HF_ENDPOINT."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _is_loopback(host: str | None) -> bool:
+    """localhost or a loopback address literal; names are not resolved (no traffic)."""
+    if host is None:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _unreachable_reason(exc: BaseException) -> str | None:
+    """'name does not resolve' / 'connection refused' when that is what `exc` (requests'
+    ConnectionError around urllib3's) comes down to; None for anything that may pass."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, urllib3.exceptions.NameResolutionError) or isinstance(
+                seen, socket.gaierror):
+            return "name does not resolve"
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused"
+        inner = getattr(seen, "reason", None)
+        if isinstance(seen, requests.exceptions.ConnectionError) and seen.args:
+            inner = seen.args[0]
+        seen = inner if isinstance(inner, BaseException) else (seen.__cause__ or seen.__context__)
+    return None
 
 
 def _reason(exc: BaseException) -> str:
