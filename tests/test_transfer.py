@@ -479,3 +479,146 @@ def test_an_unreachable_mirror_falls_through_to_the_next_endpoint(mirror, tmp_pa
         [pinned(hf_resolve_urls(endpoints, "org/model", "main", "w.bin"), tmp_path / "w.bin")])
     assert time.monotonic() - started < 5
     assert result.url.startswith(mirror.url)
+
+
+# --- segmented downloads (issue 14) -----------------------------------------------------------------
+BIG = os.urandom(4 * 2**20 + 777)  # above the test threshold: 9 pieces of 512 KiB and a tail
+BIG_SHA = hashlib.sha256(BIG).hexdigest()
+PIECE = 512 * 1024
+
+
+def segmented(**kw) -> Transfer:
+    """Segmented above 1 MiB, 512 KiB pieces, 4 connections (test-sized)."""
+    return fast(**{"segment_threshold": 2**20, "piece_size": PIECE, "connections": 4, **kw})
+
+
+def big(urls, dest, **kw) -> Download:
+    return Download(urls=urls, dest=dest, **{"sha256": BIG_SHA, "size": len(BIG), **kw})
+
+
+def ranges_asked(server, url) -> list[int]:
+    return [int(h.headers["Range"].split("=")[1].split("-")[0])
+            for h in server.requests_for(url) if "Range" in h.headers and h.method == "GET"]
+
+
+def test_a_large_pinned_file_comes_in_parallel_ranges_hashed_once(tmp_path):
+    with MirrorServer(rate=4 * 2**20) as server:  # 4 MiB/s per connection
+        url = server.add_plain("big.bin", BIG)
+        [result] = segmented().fetch([big([url], tmp_path / "big.bin")])
+        assert server.max_concurrent == 4
+    assert result.sha256 == BIG_SHA and (tmp_path / "big.bin").read_bytes() == BIG
+    assert server.bytes_sent(url) == len(BIG)  # every byte once
+    assert sorted(ranges_asked(server, url)) == list(range(0, len(BIG), PIECE))
+    assert {h.status for h in server.requests_for(url)} == {206}
+    assert leftovers(tmp_path) == ["big.bin"]  # no part, no sidecar
+
+
+def test_small_or_unpinned_files_and_one_connection_stay_one_stream(mirror, tmp_path):
+    url = mirror.add_plain("big.bin", BIG)
+    segmented().fetch([Download([url], tmp_path / "tofu.bin")])  # no pin: one stream
+    segmented(connections=1).fetch([big([url], tmp_path / "one.bin")])
+    assert [h.status for h in mirror.requests_for(url)] == [200, 200]
+
+
+def test_one_segment_that_fails_with_500_is_retried_alone(tmp_path):
+    with MirrorServer(rate=8 * 2**20) as server:
+        url = server.add_plain("big.bin", BIG)
+        server.fault(url, status=500, times=2, on_range=3 * PIECE)
+        [result] = segmented().fetch([big([url], tmp_path / "big.bin")])
+    assert result.sha256 == BIG_SHA
+    asked = ranges_asked(server, url)
+    assert asked.count(3 * PIECE) == 3 and len(asked) == len(range(0, len(BIG), PIECE)) + 2
+    assert [h.status for h in server.requests_for(url)
+            if h.headers.get("Range", "").startswith(f"bytes={3 * PIECE}-")] == [500, 500, 206]
+    assert server.bytes_sent(url) == len(BIG)
+
+
+def test_a_cut_inside_one_segment_resends_only_the_rest_of_it(tmp_path):
+    with MirrorServer(rate=8 * 2**20) as server:
+        url = server.add_plain("big.bin", BIG)
+        server.fault(url, cut_after=100_000, on_range=2 * PIECE)
+        [result] = segmented().fetch([big([url], tmp_path / "big.bin")])
+    assert result.sha256 == BIG_SHA
+    resumed = [h for h in server.requests_for(url)
+               if h.headers.get("Range", "").startswith(f"bytes={2 * PIECE + 100_000}-")]
+    assert len(resumed) == 1 and resumed[0].status == 206
+    assert server.bytes_sent(url) <= len(BIG) * 1.01  # nothing but the cut piece's rest
+
+
+def test_corrupted_bytes_in_one_segment_are_quarantined_and_the_next_endpoint_used(tmp_path):
+    with MirrorServer() as bad, MirrorServer() as good:
+        bad_url = bad.add_plain("big.bin", BIG)
+        bad.fault(bad_url, corrupt=True, on_range=5 * PIECE, times=None)
+        good_url = good.add_plain("big.bin", BIG)
+        quarantine = tmp_path / "quarantine"
+        [result] = segmented(quarantine_dir=quarantine).fetch(
+            [big([bad_url, good_url], tmp_path / "big.bin")])
+    assert result.url == good_url and (tmp_path / "big.bin").read_bytes() == BIG
+    [kept] = quarantine.iterdir()
+    assert kept.stat().st_size == len(BIG) and kept.read_bytes() != BIG
+    assert leftovers(tmp_path) == ["big.bin", "quarantine"]
+
+
+def test_a_server_that_ignores_range_is_fetched_over_one_connection(tmp_path):
+    with MirrorServer(ignore_ranges=True) as server:
+        url = server.add_plain("big.bin", BIG)
+        other = server.add_plain("other.bin", BIG)
+        transfer = segmented()
+        [result] = transfer.fetch([big([url], tmp_path / "big.bin")])
+        assert result.sha256 == BIG_SHA and server.max_concurrent == 1
+        assert [h.status for h in server.requests_for(url)] == [200, 200]  # probe, then one
+        transfer.fetch([big([other], tmp_path / "other.bin")])  # remembered: no probe
+        assert [h.status for h in server.requests_for(other)] == [200]
+
+
+def test_connections_per_host_are_capped_across_files(tmp_path):
+    with MirrorServer(rate=4 * 2**20) as server:
+        urls = [server.add_plain(f"b{i}.bin", BIG) for i in range(3)]
+        segmented(per_host=3, jobs=3).fetch(
+            [big([u], tmp_path / f"b{i}.bin") for i, u in enumerate(urls)])
+    assert server.max_concurrent == 3
+
+
+def test_a_gated_segmented_download_sends_the_token_to_the_hub_host_only(mirror, tmp_path):
+    url = mirror.add_file("CompVis/sd", "model.ckpt", BIG, token=TOKEN)
+    [result] = segmented(token=TOKEN).fetch([big([url], tmp_path / "m", gated=True)])
+    assert result.sha256 == BIG_SHA
+    hops = mirror.requests_for(url)
+    assert [h.headers.get("Authorization") for h in hops if h.host.startswith("127.0.0.1")] \
+        == [f"Bearer {TOKEN}"]  # the resolve hop, once
+    pieces = [h for h in hops if h.host.startswith("localhost")]
+    assert len(pieces) == len(range(0, len(BIG), PIECE))
+    assert all("Authorization" not in h.headers for h in pieces)
+
+
+def test_a_killed_segmented_download_resumes_only_the_missing_ranges(tmp_path):
+    """kill -9 of a real second process once its sidecar records half the file; a new run
+    asks only for the ranges the sidecar does not list."""
+    import json
+    import sys
+    dest = tmp_path / "big.bin"
+    sidecar = tmp_path / "big.bin.part.json"
+    with MirrorServer(rate=2**20) as server:  # 1 MiB/s per connection: ~1 s for the file
+        url = server.add_plain("big.bin", BIG)
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from pathlib import Path; "
+             "from sdrecipe.transfer import Transfer, Download; "
+             "Transfer(token='', progress=False, segment_threshold=2**20, piece_size=2**19,"
+             " connections=4).fetch([Download([sys.argv[1]], Path(sys.argv[2]), "
+             "sha256=sys.argv[3], size=int(sys.argv[4]))])", url, str(dest), BIG_SHA, str(len(BIG))],
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+        have = 0
+        deadline = time.monotonic() + 60
+        while have < len(BIG) // 2:
+            assert child.poll() is None and time.monotonic() < deadline
+            with contextlib.suppress(OSError, ValueError):
+                have = sum(b - a for a, b in json.loads(sidecar.read_text()).get("have", []))
+            time.sleep(0.02)
+        child.kill()
+        child.wait()
+        before = server.bytes_sent(url)
+        [result] = segmented().fetch([big([url], dest)])
+        resent = server.bytes_sent(url) - before
+    assert result.sha256 == BIG_SHA and dest.read_bytes() == BIG
+    assert resent <= len(BIG) * 0.55, f"resent {resent / len(BIG):.0%}"
+    assert resent <= len(BIG) - have + PIECE  # at most the ranges the sidecar did not list

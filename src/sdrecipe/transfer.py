@@ -69,6 +69,7 @@ its dependencies for it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -100,6 +101,7 @@ log = logging.getLogger(__name__)
 DEFAULT_ENDPOINT = "https://huggingface.co"
 CHUNK = 1 << 20
 HASH_BACKLOG = 8  # chunks written but not yet hashed, at most (8 MiB)
+HASH_READ = 4 << 20  # the segmented hash reads the prefix back in 4 MiB blocks
 MAX_BACKOFF = 30.0
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -287,8 +289,15 @@ class _Part:
         self.offset, self.hasher, self.meta = 0, hashlib.sha256(), {}
         self.resumed = False
 
+    @property
+    def have(self) -> list[list[int]]:
+        """The byte ranges on disk: [[0, offset]] for a part written in order; a segmented
+        part's sidecar lists its ranges (`_Pieces`)."""
+        return self.meta.get("have") or ([[0, self.offset]] if self.offset else [])
+
     def load(self) -> None:
-        """Adopt an existing part from an earlier run: hash it once, keep its validators."""
+        """Adopt an existing part from an earlier run: hash its contiguous prefix once, keep
+        its validators (and, if segmented, which ranges beyond the prefix are there)."""
         try:
             meta = json.loads(self.meta_path.read_text())
             size = self.path.stat().st_size
@@ -296,13 +305,31 @@ class _Part:
             return self.reset()
         if meta.get("sha256") != self.download.sha256 or size == 0:
             return self.reset()
+        prefix = size
+        if "have" in meta:
+            if meta.get("size") != self.download.size or not _Pieces.valid(meta["have"], size):
+                return self.reset()
+            prefix = meta["have"][0][1] if meta["have"] and meta["have"][0][0] == 0 else 0
         with open(self.path, "rb") as f:
             buffer = memoryview(bytearray(CHUNK))
-            while n := f.readinto(buffer):
+            while self.offset < prefix and (n := f.readinto(buffer[:min(CHUNK, prefix - self.offset)])):
                 self.hasher.update(buffer[:n])
                 self.offset += n
         self.meta, self.resumed = meta, True
         log.debug("%s: resuming from %d bytes", self.download.label, self.offset)
+
+    def linear(self) -> None:
+        """Written in order from here on: drop a segmented part's ranges past the prefix."""
+        if "have" in self.meta:
+            os.truncate(self.path, self.offset)
+            del self.meta["have"]
+            self.save()
+
+    def save(self) -> None:
+        """The sidecar, replaced whole: a kill at any moment leaves the old or the new one."""
+        temp = self.meta_path.with_name(self.meta_path.name + ".tmp")
+        temp.write_text(json.dumps(self.meta))
+        os.replace(temp, self.meta_path)
 
     def reset(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -317,22 +344,27 @@ class _Part:
         (a wrong splice fails the hash and restarts); an unpinned one starts over."""
         if not self.offset:
             return {}
-        headers = {"Range": f"bytes={self.offset}-"}
-        etag = self.meta.get("etag") or ""
-        if self.meta.get("url") == url and etag and not etag.startswith("W/"):
-            headers["If-Range"] = etag
-        elif self.meta.get("url") == url and self.meta.get("last_modified"):
-            headers["If-Range"] = self.meta["last_modified"]
-        elif self.download.sha256 is None:
+        validator = self.validator(url)
+        if not validator and self.download.sha256 is None:
             self.reset()
             return {}
-        return headers
+        return {"Range": f"bytes={self.offset}-", **validator}
 
-    def remember(self, url: str, response: requests.Response) -> None:
+    def remember(self, url: str, response: requests.Response, **more) -> None:
         self.meta = {"url": url, "etag": response.headers.get("ETag"),
                      "last_modified": response.headers.get("Last-Modified"),
-                     "sha256": self.download.sha256}
-        self.meta_path.write_text(json.dumps(self.meta))
+                     "sha256": self.download.sha256, **more}
+        self.save()
+
+    def validator(self, url: str) -> dict:
+        """If-Range from this URL's earlier answer: the server sends the range only if the
+        file is unchanged (a weak ETag cannot serve; Last-Modified then)."""
+        etag = self.meta.get("etag") or ""
+        if self.meta.get("url") != url:
+            return {}
+        if etag and not etag.startswith("W/"):
+            return {"If-Range": etag}
+        return {"If-Range": self.meta["last_modified"]} if self.meta.get("last_modified") else {}
 
     def fill(self, chunks, advance) -> None:
         """Append the byte strings that `chunks` yields, hashing each as it is written:
@@ -372,6 +404,310 @@ class _Part:
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
         self.meta_path.unlink(missing_ok=True)
+
+
+# --- segmented downloads ---------------------------------------------------------------------
+class _Pieces:
+    """The byte ranges of one segmented download: what is on disk, what is left to fetch,
+    and how far the contiguous prefix (the part the hash may read) reaches.
+
+    Entries `[start, end, written]` cover the file in order: the ranges found on disk
+    (complete), and the gaps cut into pieces of at most `piece_size`, fetched in file order
+    by whichever connection is free, so the prefix follows the downloads closely."""
+
+    def __init__(self, size: int, have, piece_size: int):
+        self.size = size
+        self.entries: list[list[int]] = []
+        position = 0
+        for start, end in [*have, (size, size)]:
+            while position < start:
+                stop = min(position + piece_size, start)
+                self.entries.append([position, stop, 0])
+                position = stop
+            if end > start:
+                self.entries.append([start, end, end - start])
+                position = end
+        self.todo = collections.deque(e for e in self.entries if e[2] < e[1] - e[0])
+        self.head = 0
+        self.failure: BaseException | None = None
+        self.finished = False
+        self.cond = threading.Condition()
+
+    @staticmethod
+    def valid(have, size: int) -> bool:
+        """Sorted, disjoint [start, end] ranges inside the file (a sidecar is untrusted)."""
+        previous = 0
+        for pair in have if isinstance(have, list) else [None]:
+            if not (isinstance(pair, list) and len(pair) == 2
+                    and all(type(n) is int for n in pair) and previous <= pair[0] < pair[1] <= size):
+                return False
+            previous = pair[1]
+        return True
+
+    def take(self) -> list[int] | None:
+        with self.cond:
+            return self.todo.popleft() if self.todo and self.failure is None else None
+
+    def wrote(self, entry: list[int], amount: int) -> None:
+        with self.cond:
+            entry[2] += amount
+            self.cond.notify_all()
+
+    def prefix(self) -> int:
+        """End of the contiguous prefix on disk (call with `cond` held)."""
+        while self.head < len(self.entries) and \
+                self.entries[self.head][2] == self.entries[self.head][1] - self.entries[self.head][0]:
+            self.head += 1
+        if self.head == len(self.entries):
+            return self.size
+        return self.entries[self.head][0] + self.entries[self.head][2]
+
+    def have(self) -> list[list[int]]:
+        """The ranges on disk, merged: what the sidecar keeps for a resume."""
+        merged: list[list[int]] = []
+        with self.cond:
+            for start, _, written in self.entries:
+                if not written:
+                    continue
+                if merged and merged[-1][1] == start:
+                    merged[-1][1] = start + written
+                else:
+                    merged.append([start, start + written])
+        return merged
+
+    def written(self) -> int:
+        with self.cond:
+            return sum(e[2] for e in self.entries)
+
+    def stop(self, failure: BaseException | None = None) -> None:
+        with self.cond:
+            if failure is not None and self.failure is None:
+                self.failure = failure
+            self.finished = True
+            self.cond.notify_all()
+
+
+class _RangesIgnored(Exception):
+    """The server answered a ranged request with the whole file (200)."""
+
+
+class _Segmented:
+    """One file as byte ranges over up to `connections` parallel connections.
+
+    The part is preallocated; each connection writes its piece at its offset with pwrite.
+    The sha256 is computed once, in order, by a thread that follows the contiguous prefix
+    (reading back, from the page cache, bytes that other connections wrote moments
+    before), so the hash is complete moments after the last byte. The sidecar lists the
+    ranges on disk (rewritten at most every SAVE_EVERY seconds, and on failure), so a
+    resume after a cut, a kill or a reboot asks only for what is missing. A failing piece
+    retries alone with the usual backoff while the others go on; a server that answers a
+    ranged request with 200 sends the download back to one connection."""
+
+    SAVE_EVERY = 0.5
+
+    def __init__(self, transfer: "Transfer", download: Download, url: str, part: _Part,
+                 progress: "_Progress", task):
+        self.transfer, self.download, self.url, self.part = transfer, download, url, part
+        self.progress, self.task = progress, task
+        self.size = download.size
+        self.pieces = _Pieces(self.size, part.have, transfer.piece_size)
+        self.piece_url, self.validator = url, part.validator(url)
+        self.authorized = download.gated and bool(transfer.token)
+        self.slot = transfer._slot(url)
+        self.saved_at = time.monotonic()
+        self.save_lock = threading.Lock()
+        self.fd = -1
+
+    def run(self) -> None:
+        """Fetch every missing range; on return the part is complete and hashed."""
+        if "have" not in self.part.meta and self.part.offset:  # a part written in order
+            self.part.meta["have"], self.part.meta["size"] = self.part.have, self.size
+        self.progress.restart(self.task, self.pieces.written(), self.size)
+        first = self.pieces.take()
+        if first is None:
+            return self._hash_only()
+        session = requests.Session()
+        response = self._request(session, first)  # the probe: are ranges honoured?
+        try:
+            self._check(response, first)
+        except BaseException as exc:
+            response.close()
+            self.slot.release()
+            session.close()
+            if isinstance(exc, _RangesIgnored):
+                self._one_connection()
+            raise
+        if not self.part.meta.get("have"):
+            self.part.remember(self.url, response, size=self.size, have=[])
+        self.piece_url = response.url
+        self.validator = self.part.validator(self.url)
+        self.authorized = self.authorized and urlsplit(response.url).netloc == urlsplit(self.url).netloc
+        self.fd = os.open(self.part.path, os.O_RDWR)
+        try:
+            _preallocate(self.fd, self.size)
+            workers = min(self.transfer.connections, len(self.pieces.todo) + 1)
+            with ThreadPoolExecutor(max_workers=workers + 1,
+                                    thread_name_prefix="fetch-piece") as pool:
+                hashing = pool.submit(self._hash_in_order)
+                jobs = [pool.submit(self._worker, session, first, response)]
+                jobs += [pool.submit(self._worker, None) for _ in range(workers - 1)]
+                for job in jobs:
+                    job.result()
+                self.pieces.stop()
+                hashing.result()
+        finally:
+            os.close(self.fd)
+            self._save(force=True)
+        failure = self.pieces.failure
+        if isinstance(failure, _RangesIgnored):
+            self._one_connection()
+        if failure is not None:
+            raise failure
+
+    def _one_connection(self) -> None:
+        log.info("%s: %s ignores Range: one connection from now on", self.download.label,
+                 _endpoint(self.url))
+        with self.transfer._lock:
+            self.transfer._no_ranges.add(_endpoint(self.url))
+        raise _Retry("the server ignores Range; continuing over one connection", wait=0)
+
+    def _hash_only(self) -> None:
+        """Every range is on disk already (a run died before its hash finished)."""
+        self.fd = os.open(self.part.path, os.O_RDONLY)
+        try:
+            self.pieces.stop()
+            self._hash_in_order()
+        finally:
+            os.close(self.fd)
+
+    # -- the connections ---------------------------------------------------------------------
+    def _worker(self, session, entry=None, response=None) -> None:
+        session = session or requests.Session()
+        try:
+            while entry is not None or (entry := self.pieces.take()) is not None:
+                self._piece(session, entry, response)
+                entry = response = None
+        except BaseException as exc:  # every outcome reaches the coordinator
+            self.pieces.stop(exc)
+        finally:
+            session.close()
+
+    def _piece(self, session, entry, response=None) -> None:
+        """One range, retried alone: an attempt that dropped resumes where its bytes stopped."""
+        failures_in_a_row = 0
+        while True:
+            before = entry[2]
+            try:
+                if response is None:
+                    response = self._request(session, entry)
+                    try:
+                        self._check(response, entry)
+                    except BaseException:
+                        response.close()
+                        self.slot.release()
+                        raise
+                return self._stream(response, entry)
+            except _Retry as exc:
+                failures_in_a_row = 0 if entry[2] > before else failures_in_a_row + 1
+                if failures_in_a_row > self.transfer.retries:
+                    raise _NextEndpoint(f"gave up after {self.transfer.retries + 1} attempts in "
+                                        f"a row at byte {entry[0] + entry[2]}: {exc}") from None
+                self.transfer._wait_to_retry(self.download, self.url, exc, failures_in_a_row)
+            finally:
+                response = None
+
+    def _request(self, session, entry):
+        """GET the rest of `entry`, holding a connection slot of the host (released by the
+        caller once the body is read, or at once on error)."""
+        headers = {"Accept-Encoding": "identity",
+                   "Range": f"bytes={entry[0] + entry[2]}-{entry[1] - 1}", **self.validator}
+        if self.authorized:
+            headers["Authorization"] = f"Bearer {self.transfer.token}"
+        self.slot.acquire()
+        try:
+            return self.transfer._get(session, self.piece_url, headers)
+        except BaseException:
+            self.slot.release()
+            raise
+
+    def _check(self, response, entry) -> None:
+        if response.status_code == 206:
+            start, total = _content_range(response)
+            if total is not None and total != self.size:
+                raise _Mismatch(f"serves {total} bytes, expected {self.size}")
+            if start != entry[0] + entry[2]:
+                raise _Retry(f"server sent bytes from {start}, not {entry[0] + entry[2]}", wait=0)
+            return
+        if response.status_code == 200:
+            raise _RangesIgnored()
+        if response.status_code == 416:
+            raise _Mismatch(f"refuses bytes {entry[0]}-{entry[1] - 1}: smaller than the pinned "
+                            f"{self.size} bytes")
+        _raise_for_status(response)
+
+    def _stream(self, response, entry) -> None:
+        view = None
+        try:
+            with response:
+                while entry[2] < entry[1] - entry[0] and self.pieces.failure is None:
+                    position = entry[0] + entry[2]
+                    try:
+                        data = response.raw.read(min(CHUNK, entry[1] - position))
+                    except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException,
+                            ConnectionError, TimeoutError) as exc:
+                        raise _Retry(f"connection dropped at byte {position} "
+                                     f"({_reason(exc)})") from None
+                    if not data:
+                        raise _Retry(f"body ended at byte {position}")
+                    view, written = memoryview(data), 0
+                    while written < len(view):
+                        written += os.pwrite(self.fd, view[written:], position + written)
+                    self.pieces.wrote(entry, written)
+                    self.progress.advance(self.task, written)
+                    self._save()
+        finally:
+            self.slot.release()
+
+    # -- the hash and the sidecar ------------------------------------------------------------
+    def _hash_in_order(self) -> None:
+        """sha256 over the contiguous prefix as it grows; 4 MiB reads into one buffer."""
+        buffer = memoryview(bytearray(HASH_READ))
+        position = self.part.offset
+        while position < self.size:
+            with self.pieces.cond:
+                while (end := self.pieces.prefix()) <= position and not self.pieces.finished:
+                    self.pieces.cond.wait()
+            if end <= position:
+                return
+            while position < end:
+                n = os.preadv(self.fd, [buffer[:min(HASH_READ, end - position)]], position)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"short read at byte {position}", str(self.part.path))
+                self.part.hasher.update(buffer[:n])
+                position += n
+                self.part.offset = position
+
+    def _save(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.saved_at < self.SAVE_EVERY:
+            return
+        with self.save_lock:
+            self.saved_at = now
+            if self.part.meta:
+                self.part.meta["have"] = self.pieces.have()
+                self.part.save()
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the file's blocks (ENOSPC now, not mid-download); sparse where unsupported."""
+    if os.fstat(fd).st_size >= size:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in DISK_FULL:
+            raise
+        os.ftruncate(fd, size)
 
 
 # --- internal outcomes of one attempt ------------------------------------------------------------
@@ -456,7 +792,13 @@ class Transfer:
     progress: bool | None = None
     backoff: float = 1.0
     quarantine_dir: Path | None = None
+    connections: int = 8
+    per_host: int = 8
+    segment_threshold: int = 64 << 20
+    piece_size: int = 16 << 20
     _verify: str | bool = field(init=False, repr=False)
+    _no_ranges: set = field(init=False, repr=False, default_factory=set)
+    _slots: dict = field(init=False, repr=False, default_factory=dict)
     _unreachable: dict = field(init=False, repr=False, default_factory=dict)
     _lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
 
@@ -464,9 +806,10 @@ class Transfer:
         self._verify = resolve_ca_bundle(self.ca_bundle)
         if self.token is None:
             self.token = resolve_token()
-        if self.jobs < 1 or self.retries < 0:
-            raise SdrecipeError(f"jobs must be >= 1 and retries >= 0 (got {self.jobs}, "
-                                f"{self.retries})")
+        if min(self.jobs, self.connections, self.per_host) < 1 or self.retries < 0:
+            raise SdrecipeError(f"jobs, connections and connections per host must be >= 1 and "
+                                f"retries >= 0 (got {self.jobs}, {self.connections}, "
+                                f"{self.per_host}, {self.retries})")
 
     def __repr__(self) -> str:  # never show the token
         return (f"Transfer(ca_bundle={self.ca_bundle!r}, token={'***' if self.token else None}, "
@@ -474,8 +817,11 @@ class Transfer:
 
     @classmethod
     def from_config(cls, config, **overrides) -> "Transfer":
-        """Take the CA bundle from the site config (`ca_bundle` / SDRECIPE_CA_BUNDLE)."""
-        return cls(**{"ca_bundle": config.get("ca_bundle"), **overrides})
+        """Take the CA bundle (`ca_bundle` / SDRECIPE_CA_BUNDLE) and the connection counts
+        (`connections` per file, `connections_per_host`) from the site config."""
+        return cls(**{"ca_bundle": config.get("ca_bundle"),
+                      "connections": config.get("connections"),
+                      "per_host": config.get("connections_per_host"), **overrides})
 
     # -- public -------------------------------------------------------------------------------------
     def fetch(self, downloads) -> list[Result]:
@@ -585,12 +931,7 @@ class Transfer:
                 failures_in_a_row = 0 if part.offset > before else failures_in_a_row + 1
                 if failures_in_a_row > self.retries:
                     break
-                wait = exc.wait if exc.wait is not None else min(
-                    MAX_BACKOFF, self.backoff * 2 ** (failures_in_a_row - 1))
-                wait *= random.uniform(0.75, 1.25)
-                log.warning("%s", self._redact(f"{download.label}: {url}: {exc}; retrying in "
-                                               f"{wait:.1f}s"))
-                time.sleep(wait)
+                self._wait_to_retry(download, url, exc, failures_in_a_row)
             except _Mismatch:
                 if not resumed:
                     raise
@@ -600,14 +941,32 @@ class Transfer:
                 progress.restart(task, 0, download.size)
         raise _NextEndpoint(f"gave up after {self.retries + 1} attempts in a row: {last}")
 
-    def _attempt(self, download, url, part, progress, task) -> Result:
-        headers = {"Accept-Encoding": "identity", **part.resume_headers(url)}
-        if download.gated and self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        log.debug("GET %s (from byte %d)", url, part.offset)
+    def _wait_to_retry(self, download, url, exc: "_Retry", failures_in_a_row: int) -> None:
+        wait = exc.wait if exc.wait is not None else min(
+            MAX_BACKOFF, self.backoff * 2 ** (failures_in_a_row - 1))
+        wait *= random.uniform(0.75, 1.25)
+        log.warning("%s", self._redact(f"{download.label}: {url}: {exc}; retrying in "
+                                       f"{wait:.1f}s"))
+        time.sleep(wait)
+
+    def _segmentable(self, download, url) -> bool:
+        """Large, pinned (size and sha256: a splice of two versions cannot pass), and the
+        endpoint has not been seen ignoring Range."""
+        return (self.connections > 1 and download.sha256 is not None
+                and download.size is not None and download.size > self.segment_threshold
+                and _endpoint(url) not in self._no_ranges)
+
+    def _slot(self, url: str) -> threading.Semaphore:
+        """The per-host cap: one semaphore per endpoint, shared by all files and pieces."""
+        with self._lock:
+            return self._slots.setdefault(_endpoint(url), threading.Semaphore(self.per_host))
+
+    def _get(self, session, url: str, headers: dict):
+        """A streamed GET; transport failures mapped to what the caller does next."""
+        log.debug("GET %s (%s)", url, headers.get("Range", "whole file"))
         try:
-            response = requests.get(url, headers=headers, stream=True, verify=self._verify,
-                                    timeout=(self.timeout, self.timeout))
+            return session.get(url, headers=headers, stream=True, verify=self._verify,
+                               timeout=(self.timeout, self.timeout))
         except requests.exceptions.SSLError as exc:
             raise _NextEndpoint(
                 f"TLS verification failed ({_reason(exc)}): if your site uses its own CA, set "
@@ -618,6 +977,21 @@ class Transfer:
             raise _Retry(f"no response ({_reason(exc)})") from None
         except requests.exceptions.RequestException as exc:
             raise _NextEndpoint(_reason(exc)) from None
+
+    def _attempt(self, download, url, part, progress, task) -> Result:
+        if self._segmentable(download, url):
+            _Segmented(self, download, url, part, progress, task).run()
+            return self._finish(download, url, part)
+        part.linear()
+        headers = {"Accept-Encoding": "identity", **part.resume_headers(url)}
+        if download.gated and self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        with self._slot(url):
+            return self._attempt_in_order(download, url, part, progress, task, headers)
+
+    def _attempt_in_order(self, download, url, part, progress, task, headers) -> Result:
+        """One connection, the body appended to the part as it comes."""
+        response = self._get(requests, url, headers)
         with response:
             self._check_status(download, part, response)
             length = response.headers.get("Content-Length")
@@ -638,7 +1012,7 @@ class Transfer:
     def _check_status(self, download, part, response) -> None:
         status = response.status_code
         if status == 206:
-            start = _content_range_start(response)
+            start, _ = _content_range(response)
             if start != part.offset:
                 part.reset()
                 raise _Retry(f"server resumed at byte {start}, not {part.offset}; starting over",
@@ -653,15 +1027,7 @@ class Transfer:
         if status == 416 and part.offset:
             part.reset()
             raise _Retry("server refused the resume range; starting over", wait=0)
-        if status in (401, 403):
-            detail = response.headers.get("X-Error-Message")
-            raise _AuthRefused(f"HTTP {status}" + (f": {detail}" if detail else ""),
-                               gated_repo=response.headers.get("X-Error-Code") == "GatedRepo")
-        if status == 429 or status >= 500:
-            retry_after = response.headers.get("Retry-After", "")
-            wait = min(float(retry_after), MAX_BACKOFF) if retry_after.isdigit() else None
-            raise _Retry(f"HTTP {status} {response.reason}", wait)
-        raise _NextEndpoint(f"HTTP {status} {response.reason}")
+        _raise_for_status(response)
 
     def _stream(self, response, part, progress, task) -> None:
         """The body into the part, 1 MiB reads (urllib3's `read` copies once from the
@@ -764,9 +1130,27 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
-def _content_range_start(response) -> int | None:
-    match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
-    return int(match[1]) if match else None
+def _raise_for_status(response) -> None:
+    """What a status other than 200/206 means: 401/403 refused, 429/5xx transient (with the
+    server's Retry-After), anything else: this URL will not serve the file."""
+    status = response.status_code
+    if status in (401, 403):
+        detail = response.headers.get("X-Error-Message")
+        raise _AuthRefused(f"HTTP {status}" + (f": {detail}" if detail else ""),
+                           gated_repo=response.headers.get("X-Error-Code") == "GatedRepo")
+    if status == 429 or status >= 500:
+        retry_after = response.headers.get("Retry-After", "")
+        wait = min(float(retry_after), MAX_BACKOFF) if retry_after.isdigit() else None
+        raise _Retry(f"HTTP {status} {response.reason}", wait)
+    raise _NextEndpoint(f"HTTP {status} {response.reason}")
+
+
+def _content_range(response) -> tuple[int | None, int | None]:
+    """(first byte, total size) from `Content-Range: bytes a-b/total` (total None for `*`)."""
+    match = re.match(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
+    if not match:
+        return None, None
+    return int(match[1]), (int(match[2]) if match[2] != "*" else None)
 
 
 def _endpoint(url: str) -> str:
