@@ -622,3 +622,33 @@ def test_a_killed_segmented_download_resumes_only_the_missing_ranges(tmp_path):
     assert result.sha256 == BIG_SHA and dest.read_bytes() == BIG
     assert resent <= len(BIG) * 0.55, f"resent {resent / len(BIG):.0%}"
     assert resent <= len(BIG) - have + PIECE  # at most the ranges the sidecar did not list
+
+
+def test_progress_learns_unknown_sizes_from_the_response(mirror, tmp_path):
+    """A file without a pinned size still gets a true total: its Content-Length."""
+    from sdrecipe import progress
+
+    class Recorder(progress.Reporter):
+        def __init__(self):
+            self.tasks = {}
+
+        def add(self, description, total=None, unit="items"):
+            self.tasks[description] = {"total": total, "done": 0}
+            return description
+
+        def advance(self, task, amount=1):
+            self.tasks[task]["done"] += amount
+
+        def update(self, task, *, completed=None, total=None, description=None):
+            if total is not None:
+                self.tasks[task]["total"] = total
+            if completed is not None:
+                self.tasks[task]["done"] = completed
+
+    url = mirror.add_plain("w.bin", DATA)
+    small = mirror.add_plain("s.bin", DATA[:1000])
+    with progress.reporting(Recorder()) as seen:
+        fast(progress=None).fetch([Download([url], tmp_path / "w.bin"),
+                                   Download([small], tmp_path / "s.bin", size=1000)])
+    assert seen.tasks["total (2 files)"] == {"total": len(DATA) + 1000, "done": len(DATA) + 1000}
+    assert seen.tasks["w.bin"] == {"total": len(DATA), "done": len(DATA)}

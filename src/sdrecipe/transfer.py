@@ -10,11 +10,12 @@ Interface (the `artifacts` stage and anything else that downloads uses only this
     results = Transfer.from_config(config).fetch(downloads)   # -> [Result(dest, sha256, size, url)]
 
 - `Transfer(ca_bundle=None, token=None, retries=4, timeout=30.0, jobs=4,
-  progress=None, backoff=1.0, quarantine_dir=None)`: `token=None` looks one up
+  progress=None, backoff=1.0, quarantine_dir=None, connections=8, per_host=8,
+  segment_threshold=64 MiB, piece_size=16 MiB)`: `token=None` looks one up
   with `resolve_token()`, `""` means none; `timeout` is per connect and per read;
   `progress=None` reports per-file and total tasks through `progress.py` (the CLI
-  draws bars on a terminal), `False` nothing; `from_config(config, **overrides)` takes the
-  CA bundle from the site config.
+  draws bars with speed and ETA on a terminal), `False` nothing; `from_config(config,
+  **overrides)` takes the CA bundle and the connection counts from the site config.
 - `Download.urls` are candidates tried in order (mirrors first, huggingface.co
   last). `sha256=None` is trust on first use: the hash is computed while
   downloading and returned for the caller to record. `size=None` likewise.
@@ -25,6 +26,16 @@ Interface (the `artifacts` stage and anything else that downloads uses only this
   fetched (`DiskSpaceError`).
 
 How one file arrives:
+- A file pinned by size and sha256 and larger than `segment_threshold` comes as byte
+  ranges (pieces of `piece_size`, in file order) over `connections` parallel
+  connections (`_Segmented`): mirrors and proxies cap each connection well below the
+  link. The part is preallocated and each piece written at its offset; the sidecar
+  lists the ranges on disk, so a resume after a cut, a kill or a reboot asks only for
+  the missing ones; one thread hashes the contiguous prefix in order as it grows, so
+  the sha256 is ready moments after the last byte. A failing piece retries alone. A
+  server answering a ranged request with 200 is remembered and served over one
+  connection. At most `per_host` connections go to one endpoint at once, all files
+  together. Smaller or unpinned files, and `connections=1`, take one stream:
 - The body streams into `<dest>.part` in 1 MiB chunks (memory stays flat at any
   size), hashed as it is written: one pass, never a second read. A sidecar
   `<dest>.part.json` records the URL, ETag/Last-Modified and expected sha256, so a
@@ -41,14 +52,19 @@ How one file arrives:
 - 5xx, 429, timeouts and dropped connections are retried with exponential
   backoff, at most `retries` times without progress (an attempt that advanced
   the part does not use up a retry). 404 and other 4xx move on to the next
-  endpoint at once. 401/403 on a gated file says how to get access.
+  endpoint at once. 401/403 on a gated file says how to get access. A name that
+  does not resolve or a refused connection is not retried: that endpoint is skipped
+  by every download of the run, and if no endpoint answered at all, one
+  `UnreachableError` names them and the ways forward (a mirror, a bundle, smoke).
 - TLS is verified always. The CA bundle is `ca_bundle` (config `ca_bundle` /
   `SDRECIPE_CA_BUNDLE`), else `REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE` or
   `SSL_CERT_FILE`, else certifi's. There is no switch to turn verification off.
 - The token (`resolve_token()`: `HF_TOKEN`, else the token file that
   `huggingface-cli login` writes) goes only to downloads marked `gated`, and
-  never to another host after a redirect (HF redirects to a CDN). It is redacted
-  from every message and log line.
+  never to another host after a redirect (HF redirects to a CDN; pieces go to the
+  redirect's target without it). It travels only over TLS or to loopback: a gated
+  download with a plain-http remote URL is refused before any connection. It is
+  redacted from every message and log line.
 - `<dest>.lock` keeps two processes that share a cache from writing one part at
   once (the second waits, and says so). A complete part left by a run killed
   before its rename is verified and renamed, not fetched again.
@@ -743,12 +759,17 @@ class _Unreachable(_NextEndpoint):
 # --- progress ----------------------------------------------------------------------------------------
 class _Progress:
     """Per-file and total tasks of the one progress interface (`progress.py`), which the
-    CLI renders as bars on a terminal; `enabled=False` reports nothing."""
+    CLI renders as bars (size, speed, ETA) on a terminal; `enabled=False` reports nothing.
+    Sizes come from the pins, else from each response's length as it arrives: the total
+    is the sum of the sizes known so far."""
 
-    def __init__(self, enabled: bool | None, total: int | None, files: int):
+    def __init__(self, enabled: bool | None, sizes: list[int | None]):
         self._reporter = reporter() if enabled is not False else Reporter()
-        self._total = self._reporter.add(f"total ({files} files)", total, unit="bytes")
+        self._known = sum(size for size in sizes if size is not None)
+        self._total = self._reporter.add(f"total ({len(sizes)} files)", self._known or None,
+                                         unit="bytes")
         self._completed: dict = {}
+        self._sizes: dict = {}
         self._lock = threading.Lock()
 
     def __enter__(self):
@@ -758,7 +779,9 @@ class _Progress:
         self._reporter.remove(self._total)
 
     def file(self, label: str, total: int | None):
-        return self._reporter.add(label, total, unit="bytes")
+        task = self._reporter.add(label, total, unit="bytes")
+        self._sizes[task] = total
+        return task
 
     def advance(self, task, amount: int) -> None:
         with self._lock:
@@ -771,6 +794,10 @@ class _Progress:
         with self._lock:
             self._reporter.advance(self._total, completed - self._completed.get(task, 0))
             self._completed[task] = completed
+            if total is not None and self._sizes.get(task) is None:  # learnt from the server
+                self._sizes[task] = total
+                self._known += total
+                self._reporter.update(self._total, total=self._known)
         self._reporter.update(task, completed=completed, total=total)
 
     def done(self, task) -> None:
@@ -833,11 +860,9 @@ class Transfer:
         self._refuse_token_over_plain_http(downloads)
         self._unreachable.clear()
         self._check_free_space(downloads)
-        sizes = [d.size for d in downloads]
-        total = None if None in sizes else sum(sizes)
         results: list[Result | None] = [None] * len(downloads)
         failures: list[SdrecipeError] = []
-        with _Progress(self.progress, total, len(downloads)) as progress, \
+        with _Progress(self.progress, [d.size for d in downloads]) as progress, \
                 ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="fetch") as pool:
             futures = [pool.submit(self._fetch_one, d, progress) for d in downloads]
             for index, future in enumerate(futures):
