@@ -488,8 +488,10 @@ PIECE = 512 * 1024
 
 
 def segmented(**kw) -> Transfer:
-    """Segmented above 1 MiB, 512 KiB pieces, 4 connections (test-sized)."""
-    return fast(**{"segment_threshold": 2**20, "piece_size": PIECE, "connections": 4, **kw})
+    """Segmented above 1 MiB, 512 KiB pieces, 4 connections (test-sized); the others join
+    the first however fast it is (loopback is faster than any real link)."""
+    return fast(**{"segment_threshold": 2**20, "piece_size": PIECE, "connections": 4,
+                   "fast_connection": float("inf"), **kw})
 
 
 def big(urls, dest, **kw) -> Download:
@@ -511,6 +513,18 @@ def test_a_large_pinned_file_comes_in_parallel_ranges_hashed_once(tmp_path):
     assert sorted(ranges_asked(server, url)) == list(range(0, len(BIG), PIECE))
     assert {h.status for h in server.requests_for(url)} == {206}
     assert leftovers(tmp_path) == ["big.bin"]  # no part, no sidecar
+
+
+def test_a_connection_fast_enough_alone_goes_on_in_order_without_the_others(tmp_path):
+    """Uncapped (here: anything above 1 byte/s), the first piece is finished alone and the
+    rest comes over one connection, in order: no parallel connections to pay for."""
+    with MirrorServer(rate=8 * 2**20) as server:
+        url = server.add_plain("big.bin", BIG)
+        [result] = segmented(fast_connection=1).fetch([big([url], tmp_path / "big.bin")])
+    assert result.sha256 == BIG_SHA and (tmp_path / "big.bin").read_bytes() == BIG
+    assert [h.headers["Range"] for h in server.requests_for(url)] == [
+        f"bytes=0-{PIECE - 1}", f"bytes={PIECE}-"]
+    assert server.max_concurrent == 1 and server.bytes_sent(url) == len(BIG)
 
 
 def test_small_or_unpinned_files_and_one_connection_stay_one_stream(mirror, tmp_path):
@@ -598,12 +612,12 @@ def test_a_killed_segmented_download_resumes_only_the_missing_ranges(tmp_path):
     import sys
     dest = tmp_path / "big.bin"
     sidecar = tmp_path / "big.bin.part.json"
-    with MirrorServer(rate=2**20) as server:  # 1 MiB/s per connection: ~1 s for the file
+    with MirrorServer(rate=2**18) as server:  # 256 KiB/s per connection: ~4 s for the file
         url = server.add_plain("big.bin", BIG)
         child = subprocess.Popen(
             [sys.executable, "-c", "import sys; from pathlib import Path; "
              "from sdrecipe.transfer import Transfer, Download; "
-             "Transfer(token='', progress=False, segment_threshold=2**20, piece_size=2**19,"
+             "Transfer(token='', progress=False, segment_threshold=2**20, piece_size=2**18,"
              " connections=4).fetch([Download([sys.argv[1]], Path(sys.argv[2]), "
              "sha256=sys.argv[3], size=int(sys.argv[4]))])", url, str(dest), BIG_SHA, str(len(BIG))],
             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
@@ -652,3 +666,13 @@ def test_progress_learns_unknown_sizes_from_the_response(mirror, tmp_path):
                                    Download([small], tmp_path / "s.bin", size=1000)])
     assert seen.tasks["total (2 files)"] == {"total": len(DATA) + 1000, "done": len(DATA) + 1000}
     assert seen.tasks["w.bin"] == {"total": len(DATA), "done": len(DATA)}
+
+
+def test_a_file_of_one_piece_finishes_whether_its_connection_is_fast_or_not(mirror, tmp_path):
+    url = mirror.add_plain("big.bin", BIG)
+    for fast_connection in (1, float("inf")):
+        dest = tmp_path / f"{fast_connection}.bin"
+        [result] = segmented(piece_size=len(BIG), fast_connection=fast_connection).fetch(
+            [big([url], dest)])
+        assert result.sha256 == BIG_SHA and dest.read_bytes() == BIG
+    assert [h.status for h in mirror.requests_for(url)] == [206, 206]

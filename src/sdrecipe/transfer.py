@@ -520,6 +520,7 @@ class _Segmented:
     ranged request with 200 sends the download back to one connection."""
 
     SAVE_EVERY = 0.5
+    SAMPLE = 0.2  # seconds the first piece runs alone, to see whether one connection is capped
 
     def __init__(self, transfer: "Transfer", download: Download, url: str, part: _Part,
                  progress: "_Progress", task):
@@ -534,14 +535,17 @@ class _Segmented:
         self.save_lock = threading.Lock()
         self.fd = -1
 
-    def run(self) -> None:
-        """Fetch every missing range; on return the part is complete and hashed."""
+    def run(self) -> bool:
+        """Fetch the missing ranges. True: the part is complete and hashed; False: one
+        connection is fast enough alone (`_enough_alone`), and the caller continues the
+        file in order from the part's prefix."""
         if "have" not in self.part.meta and self.part.offset:  # a part written in order
             self.part.meta["have"], self.part.meta["size"] = self.part.have, self.size
         self.progress.restart(self.task, self.pieces.written(), self.size)
         first = self.pieces.take()
         if first is None:
-            return self._hash_only()
+            self._hash_only()
+            return True
         session = requests.Session()
         response = self._request(session, first)  # the probe: are ranges honoured?
         try:
@@ -560,7 +564,17 @@ class _Segmented:
         self.authorized = self.authorized and urlsplit(response.url).netloc == urlsplit(self.url).netloc
         self.fd = os.open(self.part.path, os.O_RDWR)
         try:
-            _preallocate(self.fd, self.size)
+            try:
+                _preallocate(self.fd, self.size)
+                if first[0] + first[2] == self.part.offset and self._enough_alone(response, first):
+                    return False
+                if first[2] == first[1] - first[0]:  # the sample finished it (and its response)
+                    first = response = None
+            except BaseException:
+                response.close()
+                self.slot.release()
+                session.close()
+                raise
             workers = min(self.transfer.connections, len(self.pieces.todo) + 1)
             with ThreadPoolExecutor(max_workers=workers + 1,
                                     thread_name_prefix="fetch-piece") as pool:
@@ -579,6 +593,23 @@ class _Segmented:
             self._one_connection()
         if failure is not None:
             raise failure
+        return True
+
+    def _enough_alone(self, response, entry) -> bool:
+        """Read the first piece alone for SAMPLE seconds, hashing it as it comes. A connection
+        that reaches FAST_CONNECTION is not capped: more would only cost CPU (on loopback, 8
+        connections took twice the wall time of one: benchmarks/README.md), so the piece is
+        finished alone and the file goes on in order. Slower: the others join."""
+        started = time.monotonic()
+        done_alone = self._stream(response, entry, deadline=started + self.SAMPLE, inline=True)
+        rate = entry[2] / max(time.monotonic() - started, 1e-6)
+        if rate < self.transfer.fast_connection:
+            return False
+        if not done_alone:
+            self._stream(response, entry, inline=True)
+        log.debug("%s: one connection at %.0f MiB/s: in order from here", self.download.label,
+                  rate / 2**20)
+        return bool(self.pieces.todo)
 
     def _one_connection(self) -> None:
         log.info("%s: %s ignores Range: one connection from now on", self.download.label,
@@ -661,11 +692,17 @@ class _Segmented:
                             f"{self.size} bytes")
         _raise_for_status(response)
 
-    def _stream(self, response, entry) -> None:
-        view = None
+    def _stream(self, response, entry, deadline: float | None = None, inline=False) -> bool:
+        """The response's body into its piece. With a `deadline`, reading stops then and the
+        response stays open (False); `inline` hashes the bytes as written (the piece is at
+        the prefix and no hash thread runs yet)."""
         try:
-            with response:
+            with contextlib.ExitStack() as closing:
+                closing.enter_context(response)
                 while entry[2] < entry[1] - entry[0] and self.pieces.failure is None:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        closing.pop_all()
+                        return False
                     position = entry[0] + entry[2]
                     try:
                         data = response.raw.read(min(CHUNK, entry[1] - position))
@@ -678,11 +715,17 @@ class _Segmented:
                     view, written = memoryview(data), 0
                     while written < len(view):
                         written += os.pwrite(self.fd, view[written:], position + written)
+                    if inline:
+                        self.part.hasher.update(view)
+                        self.part.offset += written
                     self.pieces.wrote(entry, written)
                     self.progress.advance(self.task, written)
                     self._save()
-        finally:
+        except BaseException:
             self.slot.release()
+            raise
+        self.slot.release()
+        return True
 
     # -- the hash and the sidecar ------------------------------------------------------------
     def _hash_in_order(self) -> None:
@@ -823,6 +866,7 @@ class Transfer:
     per_host: int = 8
     segment_threshold: int = 64 << 20
     piece_size: int = 16 << 20
+    fast_connection: float = 400 * 2**20  # bytes/s: one such connection is not capped
     _verify: str | bool = field(init=False, repr=False)
     _no_ranges: set = field(init=False, repr=False, default_factory=set)
     _slots: dict = field(init=False, repr=False, default_factory=dict)
@@ -981,10 +1025,10 @@ class Transfer:
                 and download.size is not None and download.size > self.segment_threshold
                 and _endpoint(url) not in self._no_ranges)
 
-    def _slot(self, url: str) -> threading.Semaphore:
+    def _slot(self, url: str) -> threading.BoundedSemaphore:
         """The per-host cap: one semaphore per endpoint, shared by all files and pieces."""
         with self._lock:
-            return self._slots.setdefault(_endpoint(url), threading.Semaphore(self.per_host))
+            return self._slots.setdefault(_endpoint(url), threading.BoundedSemaphore(self.per_host))
 
     def _get(self, session, url: str, headers: dict):
         """A streamed GET; transport failures mapped to what the caller does next."""
@@ -1004,8 +1048,8 @@ class Transfer:
             raise _NextEndpoint(_reason(exc)) from None
 
     def _attempt(self, download, url, part, progress, task) -> Result:
-        if self._segmentable(download, url):
-            _Segmented(self, download, url, part, progress, task).run()
+        if self._segmentable(download, url) and \
+                _Segmented(self, download, url, part, progress, task).run():
             return self._finish(download, url, part)
         part.linear()
         headers = {"Accept-Encoding": "identity", **part.resume_headers(url)}
