@@ -89,6 +89,7 @@ import collections
 import contextlib
 import errno
 import hashlib
+import http.client
 import ipaddress
 import json
 import logging
@@ -98,6 +99,7 @@ import random
 import re
 import shutil
 import socket
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -382,36 +384,41 @@ class _Part:
             return {"If-Range": etag}
         return {"If-Range": self.meta["last_modified"]} if self.meta.get("last_modified") else {}
 
-    def fill(self, chunks, advance) -> None:
-        """Append the byte strings that `chunks` yields, hashing each as it is written:
-        one pass over the bytes. Exactly what reached the file is hashed, so after
-        ENOSPC the written prefix still counts and the part stays resumable.
+    def fill(self, read, advance) -> None:
+        """Append what `read(buffer) -> n` puts into buffers (0: the body ended), hashing
+        each as it is written: one pass over the bytes. Exactly what reached the file is
+        hashed, so after ENOSPC the written prefix still counts and the part stays resumable.
 
-        The hash runs on a second thread, fed the very chunks just written (no copy):
-        hashlib releases the GIL on large buffers, so hashing one MiB overlaps reading
-        and writing the next, and verifying costs little wall time over the download
-        itself (benchmarks/README.md). At most HASH_BACKLOG chunks wait in between.
+        The hash runs on a second thread, handed the very buffer just written: hashlib
+        releases the GIL on large buffers, so hashing one MiB overlaps reading and writing
+        the next (benchmarks/README.md). HASH_BACKLOG + 1 buffers go round between the two
+        threads, so memory stays fixed and no MiB is allocated (and page-faulted) per read:
+        that churn was most of the CPU the benchmark measured over curl's.
         """
-        backlog: queue.Queue = queue.Queue(maxsize=HASH_BACKLOG)
+        free: queue.Queue = queue.Queue()
+        for _ in range(HASH_BACKLOG + 1):
+            free.put(bytearray(CHUNK))
+        backlog: queue.Queue = queue.Queue()
 
         def hash_written():
-            while (data := backlog.get()) is not None:
-                self.hasher.update(data)
+            while (item := backlog.get()) is not None:
+                buffer, length = item
+                self.hasher.update(memoryview(buffer)[:length])
+                free.put(buffer)
 
         hashing = threading.Thread(target=hash_written, name="sdrecipe-sha256", daemon=True)
         hashing.start()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         try:
-            for data in chunks:
-                view, written = memoryview(data), 0
+            while length := read(buffer := free.get()):
+                view, written = memoryview(buffer)[:length], 0
                 try:
-                    while written < len(view):
+                    while written < length:
                         written += os.write(fd, view[written:])
                 finally:
-                    if written:
-                        backlog.put(view[:written])
+                    backlog.put((buffer, written))
                     self.offset += written
-                advance(len(view))
+                advance(length)
         finally:
             os.close(fd)
             backlog.put(None)
@@ -565,9 +572,9 @@ class _Segmented:
         self.fd = os.open(self.part.path, os.O_RDWR)
         try:
             try:
-                _preallocate(self.fd, self.size)
                 if first[0] + first[2] == self.part.offset and self._enough_alone(response, first):
                     return False
+                _preallocate(self.fd, self.size)  # only now: a file going on in order needs none
                 if first[2] == first[1] - first[0]:  # the sample finished it (and its response)
                     first = response = None
             except BaseException:
@@ -597,7 +604,7 @@ class _Segmented:
 
     def _enough_alone(self, response, entry) -> bool:
         """Read the first piece alone for SAMPLE seconds, hashing it as it comes. A connection
-        that reaches FAST_CONNECTION is not capped: more would only cost CPU (on loopback, 8
+        that reaches `fast_connection` is not capped: more would only cost CPU (on loopback, 8
         connections took twice the wall time of one: benchmarks/README.md), so the piece is
         finished alone and the file goes on in order. Slower: the others join."""
         started = time.monotonic()
@@ -696,6 +703,7 @@ class _Segmented:
         """The response's body into its piece. With a `deadline`, reading stops then and the
         response stays open (False); `inline` hashes the bytes as written (the piece is at
         the prefix and no hash thread runs yet)."""
+        readinto, buffer = _body_reader(response), memoryview(bytearray(CHUNK))
         try:
             with contextlib.ExitStack() as closing:
                 closing.enter_context(response)
@@ -705,15 +713,14 @@ class _Segmented:
                         return False
                     position = entry[0] + entry[2]
                     try:
-                        data = response.raw.read(min(CHUNK, entry[1] - position))
-                    except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException,
-                            ConnectionError, TimeoutError) as exc:
+                        length = readinto(buffer[:min(CHUNK, entry[1] - position)])
+                    except READ_ERRORS as exc:
                         raise _Retry(f"connection dropped at byte {position} "
                                      f"({_reason(exc)})") from None
-                    if not data:
+                    if not length:
                         raise _Retry(f"body ended at byte {position}")
-                    view, written = memoryview(data), 0
-                    while written < len(view):
+                    view, written = buffer[:length], 0
+                    while written < length:
                         written += os.pwrite(self.fd, view[written:], position + written)
                     if inline:
                         self.part.hasher.update(view)
@@ -866,7 +873,7 @@ class Transfer:
     per_host: int = 8
     segment_threshold: int = 64 << 20
     piece_size: int = 16 << 20
-    fast_connection: float = 400 * 2**20  # bytes/s: one such connection is not capped
+    fast_connection: float = 200 * 2**20  # bytes/s: one such connection is not capped
     _verify: str | bool = field(init=False, repr=False)
     _no_ranges: set = field(init=False, repr=False, default_factory=set)
     _slots: dict = field(init=False, repr=False, default_factory=dict)
@@ -1099,21 +1106,17 @@ class Transfer:
         _raise_for_status(response)
 
     def _stream(self, response, part, progress, task) -> None:
-        """The body into the part, 1 MiB reads (urllib3's `read` copies once from the
-        socket; its `readinto` would copy twice)."""
-        def chunks():
-            while True:
-                try:
-                    data = response.raw.read(CHUNK)
-                except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException,
-                        ConnectionError, TimeoutError) as exc:
-                    raise _Retry(f"connection dropped at byte {part.offset} "
-                                 f"({_reason(exc)})") from None
-                if not data:
-                    return
-                yield data
+        """The body into the part, in 1 MiB reads into the part's buffers."""
+        readinto = _body_reader(response)
 
-        part.fill(chunks(), lambda n: progress.advance(task, n))
+        def read(buffer) -> int:
+            try:
+                return readinto(buffer)
+            except READ_ERRORS as exc:
+                raise _Retry(f"connection dropped at byte {part.offset} "
+                             f"({_reason(exc)})") from None
+
+        part.fill(read, lambda n: progress.advance(task, n))
 
     def _finish(self, download, url, part) -> Result:
         digest = part.hasher.hexdigest()
@@ -1197,6 +1200,28 @@ def _existing_parent(path: Path) -> Path:
     while not path.exists():
         path = path.parent
     return path
+
+
+READ_ERRORS = (urllib3.exceptions.HTTPError, requests.exceptions.RequestException,
+               http.client.HTTPException, ConnectionError, TimeoutError, ssl.SSLError)
+
+
+def _body_reader(response):
+    """`readinto(buffer) -> n` for the body. http.client's own where the body is not
+    content-encoded (we ask for identity): it reads from the socket straight into our
+    buffer, one copy and no allocation (urllib3's `readinto` reads into a new bytes and
+    copies). Else urllib3's decoding `read`, copied in."""
+    raw = response.raw
+    inner = getattr(raw, "_fp", None)
+    if response.headers.get("Content-Encoding", "identity") == "identity" and \
+            hasattr(inner, "readinto"):
+        return inner.readinto
+
+    def read_decoded(buffer) -> int:
+        data = raw.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+    return read_decoded
 
 
 def _raise_for_status(response) -> None:
