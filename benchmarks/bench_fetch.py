@@ -1,7 +1,12 @@
-"""Fetch benchmark: sdrecipe's downloader vs curl on loopback (see benchmarks/README.md).
+"""Fetch benchmark: sdrecipe's downloader vs curl, wget and aria2c on loopback
+(see benchmarks/README.md).
 
     python benchmarks/bench_fetch.py [--size-mib 1024] [--rounds 5] [--workdir benchmarks/out]
+        [--capped-mib 512 --rate 25m]
 
+0. a server capping each connection (nginx `limit_rate`, like mirrors and proxies do):
+   `wget` (one connection), `aria2c -x 8 -s 8` and sdrecipe (8 connections), paired
+   rounds, medians. Needs nginx and aria2 (apt packages nginx, aria2).
 1. wall time, fetch + verify of one file, median over `rounds` interleaved rounds:
    `curl -o` alone, `curl -o && sha256sum`, and `python -m sdrecipe.transfer`-style
    fetch (a fresh Python process calling `Transfer.fetch` with the sha256 pinned,
@@ -39,8 +44,9 @@ sys.path.insert(0, {src!r})
 from pathlib import Path
 from sdrecipe.transfer import Download, Transfer
 url, dest, sha, size = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+connections = int(sys.argv[5])
 started = time.perf_counter()
-Transfer(token="", progress=False, retries=2, backoff=0.1).fetch(
+Transfer(token="", progress=False, retries=2, backoff=0.1, connections=connections).fetch(
     [Download([url], dest, sha256=sha, size=size)])
 print(time.perf_counter() - started)
 """
@@ -72,16 +78,16 @@ def run(argv: list[str]) -> tuple[float, int, str, float]:
     return wall, usage.ru_maxrss, out, usage.ru_utime + usage.ru_stime
 
 
-def fetch_argv(url: str, dest: Path, sha: str, size: int) -> list[str]:
+def fetch_argv(url: str, dest: Path, sha: str, size: int, connections: int = 8) -> list[str]:
     return [sys.executable, "-c", CHILD.format(src=str(ROOT / "src")), url, str(dest), sha,
-            str(size)]
+            str(size), str(connections)]
 
 
 class Nginx:
     """nginx on 127.0.0.1 serving `root` with sendfile; started and stopped by PID."""
 
-    def __init__(self, root: Path, work: Path, port: int = 18931):
-        self.root, self.work, self.port = root, work, port
+    def __init__(self, root: Path, work: Path, port: int = 18931, limit_rate: str | None = None):
+        self.root, self.work, self.port, self.limit_rate = root, work, port, limit_rate
 
     def __enter__(self):
         (self.work / "tmp").mkdir(parents=True, exist_ok=True)
@@ -91,7 +97,8 @@ error_log {self.work}/error.log; events {{ worker_connections 64; }}
 http {{ access_log off; sendfile on; tcp_nopush on;
   client_body_temp_path {self.work}/tmp; proxy_temp_path {self.work}/tmp;
   fastcgi_temp_path {self.work}/tmp; uwsgi_temp_path {self.work}/tmp; scgi_temp_path {self.work}/tmp;
-  server {{ listen 127.0.0.1:{self.port}; root {self.root}; }} }}
+  server {{ listen 127.0.0.1:{self.port}; root {self.root};
+    {f"limit_rate {self.limit_rate};" if self.limit_rate else ""} }} }}
 """)
         self.process = subprocess.Popen([shutil.which("nginx"), "-c", str(conf), "-p", str(self.work)])
         for _ in range(100):
@@ -113,21 +120,42 @@ http {{ access_log off; sendfile on; tcp_nopush on;
 def bench_wall(url: str, sha: str, size: int, out: Path, rounds: int) -> dict:
     """Median (wall s, CPU s) per contender; rounds interleave the contenders."""
     dest = out / "wall.bin"
-    contenders = {
+    return paired_rounds({
         "curl -o": ["curl", "-sS", "-o", str(dest), url],
         "curl -o && sha256sum": ["sh", "-c", f'curl -sS -o "{dest}" "{url}" && sha256sum "{dest}"'],
-        "sdrecipe fetch+verify": fetch_argv(url, dest, sha, size)}
-    times = {name: [] for name in [*contenders, "sdrecipe fetch+verify (in-process)"]}
+        "sdrecipe fetch+verify, 8 connections": fetch_argv(url, dest, sha, size),
+        "sdrecipe fetch+verify, 1 connection": fetch_argv(url, dest, sha, size, 1)},
+        dest, rounds)
+
+
+def bench_capped(url: str, sha: str, size: int, out: Path, rounds: int) -> dict:
+    """The same, against a per-connection cap: one connection vs eight."""
+    dest = out / "capped.bin"
+    return paired_rounds({
+        "wget (1 connection)": ["wget", "-q", "-O", str(dest), url],
+        "aria2c -x 8 -s 8": ["aria2c", "-q", "-x", "8", "-s", "8", "--file-allocation=falloc",
+                             "--allow-overwrite=true", "--auto-file-renaming=false",
+                             "-d", str(out), "-o", dest.name, url],
+        "sdrecipe fetch+verify, 8 connections": fetch_argv(url, dest, sha, size)},
+        dest, rounds)
+
+
+def paired_rounds(contenders: dict, dest: Path, rounds: int) -> dict:
+    """Median (wall s, CPU s) per contender; each round runs all of them, rotating who goes
+    first (no order bias), each into a just-deleted `dest` after `sync`."""
+    times = {name: [] for name in contenders}
+    for name in [n for n in contenders if n.startswith("sdrecipe")]:
+        times[f"{name} (inside fetch)"] = []
     names = list(contenders)
     for round_number in range(rounds):
-        shift = round_number % len(names)  # rotate who goes first: no order bias
+        shift = round_number % len(names)
         for name in names[shift:] + names[:shift]:
             dest.unlink(missing_ok=True)
             os.sync()  # every contender starts with no dirty pages to write back
             wall, _, stdout, cpu = run(contenders[name])
             times[name].append((wall, cpu))
             if name.startswith("sdrecipe"):
-                times["sdrecipe fetch+verify (in-process)"].append((float(stdout), None))
+                times[f"{name} (inside fetch)"].append((float(stdout), None))
     dest.unlink(missing_ok=True)
     return {name: (statistics.median(w for w, _ in values),
                    statistics.median(c for _, c in values) if values[0][1] is not None else None)
@@ -135,31 +163,52 @@ def bench_wall(url: str, sha: str, size: int, out: Path, rounds: int) -> dict:
 
 
 def bench_resend(path: Path, sha: str, size: int, out: Path) -> dict:
+    """Body bytes the resuming request(s) fetch / file size, one stream and segmented:
+    a connection cut at half the file (segmented: halfway into the piece at 50%), and a
+    SIGKILL once half the file is on disk (segmented: once the sidecar lists half)."""
     results = {}
-    with MirrorServer() as hub:
+    dest = out / "cut.bin"
+    part = dest.with_name(dest.name + ".part")
+    sidecar = part.with_name(part.name + ".json")
+    piece = 16 << 20
+    with MirrorServer(rate=200 << 20) as hub:  # a link a kill can land in the middle of
         url = hub.add_plain("big.bin", path)
-        hub.fault(url, cut_after=size // 2)
-        dest = out / "cut.bin"
-        dest.unlink(missing_ok=True)
-        run(fetch_argv(url, dest, sha, size))
-        hits = hub.requests_for(url)
-        results["connection cut at 50%, same run"] = hits[-1].body_bytes / size
+        for connections, label in ((1, "1 connection"), (8, "8 connections")):
+            dest.unlink(missing_ok=True)
+            if connections == 1:
+                hub.fault(url, cut_after=size // 2)
+            else:
+                hub.fault(url, cut_after=piece // 2, on_range=size // 2)
+            before = hub.bytes_sent(url)
+            run(fetch_argv(url, dest, sha, size, connections))
+            results[f"{label}: connection cut at 50%, same run: all bytes sent"] = \
+                (hub.bytes_sent(url) - before) / size
+            hub.clear_faults()
 
-        dest.unlink()
-        hub.clear_faults()
-        child = subprocess.Popen(fetch_argv(url, dest, sha, size), stdout=subprocess.DEVNULL)
-        part = dest.with_name(dest.name + ".part")
-        while not part.exists() or part.stat().st_size < size // 2:
-            time.sleep(0.005)
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        kept = part.stat().st_size
-        before = len(hub.requests_for(url))
-        run(fetch_argv(url, dest, sha, size))
-        resent = sum(h.body_bytes for h in hub.requests_for(url)[before:])
-        results[f"process killed at {kept / size:.0%}, new run"] = resent / size
-        dest.unlink()
+            dest.unlink()
+            child = subprocess.Popen(fetch_argv(url, dest, sha, size, connections),
+                                     stdout=subprocess.DEVNULL)
+            while (on_disk(part, sidecar) if connections > 1 else
+                   (part.stat().st_size if part.exists() else 0)) < size // 2:
+                time.sleep(0.005)
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            kept = on_disk(part, sidecar) if connections > 1 else part.stat().st_size
+            before = hub.bytes_sent(url)
+            run(fetch_argv(url, dest, sha, size, connections))
+            resent = hub.bytes_sent(url) - before
+            results[f"{label}: process killed at {kept / size:.0%}, new run"] = resent / size
+            dest.unlink()
     return results
+
+
+def on_disk(part: Path, sidecar: Path) -> int:
+    """Bytes a segmented part's sidecar lists as written."""
+    import json
+    try:
+        return sum(b - a for a, b in json.loads(sidecar.read_text()).get("have", []))
+    except (OSError, ValueError):
+        return 0
 
 
 def bench_memory(url_of, files: dict, out: Path) -> dict:
@@ -174,6 +223,16 @@ def bench_memory(url_of, files: dict, out: Path) -> dict:
         results[f"fetch {size // 2**20} MiB"] = rss
         dest.unlink()
     return results
+
+
+def print_wall(title: str, wall: dict, size: int, baseline: str) -> None:
+    reference = wall[baseline][0]
+    print(f"\n## {title}")
+    print(f"| contender | wall s | MiB/s | vs {baseline} | CPU s (user+sys) |\n"
+          "| --- | ---: | ---: | ---: | ---: |")
+    for name, (seconds, cpu) in wall.items():
+        print(f"| {name} | {seconds:.2f} | {size / 2**20 / seconds:.0f} | "
+              f"{seconds / reference:.2f}x | {'' if cpu is None else f'{cpu:.2f}'} |")
 
 
 def machine() -> str:
@@ -192,19 +251,34 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "out")
     parser.add_argument("--server", choices=("auto", "nginx", "mirror"), default="auto")
+    parser.add_argument("--capped-mib", type=int, default=512,
+                        help="file size for the per-connection cap benchmark (0: skip it)")
+    parser.add_argument("--rate", default="25m", help="nginx limit_rate per connection")
+    parser.add_argument("--only", choices=("capped", "unlimited"), help="run one part only")
     args = parser.parse_args()
     www, out = args.workdir / "www", args.workdir / "dl"
     www.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     size, small = args.size_mib * 2**20, args.small_mib * 2**20
-    files = {"big.bin": (make_file(www / "big.bin", size), size),
-             "small.bin": (make_file(www / "small.bin", small), small)}
-    use_nginx = args.server == "nginx" or (args.server == "auto" and shutil.which("nginx"))
     print(f"machine: {machine()}")
     print("load average before: %.2f %.2f %.2f" % os.getloadavg())
     fstype = subprocess.run(["stat", "-f", "-c", "%T", str(out)], capture_output=True,
                             text=True).stdout.strip()
     print(f"downloads written to: {out} ({fstype})")
+    if args.capped_mib and args.only != "unlimited":
+        capped_size = args.capped_mib * 2**20
+        capped_sha = make_file(www / "capped.bin", capped_size)
+        with Nginx(www, args.workdir / "nginx-capped", port=18932, limit_rate=args.rate) as server:
+            capped = bench_capped(f"{server.url}/capped.bin", capped_sha, capped_size, out,
+                                  args.rounds)
+        print_wall(f"per-connection cap {args.rate}B/s (nginx limit_rate), {args.capped_mib} "
+                   f"MiB, median of {args.rounds} paired rounds", capped, capped_size,
+                   "wget (1 connection)")
+        if args.only == "capped":
+            return
+    files = {"big.bin": (make_file(www / "big.bin", size), size),
+             "small.bin": (make_file(www / "small.bin", small), small)}
+    use_nginx = args.server == "nginx" or (args.server == "auto" and shutil.which("nginx"))
     server = Nginx(www, args.workdir / "nginx") if use_nginx else MirrorServer()
     with server:
         if not use_nginx:
@@ -217,14 +291,10 @@ def main() -> None:
     resend = bench_resend(www / "big.bin", sha, size, out)
 
     print("load average after: %.2f %.2f %.2f" % os.getloadavg())
-    curl = wall["curl -o"][0]
-    print(f"\n## wall time, {args.size_mib} MiB, median of {args.rounds} interleaved rounds")
-    print("| contender | wall s | MiB/s | vs curl -o | CPU s (user+sys) |\n"
-          "| --- | ---: | ---: | ---: | ---: |")
-    for name, (seconds, cpu) in wall.items():
-        print(f"| {name} | {seconds:.2f} | {size / 2**20 / seconds:.0f} | {seconds / curl:.2f}x "
-              f"| {'' if cpu is None else f'{cpu:.2f}'} |")
-    print("\n## bytes resent after a cut at 50% (second request's body / file size)")
+    print_wall(f"wall time, {args.size_mib} MiB, median of {args.rounds} interleaved rounds",
+               wall, size, "curl -o")
+    print("\n## bytes sent after a fault at 50%, / file size (cut: all the run sent, 100% = "
+          "nothing twice; kill: what the new run fetched)")
     print("| case | resent |\n| --- | ---: |")
     for name, ratio in resend.items():
         print(f"| {name} | {ratio:.1%} |")

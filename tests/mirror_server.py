@@ -29,6 +29,13 @@ faults on one file queue up and act in order; `clear_faults()` ends them):
     cut_after=N      send N body bytes, then drop the connection
     corrupt=True     serve the right length with wrong bytes
     no_length=True   omit Content-Length (body ends when the connection closes)
+    on_range=N       only a request whose `Range` starts at byte N (one segment of a
+                     segmented download), at whichever hop it arrives
+
+Server-wide modes: `rate=N` caps each connection at N bytes/s (like nginx's
+`limit_rate`, or a mirror's per-connection cap); `ignore_ranges=True` answers every
+request with the whole file (200) while still advertising `Accept-Ranges: bytes`, as
+some proxies do.
 
 `tls=make_tls_files(dir)` serves HTTPS with a certificate from a throwaway CA
 (returned as `.ca`, to hand to the client as its CA bundle).
@@ -86,6 +93,7 @@ class Fault:
     cut_after: int | None = None
     corrupt: bool = False
     no_length: bool = False
+    on_range: int | None = None
 
     def take(self) -> bool:
         """Use up one occurrence; False once exhausted."""
@@ -183,8 +191,9 @@ class MirrorServer:
     """See the module docstring. Start with `with` or `start()`; stop with `stop()`."""
 
     def __init__(self, tls: TLSFiles | None = None, cdn_host: str = "localhost",
-                 redirect: bool = True):
+                 redirect: bool = True, rate: int | None = None, ignore_ranges: bool = False):
         self.tls, self.cdn_host, self.redirect = tls, cdn_host, redirect
+        self.rate, self.ignore_ranges = rate, ignore_ranges
         self.repos: dict[str, Repo] = {}
         self.plain: dict[str, Blob] = {}
         self.faults: dict[str, list[Fault]] = {}
@@ -254,11 +263,11 @@ class MirrorServer:
 
     def fault(self, url_or_path: str, *, times: int | None = 1, status: int | None = None,
               delay: float = 0.0, cut_after: int | None = None, corrupt: bool = False,
-              no_length: bool = False) -> None:
+              no_length: bool = False, on_range: int | None = None) -> None:
         """Queue a fault for the file at `url_or_path` (a URL from add_* or its path)."""
         with self._lock:
             self.faults.setdefault(self._file_key(urlsplit(url_or_path).path), []).append(
-                Fault(times, status, delay, cut_after, corrupt, no_length))
+                Fault(times, status, delay, cut_after, corrupt, no_length, on_range))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -284,15 +293,20 @@ class MirrorServer:
         match = RESOLVE.match(path) or CDN.match(path)
         return f"{match['repo']}:{match['path']}" if match else path
 
-    def _take_fault(self, path: str, first_hop: bool, body_hop: bool) -> Fault | None:
-        """The fault for this hop: status faults at the first hop, the rest where bytes flow."""
+    def _take_fault(self, path: str, first_hop: bool, body_hop: bool,
+                    range_start: int | None) -> Fault | None:
+        """The fault for this hop: status faults at the first hop, the rest where bytes flow;
+        a fault `on_range` only for its range (status faults then at any hop)."""
         with self._lock:
             queue = self.faults.get(self._file_key(path), [])
             while queue and queue[0].times is not None and queue[0].times <= 0:
                 queue.pop(0)
-            if not queue or not (first_hop if queue[0].status else body_hop):
+            fault = next((f for f in queue if (f.times is None or f.times > 0)
+                          and f.on_range in (None, range_start)), None)
+            if fault is None:
                 return None
-            return queue[0] if queue[0].take() else None
+            hop = (first_hop or fault.on_range is not None) if fault.status else body_hop
+            return fault if hop and fault.take() else None
 
     def _lookup(self, repo: str, revision: str, path: str):
         entry = self.repos.get(repo)
@@ -350,8 +364,10 @@ def _handler_for(server: MirrorServer):
         def _route(self, hit: Hit, head: bool) -> None:
             path = unquote(self.path.split("?", 1)[0])
             resolve, cdn = RESOLVE.match(path), CDN.match(path)
+            ranged = RANGE.match((self.headers.get("Range") or "").strip())
             fault = server._take_fault(path, first_hop=not cdn,
-                                       body_hop=not (resolve and server.redirect))
+                                       body_hop=not (resolve and server.redirect),
+                                       range_start=int(ranged[1]) if ranged else None)
             if fault and fault.delay:
                 time.sleep(fault.delay)
             if fault and fault.status:
@@ -396,7 +412,7 @@ def _handler_for(server: MirrorServer):
             start, end = 0, blob.size - 1
             ranged = self.headers.get("Range")
             if_range = self.headers.get("If-Range")
-            partial = bool(ranged) and if_range in (None, blob.etag)
+            partial = bool(ranged) and if_range in (None, blob.etag) and not server.ignore_ranges
             if partial:
                 match = RANGE.match(ranged.strip())
                 if not match or int(match[1]) >= blob.size:
@@ -427,11 +443,16 @@ def _handler_for(server: MirrorServer):
             limit = count if not (fault and fault.cut_after is not None) \
                 else min(count, fault.cut_after)
             corrupt = bool(fault and fault.corrupt)
+            started, step = time.monotonic(), (server.rate // 20 if server.rate else 1 << 26)
+            pace = (lambda sent: time.sleep(max(0.0, started + sent / server.rate
+                                                - time.monotonic()))) if server.rate else None
             if isinstance(blob.data, Path) and not corrupt:
                 with open(blob.data, "rb") as f:
                     sent = 0
                     while sent < limit:  # sendfile(2) on plain sockets, send() under TLS
-                        n = self.connection.sendfile(f, offset + sent, min(limit - sent, 1 << 26))
+                        if pace:
+                            pace(sent)
+                        n = self.connection.sendfile(f, offset + sent, min(limit - sent, step))
                         if not n:
                             break
                         sent += n
@@ -441,7 +462,9 @@ def _handler_for(server: MirrorServer):
                 position = offset
                 with open(blob.data, "rb") if view is None else contextlib.nullcontext() as f:
                     while position < offset + limit:
-                        size = min(CHUNK, offset + limit - position)
+                        if pace:
+                            pace(position - offset)
+                        size = min(CHUNK, step, offset + limit - position)
                         if view is not None:
                             piece = bytes(view[position:position + size])
                         else:

@@ -276,3 +276,19 @@ def test_unknown_artifact_name_is_an_error(env, world, capsys):
     with pytest.raises(SdrecipeError, match="unknown artifact"):
         from sdrecipe.artifacts import select
         select(load_recipe(env["recipe"]), "cpu", only=["nope"])
+
+
+def test_connections_come_from_the_flag_over_the_config_and_bad_values_are_one_line(
+        env, world, monkeypatch, capsys):
+    from sdrecipe.config import load_config
+    from sdrecipe.transfer import Transfer
+    monkeypatch.setenv("SDRECIPE_CONNECTIONS", "3")
+    assert Transfer.from_config(load_config(), token="").connections == 3
+    assert "4 placed" in fetch(env, "--connections", "1", capsys=capsys)
+    code = main(["--recipe", str(env["recipe"]), "--deploy-dir", str(env["deploy"]),
+                 "fetch", "--profile", "cpu", "--connections", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--connections 0: give 1 or more" in err
+    monkeypatch.setenv("SDRECIPE_CONNECTIONS", "many")
+    with pytest.raises(SdrecipeError, match=r"\$SDRECIPE_CONNECTIONS='many': expected a whole"):
+        load_config()

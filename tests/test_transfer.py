@@ -8,12 +8,14 @@ import logging
 import os
 import resource
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from fetch_fixtures import free_port
 from mirror_server import MirrorServer
 from sdrecipe.errors import SdrecipeError
 from sdrecipe.transfer import (GATED_HINT, DiskSpaceError, Download, GatedError, IntegrityError,
@@ -422,3 +424,255 @@ def test_a_second_process_on_the_same_file_waits_for_the_first(mirror, tmp_path,
     assert first.wait(timeout=30) == 0
     assert result.sha256 == SHA and (tmp_path / "w.bin").read_bytes() == DATA
     assert "another process is downloading" in caplog.text
+
+
+# --- unreachable endpoints and plain http (issue 10) ----------------------------------------------
+def test_token_is_refused_over_plain_http_to_a_remote_host_before_any_connection(
+        tmp_path, monkeypatch):
+    """192.0.2.1 is TEST-NET-1 (documentation only): the refusal must come before a socket
+    is even opened, so nothing leaves the machine."""
+    def no_connection(*args, **kwargs):
+        pytest.fail(f"a connection was attempted: {args}")
+    monkeypatch.setattr(socket, "create_connection", no_connection)
+    import urllib3.util.connection
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", no_connection)
+    urls = hf_resolve_urls(["http://192.0.2.1"], "CompVis/sd", "main", "model.ckpt")
+    with pytest.raises(SdrecipeError) as caught:
+        fast(token=TOKEN).fetch([Download(urls, tmp_path / "m", gated=True)])
+    text = str(caught.value)
+    assert "\n" not in text and "refusing to send your Hugging Face token over plain http to " \
+        "http://192.0.2.1" in text and "https://" in text and TOKEN not in text
+    assert not isinstance(caught.value, TransferError)
+
+
+def test_token_over_plain_http_to_loopback_is_allowed_and_https_too(mirror, tmp_path):
+    url = mirror.add_file("CompVis/sd", "model.ckpt", DATA, token=TOKEN)
+    [result] = fast(token=TOKEN).fetch([pinned([url], tmp_path / "m", gated=True)])
+    assert result.sha256 == SHA
+
+
+def test_unreachable_endpoints_fail_fast_with_one_error_and_the_ways_forward(tmp_path):
+    """A refused loopback port and a name under the reserved .invalid TLD (resolution fails
+    locally): no retries with backoff, one error naming both endpoints and three ways on."""
+    closed = free_port()
+    endpoints = [f"http://127.0.0.1:{closed}", "http://hub.invalid"]
+    downloads = [Download(hf_resolve_urls(endpoints, "org/model", "main", f"f{i}.bin"),
+                          tmp_path / f"f{i}.bin") for i in range(11)]
+    started = time.monotonic()
+    with pytest.raises(TransferError) as caught:
+        fast(backoff=2.0, retries=4).fetch(downloads)
+    assert time.monotonic() - started < 5  # the backoff alone would take minutes
+    text = str(caught.value)
+    assert "\n" not in text and "11 of 11 downloads failed" in text
+    assert f"http://127.0.0.1:{closed} (connection refused)" in text
+    assert "http://hub.invalid (name does not resolve)" in text
+    for way in ("HF_ENDPOINT=<mirror>", "fetch --from-bundle", "deploy --smoke"):
+        assert way in text
+    assert leftovers(tmp_path) == []
+
+
+def test_an_unreachable_mirror_falls_through_to_the_next_endpoint(mirror, tmp_path):
+    endpoints = ["http://hub.invalid", mirror.url]
+    mirror.add_file("org/model", "w.bin", DATA)
+    started = time.monotonic()
+    [result] = fast(backoff=2.0).fetch(
+        [pinned(hf_resolve_urls(endpoints, "org/model", "main", "w.bin"), tmp_path / "w.bin")])
+    assert time.monotonic() - started < 5
+    assert result.url.startswith(mirror.url)
+
+
+# --- segmented downloads (issue 14) -----------------------------------------------------------------
+BIG = os.urandom(4 * 2**20 + 777)  # above the test threshold: 9 pieces of 512 KiB and a tail
+BIG_SHA = hashlib.sha256(BIG).hexdigest()
+PIECE = 512 * 1024
+
+
+def segmented(**kw) -> Transfer:
+    """Segmented above 1 MiB, 512 KiB pieces, 4 connections (test-sized); the others join
+    the first however fast it is (loopback is faster than any real link)."""
+    return fast(**{"segment_threshold": 2**20, "piece_size": PIECE, "connections": 4,
+                   "fast_connection": float("inf"), **kw})
+
+
+def big(urls, dest, **kw) -> Download:
+    return Download(urls=urls, dest=dest, **{"sha256": BIG_SHA, "size": len(BIG), **kw})
+
+
+def ranges_asked(server, url) -> list[int]:
+    return [int(h.headers["Range"].split("=")[1].split("-")[0])
+            for h in server.requests_for(url) if "Range" in h.headers and h.method == "GET"]
+
+
+def test_a_large_pinned_file_comes_in_parallel_ranges_hashed_once(tmp_path):
+    with MirrorServer(rate=4 * 2**20) as server:  # 4 MiB/s per connection
+        url = server.add_plain("big.bin", BIG)
+        [result] = segmented().fetch([big([url], tmp_path / "big.bin")])
+        assert server.max_concurrent == 4
+    assert result.sha256 == BIG_SHA and (tmp_path / "big.bin").read_bytes() == BIG
+    assert server.bytes_sent(url) == len(BIG)  # every byte once
+    assert sorted(ranges_asked(server, url)) == list(range(0, len(BIG), PIECE))
+    assert {h.status for h in server.requests_for(url)} == {206}
+    assert leftovers(tmp_path) == ["big.bin"]  # no part, no sidecar
+
+
+def test_a_connection_fast_enough_alone_goes_on_in_order_without_the_others(tmp_path):
+    """Uncapped (here: anything above 1 byte/s), the first piece is finished alone and the
+    rest comes over one connection, in order: no parallel connections to pay for."""
+    with MirrorServer(rate=8 * 2**20) as server:
+        url = server.add_plain("big.bin", BIG)
+        [result] = segmented(fast_connection=1).fetch([big([url], tmp_path / "big.bin")])
+    assert result.sha256 == BIG_SHA and (tmp_path / "big.bin").read_bytes() == BIG
+    assert [h.headers["Range"] for h in server.requests_for(url)] == [
+        f"bytes=0-{PIECE - 1}", f"bytes={PIECE}-"]
+    assert server.max_concurrent == 1 and server.bytes_sent(url) == len(BIG)
+
+
+def test_small_or_unpinned_files_and_one_connection_stay_one_stream(mirror, tmp_path):
+    url = mirror.add_plain("big.bin", BIG)
+    segmented().fetch([Download([url], tmp_path / "tofu.bin")])  # no pin: one stream
+    segmented(connections=1).fetch([big([url], tmp_path / "one.bin")])
+    assert [h.status for h in mirror.requests_for(url)] == [200, 200]
+
+
+def test_one_segment_that_fails_with_500_is_retried_alone(tmp_path):
+    with MirrorServer(rate=8 * 2**20) as server:
+        url = server.add_plain("big.bin", BIG)
+        server.fault(url, status=500, times=2, on_range=3 * PIECE)
+        [result] = segmented().fetch([big([url], tmp_path / "big.bin")])
+    assert result.sha256 == BIG_SHA
+    asked = ranges_asked(server, url)
+    assert asked.count(3 * PIECE) == 3 and len(asked) == len(range(0, len(BIG), PIECE)) + 2
+    assert [h.status for h in server.requests_for(url)
+            if h.headers.get("Range", "").startswith(f"bytes={3 * PIECE}-")] == [500, 500, 206]
+    assert server.bytes_sent(url) == len(BIG)
+
+
+def test_a_cut_inside_one_segment_resends_only_the_rest_of_it(tmp_path):
+    with MirrorServer(rate=8 * 2**20) as server:
+        url = server.add_plain("big.bin", BIG)
+        server.fault(url, cut_after=100_000, on_range=2 * PIECE)
+        [result] = segmented().fetch([big([url], tmp_path / "big.bin")])
+    assert result.sha256 == BIG_SHA
+    resumed = [h for h in server.requests_for(url)
+               if h.headers.get("Range", "").startswith(f"bytes={2 * PIECE + 100_000}-")]
+    assert len(resumed) == 1 and resumed[0].status == 206
+    assert server.bytes_sent(url) <= len(BIG) * 1.01  # nothing but the cut piece's rest
+
+
+def test_corrupted_bytes_in_one_segment_are_quarantined_and_the_next_endpoint_used(tmp_path):
+    with MirrorServer() as bad, MirrorServer() as good:
+        bad_url = bad.add_plain("big.bin", BIG)
+        bad.fault(bad_url, corrupt=True, on_range=5 * PIECE, times=None)
+        good_url = good.add_plain("big.bin", BIG)
+        quarantine = tmp_path / "quarantine"
+        [result] = segmented(quarantine_dir=quarantine).fetch(
+            [big([bad_url, good_url], tmp_path / "big.bin")])
+    assert result.url == good_url and (tmp_path / "big.bin").read_bytes() == BIG
+    [kept] = quarantine.iterdir()
+    assert kept.stat().st_size == len(BIG) and kept.read_bytes() != BIG
+    assert leftovers(tmp_path) == ["big.bin", "quarantine"]
+
+
+def test_a_server_that_ignores_range_is_fetched_over_one_connection(tmp_path):
+    with MirrorServer(ignore_ranges=True) as server:
+        url = server.add_plain("big.bin", BIG)
+        other = server.add_plain("other.bin", BIG)
+        transfer = segmented()
+        [result] = transfer.fetch([big([url], tmp_path / "big.bin")])
+        assert result.sha256 == BIG_SHA and (tmp_path / "big.bin").read_bytes() == BIG
+        assert [h.status for h in server.requests_for(url)] == [200, 200]  # probe, then one
+        transfer.fetch([big([other], tmp_path / "other.bin")])  # remembered: no probe
+        assert [h.status for h in server.requests_for(other)] == [200]
+
+
+def test_connections_per_host_are_capped_across_files(tmp_path):
+    with MirrorServer(rate=4 * 2**20) as server:
+        urls = [server.add_plain(f"b{i}.bin", BIG) for i in range(3)]
+        segmented(per_host=3, jobs=3).fetch(
+            [big([u], tmp_path / f"b{i}.bin") for i, u in enumerate(urls)])
+    assert server.max_concurrent == 3
+
+
+def test_a_gated_segmented_download_sends_the_token_to_the_hub_host_only(mirror, tmp_path):
+    url = mirror.add_file("CompVis/sd", "model.ckpt", BIG, token=TOKEN)
+    [result] = segmented(token=TOKEN).fetch([big([url], tmp_path / "m", gated=True)])
+    assert result.sha256 == BIG_SHA
+    hops = mirror.requests_for(url)
+    assert [h.headers.get("Authorization") for h in hops if h.host.startswith("127.0.0.1")] \
+        == [f"Bearer {TOKEN}"]  # the resolve hop, once
+    pieces = [h for h in hops if h.host.startswith("localhost")]
+    assert len(pieces) == len(range(0, len(BIG), PIECE))
+    assert all("Authorization" not in h.headers for h in pieces)
+
+
+def test_a_killed_segmented_download_resumes_only_the_missing_ranges(tmp_path):
+    """kill -9 of a real second process once its sidecar records half the file; a new run
+    asks only for the ranges the sidecar does not list."""
+    import json
+    import sys
+    dest = tmp_path / "big.bin"
+    sidecar = tmp_path / "big.bin.part.json"
+    with MirrorServer(rate=2**18) as server:  # 256 KiB/s per connection: ~4 s for the file
+        url = server.add_plain("big.bin", BIG)
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from pathlib import Path; "
+             "from sdrecipe.transfer import Transfer, Download; "
+             "Transfer(token='', progress=False, segment_threshold=2**20, piece_size=2**18,"
+             " connections=4).fetch([Download([sys.argv[1]], Path(sys.argv[2]), "
+             "sha256=sys.argv[3], size=int(sys.argv[4]))])", url, str(dest), BIG_SHA, str(len(BIG))],
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+        have = 0
+        deadline = time.monotonic() + 60
+        while have < len(BIG) // 2:
+            assert child.poll() is None and time.monotonic() < deadline
+            with contextlib.suppress(OSError, ValueError):
+                have = sum(b - a for a, b in json.loads(sidecar.read_text()).get("have", []))
+            time.sleep(0.02)
+        child.kill()
+        child.wait()
+        before = server.bytes_sent(url)
+        [result] = segmented().fetch([big([url], dest)])
+        resent = server.bytes_sent(url) - before
+    assert result.sha256 == BIG_SHA and dest.read_bytes() == BIG
+    assert resent <= len(BIG) * 0.55, f"resent {resent / len(BIG):.0%}"
+    assert resent <= len(BIG) - have + PIECE  # at most the ranges the sidecar did not list
+
+
+def test_progress_learns_unknown_sizes_from_the_response(mirror, tmp_path):
+    """A file without a pinned size still gets a true total: its Content-Length."""
+    from sdrecipe import progress
+
+    class Recorder(progress.Reporter):
+        def __init__(self):
+            self.tasks = {}
+
+        def add(self, description, total=None, unit="items"):
+            self.tasks[description] = {"total": total, "done": 0}
+            return description
+
+        def advance(self, task, amount=1):
+            self.tasks[task]["done"] += amount
+
+        def update(self, task, *, completed=None, total=None, description=None):
+            if total is not None:
+                self.tasks[task]["total"] = total
+            if completed is not None:
+                self.tasks[task]["done"] = completed
+
+    url = mirror.add_plain("w.bin", DATA)
+    small = mirror.add_plain("s.bin", DATA[:1000])
+    with progress.reporting(Recorder()) as seen:
+        fast(progress=None).fetch([Download([url], tmp_path / "w.bin"),
+                                   Download([small], tmp_path / "s.bin", size=1000)])
+    assert seen.tasks["total (2 files)"] == {"total": len(DATA) + 1000, "done": len(DATA) + 1000}
+    assert seen.tasks["w.bin"] == {"total": len(DATA), "done": len(DATA)}
+
+
+def test_a_file_of_one_piece_finishes_whether_its_connection_is_fast_or_not(mirror, tmp_path):
+    url = mirror.add_plain("big.bin", BIG)
+    for fast_connection in (1, float("inf")):
+        dest = tmp_path / f"{fast_connection}.bin"
+        [result] = segmented(piece_size=len(BIG), fast_connection=fast_connection).fetch(
+            [big([url], dest)])
+        assert result.sha256 == BIG_SHA and dest.read_bytes() == BIG
+    assert [h.status for h in mirror.requests_for(url)] == [206, 206]

@@ -173,12 +173,15 @@ def _add_fetch(sub):
                         help="only these artifacts, by recipe name (may name optional ones)")
     parser.add_argument("--from-bundle", type=Path, metavar="BUNDLE",
                         help="restore from an offline bundle (folder or tar); no network")
+    parser.add_argument("--connections", type=int, metavar="N",
+                        help="parallel connections per large file (default: config "
+                             "`connections`, 8; 1 = one stream)")
 
     def run(args):
         from .commands import fetch
         return fetch.run(_target(args, smoke=False, log="fetch"), verify=args.verify,
                          with_optional=args.with_optional, only=args.only,
-                         from_bundle=args.from_bundle)
+                         from_bundle=args.from_bundle, connections=args.connections)
     parser.set_defaults(handler=run)
 
 

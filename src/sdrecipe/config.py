@@ -34,6 +34,11 @@ SETTINGS: dict[str, tuple[str | None, type, Any]] = {
     # a PyPI mirror's file host (e.g. https://pypi.tuna.tsinghua.edu.cn/): locked pip files
     # are fetched from it instead of https://files.pythonhosted.org/ (sha256 still checked)
     "pypi_files_mirror": ("SDRECIPE_PYPI_FILES_MIRROR", str, None),
+    # a large pinned file comes as byte ranges over this many parallel connections
+    # (`fetch --connections N`; 1 = one stream per file), at most `connections_per_host`
+    # at once to one host, all files together, which spares small mirrors
+    "connections": ("SDRECIPE_CONNECTIONS", int, 8),
+    "connections_per_host": ("SDRECIPE_CONNECTIONS_PER_HOST", int, 8),
     "partition": ("SDRECIPE_PARTITION", str, None),
     "account": ("SDRECIPE_ACCOUNT", str, None),
     "qos": ("SDRECIPE_QOS", str, None),
@@ -69,6 +74,10 @@ def _from_env(name: str, value: str, kind: type):
         if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
             raise SdrecipeError(f"${name}={value!r}: expected 1/true/yes or 0/false/no")
         return value.lower() in ("1", "true", "yes")
+    if kind is int:
+        if not value.isdigit():
+            raise SdrecipeError(f"${name}={value!r}: expected a whole number")
+        return int(value)
     return value
 
 

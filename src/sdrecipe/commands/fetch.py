@@ -9,16 +9,24 @@ stamps, and `--verify` rehashes.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ..console import out
+from ..errors import SdrecipeError
 from ..stages import artifacts as artifacts_stage
 from ..stages import source as source_stage
 
 
 def run(target, verify: bool = False, with_optional: bool = False, only=None,
-        from_bundle: Path | None = None) -> int:
+        from_bundle: Path | None = None, connections: int | None = None) -> int:
     from ..artifacts import fetch_artifacts
+    if connections is not None:  # --connections: this run's setting over the site config's
+        if connections < 1:
+            raise SdrecipeError(f"--connections {connections}: give 1 or more")
+        config = replace(target.config, values={**target.config.values,
+                                                "connections": connections})
+        target = replace(target, config=config)
     recipe, deployment = target.recipe, target.deployment
     options = {"verify": verify, "with_optional": with_optional, "only": only}
     if from_bundle:
