@@ -66,25 +66,33 @@ def ensure_source(recipe, dest, profile: str | None = None, bundle: Path | None 
     sources = [str(Path(bundle).resolve())] if bundle else [
         os.path.abspath(url) if os.path.exists(url) else url for url in recipe.upstream.urls]
     failures = []
-    for url in sources:
+    try:  # the staging clone never outlives a failure; one left by a kill goes next run
+        for url in sources:
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                _clone_pinned(staging, url, pinned, from_bundle=bundle is not None,
+                              ca_bundle=config.get("ca_bundle") if config else None)
+                break
+            except _Unusable as exc:
+                failures.append(f"  {url}: {exc}")
+        else:
+            raise _no_source(recipe, failures)
+        _move_into_place(staging, dest)
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        try:
-            _clone_pinned(staging, url, pinned, from_bundle=bundle is not None,
-                          ca_bundle=config.get("ca_bundle") if config else None)
-            for failure in failures:
-                log.warning("skipped a source that could not serve %s:\n%s", pinned[:12], failure)
-            break
-        except _Unusable as exc:
-            failures.append(f"  {url}: {exc}")
-    else:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise SdrecipeError(
-            f"cannot get upstream commit {pinned} from any source:\n" + "\n".join(failures)
-            + f"\nCheck upstream.url and upstream.mirrors in {recipe.path}, or your network. "
-            "Offline, use a checkout of the pinned commit you already have (deploy --source DIR, "
-            "or SDRECIPE_UPSTREAM=DIR) or an offline bundle (fetch --from-bundle DIR).")
-    _move_into_place(staging, dest)
+        raise
+    for failure in failures:
+        log.warning("skipped a source that could not serve %s:\n%s", pinned[:12], failure)
     return dest
+
+
+def _no_source(recipe, failures) -> SdrecipeError:
+    pinned = recipe.upstream.commit
+    return SdrecipeError(
+        f"cannot get upstream commit {pinned} from any source:\n" + "\n".join(failures)
+        + f"\nCheck upstream.url and upstream.mirrors in {recipe.path}, or your network. "
+        "Offline, use a checkout of the pinned commit you already have (deploy --source DIR, "
+        "or SDRECIPE_UPSTREAM=DIR) or an offline bundle (fetch --from-bundle DIR).")
 
 
 def _move_into_place(staging: Path, dest: Path) -> None:

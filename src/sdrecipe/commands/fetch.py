@@ -12,12 +12,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..console import out
+from ..deploy_lock import deployment_lock
 from ..stages import artifacts as artifacts_stage
 from ..stages import source as source_stage
 
 
 def run(target, verify: bool = False, with_optional: bool = False, only=None,
         from_bundle: Path | None = None) -> int:
+    with deployment_lock(target.deployment, "sdrecipe fetch"):
+        placed, origin = _fetch(target, verify, with_optional, only, from_bundle)
+    _show(target, placed, origin)
+    return 0
+
+
+def _fetch(target, verify, with_optional, only, from_bundle) -> tuple[list, str]:
     from ..artifacts import fetch_artifacts
     recipe, deployment = target.recipe, target.deployment
     options = {"verify": verify, "with_optional": with_optional, "only": only}
@@ -34,6 +42,11 @@ def run(target, verify: bool = False, with_optional: bool = False, only=None,
         placed = list(artifacts_stage.run(target, **options).details)  # recorded
         placed += fetch_artifacts(recipe, deployment, target.profile, roots=("torch_home",),
                                   config=target.config, **options)  # preseed's files: no record
+    return placed, origin
+
+
+def _show(target, placed, origin) -> None:
+    recipe, deployment = target.recipe, target.deployment
     out(f"source     {deployment.source} at {recipe.upstream.commit[:12]} ({origin})")
     for item in placed:
         how = f" by {item.method}" if item.method else ""
@@ -43,4 +56,3 @@ def run(target, verify: bool = False, with_optional: bool = False, only=None,
         counts[item.action] = counts.get(item.action, 0) + 1
     summary = ", ".join(f"{n} {action}" for action, n in counts.items()) or "nothing to fetch"
     out(f"fetch: profile {target.profile}: {len(placed)} files: {summary}")
-    return 0
