@@ -17,10 +17,13 @@ import errno
 import json
 import logging
 import os
+import time
+from pathlib import Path
 
 from filelock import FileLock, Timeout
 
 from .errors import SdrecipeError
+from .files import atomic_write_text
 
 LOCK_NAME = "deploy.lock"
 HOLDER_SUFFIX = ".holder"
@@ -36,12 +39,19 @@ def unwritable(deployment, exc: OSError) -> SdrecipeError:
                          "--deploy-dir (a report alone can go elsewhere: verify --out DIR)")
 
 
-def _holder(lock_file: str) -> str:
-    try:
-        data = json.loads(open(lock_file + HOLDER_SUFFIX, encoding="utf-8").read())
-        return f"pid {int(data['pid'])} ({data['command']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another sdrecipe run"
+def _holder(lock_file: str, patience_s: float = 1.0) -> str:
+    """Who holds the lock; the holder writes its name just after taking it, so wait a moment
+    for a name not written yet."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            with open(lock_file + HOLDER_SUFFIX, encoding="utf-8") as handle:
+                data = json.load(handle)
+            return f"pid {int(data['pid'])} ({data['command']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() > deadline:
+                return "another sdrecipe run"
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -65,8 +75,7 @@ def deployment_lock(deployment, command: str, read_only_ok: bool = False):
         raise unwritable(deployment, exc) from exc
     holder = lock_file + HOLDER_SUFFIX
     try:
-        with open(holder, "w", encoding="utf-8") as handle:
-            json.dump({"pid": os.getpid(), "command": command}, handle)
+        atomic_write_text(Path(holder), json.dumps({"pid": os.getpid(), "command": command}))
         yield
     finally:
         with contextlib.suppress(OSError):
