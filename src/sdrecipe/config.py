@@ -42,6 +42,9 @@ SETTINGS: dict[str, tuple[str | None, type, Any]] = {
     "upstream_checkout": ("SDRECIPE_UPSTREAM", str, None),
     # how compute nodes run sdrecipe (for `submit verify`); default: this interpreter
     "engine": ("SDRECIPE_ENGINE", str, None),
+    # bad downloads kept in <cache>/quarantine per file, newest first (a bad checkpoint is
+    # 4 GB); `sdrecipe cache gc` and every fetch trim to it
+    "quarantine_keep": ("SDRECIPE_QUARANTINE_KEEP", int, 1),
 }
 
 
@@ -69,6 +72,10 @@ def _from_env(name: str, value: str, kind: type):
         if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
             raise SdrecipeError(f"${name}={value!r}: expected 1/true/yes or 0/false/no")
         return value.lower() in ("1", "true", "yes")
+    if kind is int:
+        if not value.isdigit():
+            raise SdrecipeError(f"${name}={value!r}: expected a whole number >= 0")
+        return int(value)
     return value
 
 

@@ -142,7 +142,7 @@ def _clone_pinned(staging: Path, url: str, pinned: str, from_bundle: bool,
         if not from_bundle:
             repo.create_remote("origin", url)
     except git.GitCommandError as exc:
-        raise _Unusable(_git_reason(exc)) from exc
+        raise _Unusable(git_reason(exc)) from exc
     head = repo.head.commit.hexsha
     if head != pinned:
         raise _Unusable(f"checked out {head}, not the pinned {pinned}")
@@ -154,11 +154,11 @@ def _fetch_commit(repo: git.Repo, url: str, pinned: str) -> None:
         repo.git.fetch("--depth", "1", "--no-tags", url, pinned)
         return
     except git.GitCommandError as exc:
-        single_commit_error = _git_reason(exc)
+        single_commit_error = git_reason(exc)
     try:
         repo.git.fetch("--tags", url, "+refs/heads/*:refs/remotes/mirror/*")
     except git.GitCommandError as exc:
-        raise _Unusable(_git_reason(exc)) from exc
+        raise _Unusable(git_reason(exc)) from exc
     try:
         repo.git.cat_file("-e", f"{pinned}^{{commit}}")
     except git.GitCommandError:
@@ -166,7 +166,7 @@ def _fetch_commit(repo: git.Repo, url: str, pinned: str) -> None:
                         f"fetching it alone said: {single_commit_error}") from None
 
 
-def _git_reason(exc: git.GitCommandError) -> str:
+def git_reason(exc: git.GitCommandError) -> str:
     """What git said went wrong: its first fatal/error lines, without GitPython's framing."""
     text = exc.stderr if isinstance(exc.stderr, str) else str(exc)
     lines = [line.strip().removeprefix("stderr:").strip().strip("'").strip()
