@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import required_or_skip
-from fetch_fixtures import isolate, make_project, sha256
+from fetch_fixtures import HF_FILES, isolate, make_project, sha256
 from sdrecipe.cli import main
 from sdrecipe.errors import RecipeError
 from sdrecipe.schema import load_yaml
@@ -412,3 +413,45 @@ def test_a_batch_task_refuses_a_changed_model_file_before_importing_torch(projec
     tamper_in_place(deploy / CKPT)
     path, pin, found = tampered(pinned)
     assert (path, pin) == (str(deploy / CKPT), sha256(EXPECTED[CKPT])) and found != pin
+
+
+# --- finding 6: the cache and its quarantine are bounded ---------------------------------------
+
+def test_cache_gc_removes_what_no_deployment_uses_and_dry_run_only_lists_it(project, capsys):
+    gone, kept = project["tmp"] / "gone", project["tmp"] / "kept"
+    fetch_into = lambda deploy, *extra: main(  # noqa: E731
+        ["--recipe", str(project["recipe"]), "--deploy-dir", str(deploy), "fetch",
+         "--profile", "cpu", *extra])
+    assert fetch_into(gone, "--with-optional") == 0 and fetch_into(kept) == 0
+    shutil.rmtree(gone)  # its optional checkpoint is now used by no deployment
+    full = HF_FILES["tiny/sd"]["sd-tiny-full.ckpt"]
+    entry = project["cache"] / "sha256" / sha256(full)[:2] / sha256(full)
+    capsys.readouterr()
+    assert main(["cache", "gc", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"would remove  {entry}  0.1 MiB  (referenced by no deployment)" in out, out
+    assert "1 file(s), 0.1 MiB would be freed" in out and entry.exists()
+    assert main(["cache", "gc"]) == 0
+    assert f"removed  {entry}" in capsys.readouterr().out
+    assert not entry.exists()
+    assert sorted(p.name for p in project["cache"].glob("sha256/*/*") if p.suffix != ".lock") \
+        == sorted(sha256(data) for data in EXPECTED.values())
+    assert fetch_into(kept) == 0 and "4 in place" in capsys.readouterr().out
+    assert main(["cache", "gc"]) == 0 and "0 file(s)" in capsys.readouterr().out
+
+
+def test_quarantine_keeps_only_the_newest_bad_copy_per_file(project, world, capsys):
+    mirror = world["mirror"]
+    url = f"{mirror.url}/tiny/sd/resolve/{world['hf_commits']['tiny/sd']}/sd-tiny.ckpt"
+    quarantine = project["cache"] / "quarantine"
+    try:
+        mirror.fault(url, corrupt=True, times=None)  # every copy served is wrong
+        for attempt in range(3):
+            assert main(["--recipe", str(project["recipe"]), "--deploy-dir",
+                         str(project["tmp"] / "deploy"), "fetch", "--profile", "cpu",
+                         "--only", "tiny-ckpt"]) == 2
+        bad = list(quarantine.iterdir())
+        assert len(bad) == 1, bad
+        assert bad[0].stat().st_size == len(HF_FILES["tiny/sd"]["sd-tiny.ckpt"])
+    finally:
+        mirror.faults.clear()

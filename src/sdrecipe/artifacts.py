@@ -389,15 +389,15 @@ def fetch_artifacts(recipe, deployment, profile: str, verify=False, with_optiona
             else:
                 todo.append(file)
         if todo:
-            with cache.lock():
-                cache.register(deployment.root)
+            with cache.lock():  # held while placing too: `cache gc` never takes an entry
+                cache.register(deployment.root)  # between its fill and its stamp here
                 hashes = fill_cache(todo, lock, cache, verify, offline, extra_pins, config)
-            for file in todo:
-                target = file.target(deployment, create=True)
-                existed = os.path.lexists(target)
-                method = cache.place(hashes[file], target)
-                write_stamp(file.stamp(deployment), target, hashes[file], method, file.key)
-                done[file] = Placed(file, target, "repaired" if existed else "placed", method)
+                for file in todo:
+                    target = file.target(deployment, create=True)
+                    existed = os.path.lexists(target)
+                    method = cache.place(hashes[file], target)
+                    write_stamp(file.stamp(deployment), target, hashes[file], method, file.key)
+                    done[file] = Placed(file, target, "repaired" if existed else "placed", method)
             _hide_from_git(deployment, todo)
         lock.save()
     return [done[f] for f in files]
@@ -521,6 +521,31 @@ def _lock_hint(exc, jobs, lock, extra_pins) -> str | None:
     return (f"(the expected hashes of {', '.join(from_lock)} come from {lock.path}, recorded "
             "on first fetch; if upstream legitimately changed a file, delete its entry and "
             "fetch again)")
+
+
+# --- garbage collection ------------------------------------------------------------------
+
+def collect_garbage(config, dry_run: bool = False) -> list[tuple[Path, int, str]]:
+    """`sdrecipe cache gc`: the cache's entries no registered deployment's stamps name (and
+    that no other hardlink keeps), and quarantined copies beyond `quarantine_keep`; removed
+    unless `dry_run`. Deployments that no longer exist are forgotten."""
+    cache = open_cache(config)
+    if not cache.root.is_dir():
+        return []
+    with cache.lock():
+        referenced: set = set()
+        for root, registration in cache.deployments().items():
+            stamps = root / ".sdrecipe" / "stamps"
+            if not (root / ".sdrecipe").is_dir():
+                if not dry_run:
+                    registration.unlink(missing_ok=True)
+                continue
+            referenced |= {(read_stamp(path) or {}).get("sha256") for path in stamps.rglob("*.json")}
+        garbage = cache.garbage(referenced)
+        if not dry_run:
+            for path, _, _ in garbage:
+                cache.remove(path)
+    return garbage
 
 
 # --- lint ------------------------------------------------------------------------------

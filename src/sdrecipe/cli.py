@@ -376,8 +376,23 @@ def _add_lock(sub):
     parser.set_defaults(handler=run)
 
 
+def _add_cache(sub):
+    parser = sub.add_parser("cache", help="the shared content cache of model files")
+    actions = parser.add_subparsers(dest="action", required=True)
+    gc = actions.add_parser("gc", help="remove cache entries no deployment uses, and "
+                                       "quarantined bad copies beyond quarantine_keep")
+    gc.add_argument("--dry-run", action="store_true", help="list what would go and its size")
+
+    def run(args):
+        from .commands import cache
+        from .config import load_config
+        return cache.gc(load_config(), dry_run=args.dry_run)
+    gc.set_defaults(handler=run)
+
+
 COMMANDS = (_add_deploy, _add_status, _add_verify, _add_fetch, _add_env, _add_doctor, _add_patch,
-            _add_lint, _add_upstream_lock, _add_bundle, _add_submit, _add_salloc, _add_lock)
+            _add_lint, _add_upstream_lock, _add_bundle, _add_submit, _add_salloc, _add_lock,
+            _add_cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path, PurePosixPath
@@ -43,6 +44,7 @@ from .files import atomic_write_text, sha256_file
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 READ_ONLY = 0o444
 STAMP_FIELDS = ("size", "mtime_ns", "ctime_ns", "ino", "dev")
+_SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 
 
 class ContentMismatch(SdrecipeError):
@@ -208,6 +210,8 @@ class Cache:
         hardlinked elsewhere: removing those frees nothing) and quarantine beyond the cap."""
         found = []
         for entry in sorted(self.root.glob("sha256/*/*")):
+            if not _SHA256_NAME.fullmatch(entry.name):
+                continue  # the downloader's lock files
             st = entry.stat()
             if entry.name not in referenced and st.st_nlink == 1:
                 found.append((entry, st.st_size, "referenced by no deployment"))
