@@ -455,3 +455,26 @@ def test_quarantine_keeps_only_the_newest_bad_copy_per_file(project, world, caps
         assert bad[0].stat().st_size == len(HF_FILES["tiny/sd"]["sd-tiny.ckpt"])
     finally:
         mirror.faults.clear()
+
+
+@pytest.mark.slow
+@pytest.mark.upstream
+def test_two_concurrent_smoke_deploys_into_a_new_deployment(upstream, tmp_path):
+    """The real pipeline (the pinned upstream, the cpu env as a venv of Python 3.8): the
+    second deploy waits, names the first, and then finds every stage done."""
+    from env_helpers import PY38
+    if not Path(PY38).is_file():
+        required_or_skip(f"no Python 3.8 at {PY38} (set SDRECIPE_TEST_PY38)")
+    for name in ("recipe", "patches", "lock", "env"):
+        shutil.copytree(ROOT / name, tmp_path / "project" / name)
+    recipe, deploy = tmp_path / "project" / "recipe" / "stable-diffusion.yaml", tmp_path / "deploy"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDRECIPE_")}
+    args = ("deploy", "--profile", "cpu", "--smoke", "--python", PY38, "--source", str(upstream))
+    runs = [sdrecipe(recipe, deploy, *args, env=env) for _ in range(2)]
+    results = [(run.wait(timeout=900), *run.communicate()) for run in runs]
+    for code, out, err in results:
+        assert code == 0 and "Traceback" not in err, out[-2000:] + err[-2000:]
+    waited = [out for _, out, err in results if "sdrecipe: waiting for pid" in err]
+    assert len(waited) == 1, [err for _, _, err in results]
+    assert "-> running" not in waited[0]  # the second found every stage done
+    assert debris(deploy) == []
