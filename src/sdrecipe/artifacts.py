@@ -30,8 +30,8 @@ from .config import load_config
 from .errors import SdrecipeError
 from .files import atomic_write_text, sha256_file
 from .lint import check
-from .placement import (Cache, contained, is_safe_relative, place, read_stamp,
-                        stamp_differs, write_stamp)
+from .placement import (STAMP_FIELDS, Cache, ContentMismatch, contained, is_safe_relative,
+                        place, read_stamp, stamp_differs, write_stamp)
 from .schema import SHA1_RE, SHA256_RE, Node, load_yaml
 
 ROOTS = ("models", "torch_home")
@@ -299,6 +299,46 @@ def artifact_status(recipe, deployment, profile: str, with_optional=False,
             for f in select(recipe, profile, with_optional, only, roots)]
 
 
+# --- before use: the bytes a run will unpickle ------------------------------------------
+
+@dataclass(frozen=True)
+class Proven:
+    target: Path
+    sha256: str
+    hashed: bool  # False: its stamp, ctime included, is unchanged since verified placement
+
+
+def prove_pinned(recipe, deployment, profile: str) -> list[Proven]:
+    """Every file of the profile that a run loads (checkpoint, CLIP and safety-checker
+    weights, HardNet: torch.load unpickles them) proven to be its pinned bytes, before
+    anything loads it. A file whose stamp still matches in size, mtime, ctime, inode and
+    device is the one hashed at placement (any write since moves ctime, which no user call
+    can set back); any other is hashed now. Raises ContentMismatch naming the file."""
+    lock = ArtifactLock.for_recipe(recipe)
+    proven = []
+    for file in select(recipe, profile):
+        target = file.target(deployment)
+        stamp = read_stamp(file.stamp(deployment))
+        # unpinned here (a lock not committed where this recipe is): the hash its placement
+        # was checked against, recorded in its stamp
+        pin = expected(file, lock)[0] or (stamp or {}).get("sha256")
+        if pin is None or not target.is_file():
+            why = "is not placed" if pin else f"has no pinned sha256 (recipe or {LOCK_FILE})"
+            raise SdrecipeError(f"{target} {why}: run `sdrecipe fetch --profile {profile}`")
+        if stamp and stamp.get("sha256") == pin and not stamp_differs(stamp, target, STAMP_FIELDS):
+            proven.append(Proven(target, pin, hashed=False))
+            continue
+        found = sha256_file(target)
+        if found != pin:
+            raise ContentMismatch(f"{target}: expected sha256 {pin}, found {found}: changed "
+                                  "since it was placed; nothing loaded it. Run `sdrecipe fetch "
+                                  f"--verify --profile {profile}` to repair it")
+        write_stamp(file.stamp(deployment), target, pin, (stamp or {}).get("method", "adopted"),
+                    file.key)
+        proven.append(Proven(target, pin, hashed=True))
+    return proven
+
+
 # --- fetch -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -311,6 +351,12 @@ class Placed:
 
 def cache_dir(config=None) -> Path:
     return Path((config or load_config()).get("cache_dir")).expanduser()
+
+
+def open_cache(config=None) -> Cache:
+    """The site's content cache, with its quarantine cap."""
+    config = config or load_config()
+    return Cache(cache_dir(config), quarantine_keep=config.get("quarantine_keep"))
 
 
 def fetch_artifacts(recipe, deployment, profile: str, verify=False, with_optional=False,
@@ -328,7 +374,7 @@ def fetch_artifacts(recipe, deployment, profile: str, verify=False, with_optiona
     config = config or load_config()
     files = select(recipe, profile, with_optional, only, roots)
     lock = ArtifactLock.for_recipe(recipe)
-    cache = Cache(cache_dir(config))
+    cache = open_cache(config)
     deployment.state.mkdir(parents=True, exist_ok=True)
     done: dict[ArtifactFile, Placed] = {}
     todo: list[ArtifactFile] = []
@@ -345,14 +391,15 @@ def fetch_artifacts(recipe, deployment, profile: str, verify=False, with_optiona
             else:
                 todo.append(file)
         if todo:
-            with cache.lock():
+            with cache.lock():  # held while placing too: `cache gc` never takes an entry
+                cache.register(deployment.root)  # between its fill and its stamp here
                 hashes = fill_cache(todo, lock, cache, verify, offline, extra_pins, config)
-            for file in todo:
-                target = file.target(deployment, create=True)
-                existed = os.path.lexists(target)
-                method = place(cache.path(hashes[file]), target)
-                write_stamp(file.stamp(deployment), target, hashes[file], method, file.key)
-                done[file] = Placed(file, target, "repaired" if existed else "placed", method)
+                for file in todo:
+                    target = file.target(deployment, create=True)
+                    existed = os.path.lexists(target)
+                    method = cache.place(hashes[file], target)
+                    write_stamp(file.stamp(deployment), target, hashes[file], method, file.key)
+                    done[file] = Placed(file, target, "repaired" if existed else "placed", method)
             _hide_from_git(deployment, todo)
         lock.save()
     return [done[f] for f in files]
@@ -385,13 +432,16 @@ def _rehash_ok(file, deployment, sha256, cache) -> bool:
     target = file.target(deployment)
     if sha256 is None or os.path.islink(target) or not target.is_file():
         return False
-    if sha256_file(target) == sha256:
+    found = sha256_file(target)
+    if found == sha256:
         method = (read_stamp(file.stamp(deployment)) or {}).get("method", "adopted")
-        if not cache.has(sha256):  # keep the bytes for other deployments and bundles
-            with cache.lock():
-                cache.path(sha256).parent.mkdir(parents=True, exist_ok=True)
-                place(target, cache.path(sha256))
-                cache.seal(sha256)
+        with cache.lock():
+            cache.register(deployment.root)
+            if not cache.verified(sha256):  # keep the bytes for other deployments and bundles
+                incoming = cache.incoming(f"adopt:{target}")
+                incoming.parent.mkdir(parents=True, exist_ok=True)
+                place(target, incoming)
+                cache.adopt(incoming, sha256, found=found, origin=str(target))
         write_stamp(file.stamp(deployment), target, sha256, method, file.key)
         return True
     if cache.has(sha256) and os.path.samefile(target, cache.path(sha256)):
@@ -405,11 +455,9 @@ def fill_cache(files, lock, cache, verify, offline, extra_pins, config) -> dict:
     wanted: dict[Path, tuple] = {}  # download destination -> (files, sha256, size)
     for file in files:
         sha256, size, _ = expected(file, lock, extra_pins)
-        if sha256 and cache.has(sha256):
-            if not verify or sha256_file(cache.path(sha256)) == sha256:
-                hashes[file] = sha256
-                continue
-            cache.quarantine(sha256)
+        if sha256 and cache.verified(sha256, rehash=verify):  # else quarantined, or absent
+            hashes[file] = sha256
+            continue
         dest = cache.path(sha256) if sha256 else cache.incoming(file.key)
         wanted.setdefault(dest, ([], sha256, size))[0].append(file)
     if not wanted:
@@ -430,6 +478,8 @@ def fill_cache(files, lock, cache, verify, offline, extra_pins, config) -> dict:
         if hint:
             raise SdrecipeError(f"{exc}\n{hint}") from exc
         raise
+    finally:
+        cache.trim_quarantine()  # the downloader quarantines every bad copy it gets
     _adopt(jobs, results, cache, lock, hashes)
     return hashes
 
@@ -441,8 +491,8 @@ def _adopt(jobs, results, cache, lock, hashes) -> None:
         result = arrived.get(dest)
         if result is None:
             continue
-        if sha256 is None:
-            cache.adopt(dest, result.sha256)
+        if sha256 is None:  # named by the hash the downloader computed while writing it
+            cache.adopt(dest, result.sha256, found=result.sha256)
             for file in group:
                 lock.record(file.key, result.size, result.sha256)
         else:
@@ -473,6 +523,31 @@ def _lock_hint(exc, jobs, lock, extra_pins) -> str | None:
     return (f"(the expected hashes of {', '.join(from_lock)} come from {lock.path}, recorded "
             "on first fetch; if upstream legitimately changed a file, delete its entry and "
             "fetch again)")
+
+
+# --- garbage collection ------------------------------------------------------------------
+
+def collect_garbage(config, dry_run: bool = False) -> list[tuple[Path, int, str]]:
+    """`sdrecipe cache gc`: the cache's entries no registered deployment's stamps name (and
+    that no other hardlink keeps), and quarantined copies beyond `quarantine_keep`; removed
+    unless `dry_run`. Deployments that no longer exist are forgotten."""
+    cache = open_cache(config)
+    if not cache.root.is_dir():
+        return []
+    with cache.lock():
+        referenced: set = set()
+        for root, registration in cache.deployments().items():
+            stamps = root / ".sdrecipe" / "stamps"
+            if not (root / ".sdrecipe").is_dir():
+                if not dry_run:
+                    registration.unlink(missing_ok=True)
+                continue
+            referenced |= {(read_stamp(path) or {}).get("sha256") for path in stamps.rglob("*.json")}
+        garbage = cache.garbage(referenced)
+        if not dry_run:
+            for path, _, _ in garbage:
+                cache.remove(path)
+    return garbage
 
 
 # --- lint ------------------------------------------------------------------------------

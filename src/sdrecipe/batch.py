@@ -70,11 +70,15 @@ def pending(entries: list[PromptEntry], out: Path) -> list[PromptEntry]:
 
 
 def manifest_text(entries: list[PromptEntry], settings: dict, out: Path, source: Path,
-                  models) -> str:
+                  models, pinned=()) -> str:
     """What the in-job runner reads: prompts, settings, where to write, which upstream and
-    model files (`models.Models`)."""
+    model files (`models.Models`), and the pinned files it proves before loading any
+    (`artifacts.Proven`, with their stat at submission)."""
+    from .placement import stat_fields  # filelock: not at `--help` time (cli imports batch)
     return json.dumps({"out": str(out), "source": str(source), "settings": settings,
                        "models": {"config": str(models.config), "ckpt": str(models.ckpt)},
+                       "pinned": [{"path": str(p.target), "sha256": p.sha256,
+                                   "stat": stat_fields(p.target)} for p in pinned],
                        "prompts": [{"index": e.index, "prompt": e.prompt, "folder": e.folder}
                                    for e in entries]}, indent=2, ensure_ascii=False)
 

@@ -29,13 +29,13 @@ import tarfile
 from pathlib import Path
 
 from . import __version__
-from .artifacts import (ArtifactLock, artifact_status, cache_dir, expected, fetch_artifacts,
-                        fill_cache, select)
+from .artifacts import (ArtifactLock, artifact_status, expected, fetch_artifacts, fill_cache,
+                        open_cache, select)
 from .errors import SdrecipeError
 from .files import sha256_file
-from .placement import Cache, is_safe_relative, place
+from .placement import ContentMismatch, is_safe_relative, place
 from .schema import SHA1_RE, SHA256_RE
-from .source import PINNED_REF, ensure_source
+from .source import PINNED_REF, ensure_source, git_reason
 
 FORMAT = "sdrecipe-bundle"
 VERSION = 1
@@ -58,7 +58,7 @@ def create_bundle(recipe, deployment, out: Path, config, profiles=None, with_opt
     if missing:
         raise SdrecipeError(f"--wheels: no such folder: {', '.join(missing)}")
     files = _bundle_files(recipe, profiles or list(recipe.profiles), with_optional)
-    cache = Cache(cache_dir(config))
+    cache = open_cache(config)
     lock = ArtifactLock.for_recipe(recipe)
     with cache.lock():
         hashes = fill_cache(files, lock, cache, verify=False, offline=False, extra_pins=None,
@@ -66,6 +66,20 @@ def create_bundle(recipe, deployment, out: Path, config, profiles=None, with_opt
     lock.save()
     staging = out.parent / (f".{out.name}.partial" if fmt == "dir" else f".{out.name}.files")
     shutil.rmtree(staging, ignore_errors=True)
+    try:  # a failed or interrupted create leaves no staging folder behind
+        _fill_staging(recipe, deployment, cache, staging, files, hashes, wheels)
+        if fmt == "tar":
+            _write_tar(staging, out)
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _fill_staging(recipe, deployment, cache, staging, files, hashes, wheels) -> None:
     staging.mkdir(parents=True)
     entries: dict[str, dict] = {}
     _add_source(recipe, deployment, cache, staging)
@@ -78,7 +92,7 @@ def create_bundle(recipe, deployment, out: Path, config, profiles=None, with_opt
         rel = f"artifacts/sha256/{sha[:2]}/{sha}"
         if not (staging / rel).exists():
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            place(cache.path(sha), staging / rel)
+            cache.place(sha, staging / rel)
         entries[rel] = {"sha256": sha, "size": (staging / rel).stat().st_size}
         artifacts[file.key] = {"sha256": sha, "size": entries[rel]["size"], "place": file.place}
     for path in sorted(staging.rglob("*")):
@@ -94,12 +108,6 @@ def create_bundle(recipe, deployment, out: Path, config, profiles=None, with_opt
         "files": dict(sorted(entries.items())),
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    if fmt == "tar":
-        _write_tar(staging, out)
-        shutil.rmtree(staging)
-    else:
-        os.replace(staging, out)
-    return out
 
 
 def _bundle_files(recipe, profiles, with_optional):
@@ -117,8 +125,15 @@ def _add_source(recipe, deployment, cache, staging):
     repo = ensure_source(recipe, checkout)
     import git
     handle = git.Repo(repo)
-    handle.git.update_ref(PINNED_REF, recipe.upstream.commit)
-    handle.git.bundle("create", str(staging / SOURCE_BUNDLE), PINNED_REF)
+    try:
+        handle.git.update_ref(PINNED_REF, recipe.upstream.commit)
+        handle.git.bundle("create", str(staging / SOURCE_BUNDLE), PINNED_REF)
+    except git.GitCommandError as exc:
+        raise SdrecipeError(
+            f"cannot bundle commit {recipe.upstream.commit[:12]} from {repo}: "
+            f"{git_reason(exc)}; the checkout lacks objects (a sparse or partial clone?): "
+            "bundle from a complete one (another --deploy-dir), or move it aside so a fresh "
+            "clone is made") from exc
 
 
 def _add_project(recipe, staging):
@@ -179,21 +194,56 @@ def restore(recipe, deployment, bundle: Path, profile: str, verify=False, with_o
             f"{bundle} holds upstream commit {commit}, but {recipe.path} pins "
             f"{recipe.upstream.commit}; deploy the bundle's own recipe with "
             f"--recipe {folder / manifest['recipe']}")
-    cache = Cache(cache_dir())
-    with cache.lock():
-        for entry in manifest["artifacts"].values():
-            if not cache.has(entry["sha256"]):
-                src = folder / "artifacts" / "sha256" / entry["sha256"][:2] / entry["sha256"]
-                incoming = cache.incoming("bundle:" + entry["sha256"])
-                incoming.parent.mkdir(parents=True, exist_ok=True)
-                place(src, incoming)
-                cache.adopt(incoming, entry["sha256"])
+    _check_pins(recipe, manifest, bundle, profile, with_optional, only)
+    _adopt_artifacts(folder, manifest, bundle)
     ensure_source(recipe, deployment.source, profile, bundle=folder / SOURCE_BUNDLE)
     placed = fetch_artifacts(recipe, deployment, profile, verify=verify,
                              with_optional=with_optional, only=only,
                              extra_pins=manifest["artifacts"], offline=True)
     _record_bundle_pins(recipe, placed, manifest["artifacts"])
     return placed
+
+
+def _check_pins(recipe, manifest, bundle, profile, with_optional, only) -> None:
+    """The bundle's hash of each file the recipe or lock pins must be that pin: a bundle
+    vouches only for files this project has no hash of yet."""
+    lock = ArtifactLock.for_recipe(recipe)
+    for file in select(recipe, profile, with_optional, only):
+        pin, _, origin = expected(file, lock)
+        offered = manifest["artifacts"].get(file.key, {}).get("sha256")
+        if pin and offered and offered != pin:
+            where = recipe.path if origin == "recipe" else lock.path
+            raise SdrecipeError(f"{bundle}: {file.place} is {offered} in the bundle, but {where} "
+                                f"pins {pin}; refusing the bundle (nothing was placed or "
+                                "cached): make it again from this recipe")
+
+
+def _adopt_artifacts(folder, manifest, bundle) -> None:
+    """Every artifact the cache lacks, hashed on its way in; one that does not hash to its
+    name refuses the whole bundle before any of its files is cached."""
+    cache = open_cache()
+    staged = []
+    with cache.lock():
+        try:
+            for sha in sorted({entry["sha256"] for entry in manifest["artifacts"].values()}):
+                if cache.verified(sha):
+                    continue
+                rel = f"artifacts/sha256/{sha[:2]}/{sha}"
+                incoming = cache.incoming("bundle:" + sha)
+                incoming.parent.mkdir(parents=True, exist_ok=True)
+                place(folder / rel, incoming)
+                staged.append((incoming, sha, sha256_file(incoming)))
+                if staged[-1][2] != sha:
+                    raise ContentMismatch(
+                        f"{bundle}: {rel} hashes to {staged[-1][2]}, not its name: a damaged or "
+                        "crafted bundle; refusing it (nothing was placed or cached): copy the "
+                        "bundle again, or make it again")
+        except BaseException:
+            for incoming, _, _ in staged:
+                incoming.unlink(missing_ok=True)
+            raise
+        for incoming, sha, found in staged:
+            cache.adopt(incoming, sha, found=found)
 
 
 def _record_bundle_pins(recipe, placed, pins):
@@ -215,6 +265,19 @@ def open_bundle(path: Path, scratch: Path) -> Path:
                             "`sdrecipe bundle create`)")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
+    try:
+        _extract(path, scratch)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise SdrecipeError(f"{path}: damaged tar bundle ({exc}); copy it again (or use the "
+                            "folder format: rsync resumes it)") from exc
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return scratch
+
+
+def _extract(path: Path, scratch: Path) -> None:
     with tarfile.open(path) as tar:
         members = tar.getmembers()
         for member in members:
@@ -228,11 +291,12 @@ def open_bundle(path: Path, scratch: Path) -> Path:
             tar.extractall(scratch, members, filter="data")
         else:  # Python without extraction filters: the checks above are the guard
             tar.extractall(scratch, members)
-    return scratch
 
 
 def verify_bundle(folder: Path) -> dict:
-    """Check the manifest's shape, then every file it lists, by path, size and sha256."""
+    """Check the manifest's shape, then every file it lists, by path, size and sha256. An
+    artifact's entry must be its content address (`artifacts/sha256/ab/<its sha256>`); its
+    bytes are hashed where they enter the cache (`restore`), once, and only if needed."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
@@ -253,7 +317,12 @@ def verify_bundle(folder: Path) -> dict:
         if not path.is_file():
             raise SdrecipeError(f"{folder}: {rel} is listed in the manifest but missing; "
                                 "copy the bundle again (rsync resumes)")
-        if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
+        if rel.startswith("artifacts/") and rel != f"artifacts/sha256/{entry['sha256'][:2]}/" \
+                f"{entry['sha256']}":
+            raise SdrecipeError(f"{folder}: {rel} is listed with sha256 {entry['sha256']}, not "
+                                "its content address; a crafted bundle: refusing it")
+        if path.stat().st_size != entry["size"] or (not rel.startswith("artifacts/")
+                                                    and sha256_file(path) != entry["sha256"]):
             raise SdrecipeError(f"{folder}: {rel} does not match its sha256 in the manifest "
                                 "(damaged in transfer?); copy the bundle again")
     needed = [SOURCE_BUNDLE] + [f"artifacts/sha256/{a['sha256'][:2]}/{a['sha256']}"

@@ -5,7 +5,8 @@ handler that builds the run's `Target` once (recipe, deployment, profile, config
 mode), or for the verbs of no one profile (lint, upstream-lock, lock, bundle) just
 what they use, and calls `commands.<verb>` with explicit keyword arguments: no
 module below sees argparse. `SdrecipeError` becomes one line on stderr and its exit
-code (2, or 1 for a failed verification); Ctrl-C exits 130. Command modules are
+code (2, or 1 for a failed verification); an OSError the engine met unprepared also
+becomes one line naming its path (exit 2); `--debug` adds the traceback; Ctrl-C exits 130. Command modules are
 imported only when their verb runs, so `--help` stays fast.
 """
 
@@ -36,6 +37,8 @@ def _global_options(parser, default=None):
     parser.add_argument("-v", "--verbose", action="store_true", default=default,
                         help="show debug logs (every run's full log is also kept in "
                              "<deploy>/.sdrecipe/logs/)")
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="on an error, also show its traceback (for a bug report)")
 
 
 def _profile_option(parser, help_text="a profile of the recipe (default: detected on this "
@@ -381,8 +384,23 @@ def _add_lock(sub):
     parser.set_defaults(handler=run)
 
 
+def _add_cache(sub):
+    parser = sub.add_parser("cache", help="the shared content cache of model files")
+    actions = parser.add_subparsers(dest="action", required=True)
+    gc = actions.add_parser("gc", help="remove cache entries no deployment uses, and "
+                                       "quarantined bad copies beyond quarantine_keep")
+    gc.add_argument("--dry-run", action="store_true", help="list what would go and its size")
+
+    def run(args):
+        from .commands import cache
+        from .config import load_config
+        return cache.gc(load_config(), dry_run=args.dry_run)
+    gc.set_defaults(handler=run)
+
+
 COMMANDS = (_add_deploy, _add_status, _add_verify, _add_fetch, _add_env, _add_doctor, _add_patch,
-            _add_lint, _add_upstream_lock, _add_bundle, _add_submit, _add_salloc, _add_lock)
+            _add_lint, _add_upstream_lock, _add_bundle, _add_submit, _add_salloc, _add_lock,
+            _add_cache)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -401,10 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     try:
         with console.session(verbose=bool(getattr(args, "verbose", False))):
             return int(args.handler(args) or 0)
     except SdrecipeError as exc:
+        _traceback(debug)
         console.err(f"sdrecipe: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
@@ -415,6 +435,30 @@ def main(argv=None) -> int:
             raise
         console.err(f"sdrecipe: error: {exc}: {missing_dependencies_hint()}")
         return 2
+    except OSError as exc:  # the last resort: a path the engine met unprepared
+        _traceback(debug)
+        console.err(f"sdrecipe: error: {os_error_line(exc)}")
+        return 2
+
+
+def _traceback(debug: bool) -> None:
+    if debug:
+        import traceback
+        console.err(traceback.format_exc().rstrip())
+
+
+def os_error_line(exc: OSError) -> str:
+    """A filesystem failure as one line: the path, what the system said, what to do."""
+    import errno
+    where = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name)
+    advice = {errno.ENOSPC: "free some space, or point the folder elsewhere",
+              errno.EDQUOT: "your quota is full: free some space, or point the folder elsewhere",
+              errno.EROFS: "it is read-only: choose another --deploy-dir (or verify --out DIR)",
+              errno.EACCES: "make it writable, or choose another --deploy-dir "
+                            "(or verify --out DIR)",
+              errno.EPERM: "make it writable, or choose another --deploy-dir"}
+    return (f"{where or 'a file'}: {exc.strerror or exc}; "
+            f"{advice.get(exc.errno, 'check that path and run again (--debug shows where)')}")
 
 
 def missing_dependencies_hint() -> str:

@@ -47,6 +47,9 @@ SETTINGS: dict[str, tuple[str | None, type, Any]] = {
     "upstream_checkout": ("SDRECIPE_UPSTREAM", str, None),
     # how compute nodes run sdrecipe (for `submit verify`); default: this interpreter
     "engine": ("SDRECIPE_ENGINE", str, None),
+    # bad downloads kept in <cache>/quarantine per file, newest first (a bad checkpoint is
+    # 4 GB); `sdrecipe cache gc` and every fetch trim to it
+    "quarantine_keep": ("SDRECIPE_QUARANTINE_KEEP", int, 1),
 }
 
 
@@ -76,7 +79,7 @@ def _from_env(name: str, value: str, kind: type):
         return value.lower() in ("1", "true", "yes")
     if kind is int:
         if not value.isdigit():
-            raise SdrecipeError(f"${name}={value!r}: expected a whole number")
+            raise SdrecipeError(f"${name}={value!r}: expected a whole number >= 0")
         return int(value)
     return value
 

@@ -27,6 +27,7 @@ import time
 from datetime import datetime, timezone
 
 from . import __version__
+from .deploy_lock import deployment_lock
 from .errors import SdrecipeError
 from .files import atomic_write_text, sha256_file
 from .stages import State, StageResult, StageStatus
@@ -35,7 +36,6 @@ from .stages import artifacts, env, patches, preseed, source, verify
 STAGES = (source, artifacts, patches, env, preseed, verify)
 STAGE_NAMES = tuple(stage.NAME for stage in STAGES)
 MANIFEST_SCHEMA = 1
-LOCK_WAIT_NOTICE_S = 2.0
 log = logging.getLogger("sdrecipe.deploy")
 
 
@@ -59,22 +59,8 @@ def status(target) -> list[StageStatus]:
 def deploy(target, on_stage=None) -> list[tuple[StageStatus, StageResult | None, float]]:
     """Bring every stage to done, in order. `on_stage(status, result, seconds)` hears of
     each stage before it runs (result None) and after. Returns what each stage did."""
-    from filelock import FileLock, Timeout
-    state = target.deployment.state
-    try:
-        state.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SdrecipeError(f"cannot create {state} ({exc}); make the deployment folder "
-                            "writable, or choose another --deploy-dir") from exc
-    lock = FileLock(str(state / "deploy.lock"))
-    try:
-        lock.acquire(timeout=LOCK_WAIT_NOTICE_S)
-    except Timeout:
-        log.warning(
-            "another sdrecipe run holds %s; waiting for it to finish", lock.lock_file)
-        lock.acquire()
     outcomes = []
-    try:
+    with deployment_lock(target.deployment, "sdrecipe deploy"):
         for stage in STAGES:
             start = time.monotonic()
             found = stage_status(stage, target)
@@ -90,8 +76,6 @@ def deploy(target, on_stage=None) -> list[tuple[StageStatus, StageResult | None,
             if on_stage:
                 on_stage(*outcome)
         write_provenance(target, ran=any(result for _, result, _ in outcomes))
-    finally:
-        lock.release()
     return outcomes
 
 

@@ -269,6 +269,15 @@ def _models(target):
     return models
 
 
+def _proven(target) -> list:
+    """Real mode: the pinned model files, proven now (hash before unpickle) and proven again
+    by the task before it loads any (smoke's tiny generated models carry no pins)."""
+    if target.smoke:
+        return []
+    from .artifacts import prove_pinned
+    return prove_pinned(target.recipe, target.deployment, target.profile)
+
+
 def prepare_generate(target, resources, planned: PromptBatch, tasks: int,
                      max_running: int | None = None, dry_run: bool = False) -> PreparedJob:
     """An array job of `tasks` tasks over the batch's prompts not done yet (at most
@@ -290,7 +299,7 @@ def prepare_generate(target, resources, planned: PromptBatch, tasks: int,
     job = PreparedJob(folder, spec, results=planned.out)
     job.files[payload] = Path(runner.__file__).read_text()
     job.files[manifest] = batch.manifest_text(planned.todo, planned.settings, planned.out,
-                                              deployment.source, models)
+                                              deployment.source, models, _proven(target))
     return job
 
 

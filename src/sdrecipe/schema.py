@@ -1,10 +1,16 @@
 """Located YAML: values that remember their file and line, for errors a user can find.
 
-PyYAML's `safe_load` forgets where a value came from. We load the values with it
-and, in the same pass over the text, compose the node tree to record the line of
-every mapping key and sequence item. `Node` then hands out typed children and
-raises `RecipeError(file, line, field, message)` when the data is wrong.
-Every recipe section (and env profile) is validated through this one API.
+PyYAML's `safe_load` forgets where a value came from. We compose the node tree
+once, record the line of every mapping key and sequence item, and construct the
+values from that same tree. `Node` then hands out typed children and raises
+`RecipeError(file, line, field, message)` when the data is wrong. Every recipe
+section (and env profile) is validated through this one API.
+
+The loader is strict, because bundles carry `recipe/` to machines that restore
+them: anchors and aliases are refused (a few hundred bytes of nested aliases
+expand to gigabytes, and no sdrecipe file needs them), a key given twice is an
+error naming both lines (YAML would keep the last one silently), and a file that
+is not UTF-8 is refused naming the byte offset.
 """
 
 from __future__ import annotations
@@ -37,21 +43,62 @@ def _record_lines(node, path, lines):
             _record_lines(item, path + (index,), lines)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader without anchors or aliases, and without duplicate keys."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise yaml.composer.ComposerError(
+                None, None, "anchors and aliases (&name, *name) are not allowed in sdrecipe "
+                "files; write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)):
+                    continue  # an unhashable key: SafeLoader reports it
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} at lines {seen[key]} and {line}; "
+                        "keep one", key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RecipeError(path, line, "", f"not UTF-8 text: byte offset {exc.start} "
+                          f"(0x{data[exc.start]:02x}); save the file as UTF-8") from None
+
+
 def load_yaml(path: Path) -> "Node":
     """Parse a YAML file into a located root `Node`; syntax errors name the line."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _decode(path, path.read_bytes())
     except OSError as exc:
         raise RecipeError(path, None, "", f"cannot read: {exc.strerror}") from exc
+    loader = _StrictLoader(text)
     try:
-        value = yaml.safe_load(text)
-        tree = yaml.compose(text, Loader=yaml.SafeLoader)
+        tree = loader.get_single_node()
+        value = loader.construct_document(tree) if tree is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(path, line, "", f"invalid YAML: {problem}") from exc
+    except RecursionError:
+        raise RecipeError(path, None, "", "invalid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
     lines: dict = {}
     if tree is not None:
         _record_lines(tree, (), lines)

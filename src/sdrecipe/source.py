@@ -66,25 +66,33 @@ def ensure_source(recipe, dest, profile: str | None = None, bundle: Path | None 
     sources = [str(Path(bundle).resolve())] if bundle else [
         os.path.abspath(url) if os.path.exists(url) else url for url in recipe.upstream.urls]
     failures = []
-    for url in sources:
+    try:  # the staging clone never outlives a failure; one left by a kill goes next run
+        for url in sources:
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                _clone_pinned(staging, url, pinned, from_bundle=bundle is not None,
+                              ca_bundle=config.get("ca_bundle") if config else None)
+                break
+            except _Unusable as exc:
+                failures.append(f"  {url}: {exc}")
+        else:
+            raise _no_source(recipe, failures)
+        _move_into_place(staging, dest)
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        try:
-            _clone_pinned(staging, url, pinned, from_bundle=bundle is not None,
-                          ca_bundle=config.get("ca_bundle") if config else None)
-            for failure in failures:
-                log.warning("skipped a source that could not serve %s:\n%s", pinned[:12], failure)
-            break
-        except _Unusable as exc:
-            failures.append(f"  {url}: {exc}")
-    else:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise SdrecipeError(
-            f"cannot get upstream commit {pinned} from any source:\n" + "\n".join(failures)
-            + f"\nCheck upstream.url and upstream.mirrors in {recipe.path}, or your network. "
-            "Offline, use a checkout of the pinned commit you already have (deploy --source DIR, "
-            "or SDRECIPE_UPSTREAM=DIR) or an offline bundle (fetch --from-bundle DIR).")
-    _move_into_place(staging, dest)
+        raise
+    for failure in failures:
+        log.warning("skipped a source that could not serve %s:\n%s", pinned[:12], failure)
     return dest
+
+
+def _no_source(recipe, failures) -> SdrecipeError:
+    pinned = recipe.upstream.commit
+    return SdrecipeError(
+        f"cannot get upstream commit {pinned} from any source:\n" + "\n".join(failures)
+        + f"\nCheck upstream.url and upstream.mirrors in {recipe.path}, or your network. "
+        "Offline, use a checkout of the pinned commit you already have (deploy --source DIR, "
+        "or SDRECIPE_UPSTREAM=DIR) or an offline bundle (fetch --from-bundle DIR).")
 
 
 def _move_into_place(staging: Path, dest: Path) -> None:
@@ -134,7 +142,7 @@ def _clone_pinned(staging: Path, url: str, pinned: str, from_bundle: bool,
         if not from_bundle:
             repo.create_remote("origin", url)
     except git.GitCommandError as exc:
-        raise _Unusable(_git_reason(exc)) from exc
+        raise _Unusable(git_reason(exc)) from exc
     head = repo.head.commit.hexsha
     if head != pinned:
         raise _Unusable(f"checked out {head}, not the pinned {pinned}")
@@ -146,11 +154,11 @@ def _fetch_commit(repo: git.Repo, url: str, pinned: str) -> None:
         repo.git.fetch("--depth", "1", "--no-tags", url, pinned)
         return
     except git.GitCommandError as exc:
-        single_commit_error = _git_reason(exc)
+        single_commit_error = git_reason(exc)
     try:
         repo.git.fetch("--tags", url, "+refs/heads/*:refs/remotes/mirror/*")
     except git.GitCommandError as exc:
-        raise _Unusable(_git_reason(exc)) from exc
+        raise _Unusable(git_reason(exc)) from exc
     try:
         repo.git.cat_file("-e", f"{pinned}^{{commit}}")
     except git.GitCommandError:
@@ -158,7 +166,7 @@ def _fetch_commit(repo: git.Repo, url: str, pinned: str) -> None:
                         f"fetching it alone said: {single_commit_error}") from None
 
 
-def _git_reason(exc: git.GitCommandError) -> str:
+def git_reason(exc: git.GitCommandError) -> str:
     """What git said went wrong: its first fatal/error lines, without GitPython's framing."""
     text = exc.stderr if isinstance(exc.stderr, str) else str(exc)
     lines = [line.strip().removeprefix("stderr:").strip().strip("'").strip()

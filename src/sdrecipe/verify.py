@@ -26,7 +26,9 @@ report.json (all keys always present; paths relative to the report folder):
      "checks": [{"name": str, "ok": bool, "message": str}, ...],
      "images": ["samples/00000.png", ...],
      "timings": {"startup_s", "model_load_s", "sampling_s", "denoise_s", "total_s"},
-                 seconds or null when the marker line was never printed
+                 seconds or null when the marker line was never printed; plus
+                 "integrity_s" when the model files were proven first (the "integrity"
+                 check: hash before unpickle, stages/verify.prove_models)
      "provenance": {"upstream_commit", "patches": [{"file", "sha256", "state"}],
                     "lock_hash", "recipe_sha256", "runtime": {"python", "torch",
                     "transformers", "diffusers", "device", "backend"}, "models": str},
@@ -355,9 +357,10 @@ def report_dir(deployment, profile: str, smoke: bool) -> Path:
 
 
 def verify(recipe, deployment, profile: str, smoke: bool = False, out: Path | None = None,
-           on_line=None) -> dict:
+           on_line=None, integrity: tuple[CheckResult, float] | None = None) -> dict:
     """Run the sample and write the report; returns the report.json data. `on_line` sees
-    each console line as it arrives (the CLI shows sampling progress from it)."""
+    each console line as it arrives (the CLI shows sampling progress from it). `integrity`:
+    the check that proved the model files before this run, and its seconds."""
     from . import report
     sample = verify_spec(recipe).sample(profile, smoke)
     out = Path(out) if out else report_dir(deployment, profile, smoke)
@@ -383,7 +386,10 @@ def verify(recipe, deployment, profile: str, smoke: bool = False, out: Path | No
     (out / "txt2img.log").write_text(run.timed_text + "\n", encoding="utf-8")
     images = sorted((out / "samples").glob("*.png"))
     timings = stage_timings(run)
-    checks = [check_exit_code(run.code), check_completion(run.text), check_images(images, sample)]
+    checks = [integrity[0]] if integrity else []
+    if integrity:
+        timings["integrity_s"] = integrity[1]
+    checks += [check_exit_code(run.code), check_completion(run.text), check_images(images, sample)]
     if images:
         checks += [check_not_blank(images),
                    check_not_replacement(images, deployment.source / REPLACEMENT_IMAGE)]

@@ -4,6 +4,7 @@ import check in the built environment."""
 from __future__ import annotations
 
 from ..console import err, out
+from ..deploy_lock import deployment_lock
 from ..environment.location import usage
 from ..stages import env as env_stage
 
@@ -27,7 +28,8 @@ def show_check(target, result) -> int:
 
 
 def build(target, force: bool = False) -> int:
-    built = env_stage.run(target, force=force)
+    with deployment_lock(target.deployment, "sdrecipe env build"):
+        built = env_stage.run(target, force=force)
     err(f"sdrecipe: {built.summary}")
     data = env_stage.record(target).complete()
     last = data.get("check") or {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..console import err, out
+from ..deploy_lock import deployment_lock
 from ..stages import verify as verify_stage
 
 
@@ -29,8 +30,9 @@ def run(target, out_dir: str | None = None) -> int:
     folder = Path(out_dir).resolve() if out_dir else verify_stage.report_folder(target)
     out(f"verify: profile {target.profile}{' (smoke: tiny random models)' if target.smoke else ''}; "
         f"running txt2img in {target.deployment.root}")
-    try:
-        verify_stage.run(target, out=folder if out_dir else None)
+    try:  # a report elsewhere needs no lock on a deployment nobody can write to
+        with deployment_lock(target.deployment, "sdrecipe verify", read_only_ok=bool(out_dir)):
+            verify_stage.run(target, out=folder if out_dir else None)
     finally:
         show_report(folder)
     return 0

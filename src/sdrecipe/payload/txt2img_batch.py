@@ -20,6 +20,11 @@ then builds the model, whose random initialisation draws from the generators
 before the sampler draws its noise. So the first load records the generators'
 state it leaves behind for that seed, and a cached load restores it.
 
+Before anything imports torch, every model file the manifest pins is proven to be
+its bytes (`tampered`): unchanged since `submit` proved it (size, mtime, ctime,
+inode, device: any write moves ctime) or hashed here. A changed file stops the
+task before anything is unpickled.
+
 Each prompt is written to `<folder>.partial-<job>` and renamed into place with its
 `prompt.json` sidecar, so a folder that exists is complete. A prompt whose folder
 exists is skipped: resubmitting a batch that died halfway finishes the rest.
@@ -174,6 +179,36 @@ def run_prompt(upstream, entry, manifest, job):
     return sidecar
 
 
+STAMP_FIELDS = ("size", "mtime_ns", "ctime_ns", "ino", "dev")
+
+
+def _stat_fields(path):
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "ino": st.st_ino, "dev": st.st_dev}
+
+
+def tampered(pinned):
+    """The first pinned file whose bytes are not its sha256, as (path, expected, found);
+    None when all are. A file whose stat still equals the one proven at submission is
+    trusted; any other is hashed (stdlib only: this runs under the env's Python 3.8)."""
+    for entry in pinned:
+        path = entry["path"]
+        try:
+            if _stat_fields(path) == {k: entry["stat"].get(k) for k in STAMP_FIELDS}:
+                continue
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(8 << 20), b""):
+                    digest.update(chunk)
+            found = digest.hexdigest()
+        except OSError as exc:
+            found = "unreadable (%s)" % exc
+        if found != entry["sha256"]:
+            return path, entry["sha256"], found
+    return None
+
+
 def main(argv):
     manifest_path, task, count = argv[0], int(argv[1]), int(argv[2])
     with open(manifest_path) as handle:
@@ -186,6 +221,12 @@ def main(argv):
                                                                    len(mine) - len(todo)), flush=True)
     if not todo:
         return 0
+    bad = tampered(manifest.get("pinned", []))
+    if bad:
+        print("sdrecipe: error: %s: expected sha256 %s, found %s: changed since it was placed; "
+              "nothing loaded it. Run `sdrecipe fetch --verify` to repair it" % bad,
+              file=sys.stderr, flush=True)
+        return 2
     upstream = Upstream(manifest["source"])
     failed = []
     for entry in todo:

@@ -9,6 +9,7 @@ failed sample writes its report but no record.
 from __future__ import annotations
 
 import re
+import time
 
 from ..errors import SdrecipeError
 from ..files import sha256_file
@@ -90,6 +91,40 @@ def status(target) -> StageStatus:
     return StageStatus(NAME, State.DONE, f"passed: {out / 'report.html'}")
 
 
+def prove_models(target):
+    """Hash before unpickle: every file txt2img will torch.load is proven to be the bytes
+    it was placed (real: the pins, `artifacts.prove_pinned`) or generated (smoke: the
+    preseed record) as, before the process starts; the check, with its time, for the report."""
+    from ..verify import CheckResult
+    start = time.monotonic()
+    if target.smoke:
+        count, hashed = _prove_smoke(target), "all hashed"
+    else:
+        from ..artifacts import prove_pinned
+        proven = prove_pinned(target.recipe, target.deployment, target.profile)
+        count = len(proven)
+        hashed = f"{sum(p.hashed for p in proven)} hashed, the rest by an unchanged stamp"
+    seconds = time.monotonic() - start
+    return CheckResult("integrity", True, f"{count} model file(s) match their sha256 before "
+                       f"loading ({hashed}) in {seconds:.2f} s"), round(seconds, 2)
+
+
+def _prove_smoke(target) -> int:
+    from ..placement import ContentMismatch
+    from ..smoke import file_hashes
+    data = preseed.record(target).complete() or {}
+    recorded = data.get("outputs", {}).get("files", {})
+    root = target.deployment.smoke
+    current = file_hashes(root) if root.is_dir() else {}
+    for rel, sha256 in sorted(recorded.items()):
+        if current.get(rel) != sha256:
+            raise ContentMismatch(f"{root / rel}: expected sha256 {sha256}, found "
+                                  f"{current.get(rel, 'no file')}: changed since generated; "
+                                  f"nothing loaded it. Run `sdrecipe deploy --smoke --profile "
+                                  f"{target.profile}` to regenerate it")
+    return len(recorded)
+
+
 def run(target, out=None) -> StageResult:
     """`out`: another report folder (`sdrecipe verify --out`): no record then, the
     deployment's own verify stays what it was."""
@@ -99,9 +134,10 @@ def run(target, out=None) -> StageResult:
     if rec:
         rec.begin(inputs)
     folder = out or report_folder(target)
+    integrity = prove_models(target)
     with Task("txt2img: loading the model") as task:
         data = verify(target.recipe, target.deployment, target.profile, smoke=target.smoke,
-                      out=folder, on_line=SamplingProgress(task))
+                      out=folder, on_line=SamplingProgress(task), integrity=integrity)
     if not data["ok"]:
         raise VerifyFailed(f"verification failed; report: {folder / 'report.html'}")
     if rec:
