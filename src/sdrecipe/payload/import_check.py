@@ -36,6 +36,36 @@ def version_of(module):
     return str(getattr(module, "__version__", "") or "")
 
 
+def check_torch_libraries():
+    """ldd of torch's extension modules, before importing torch: every library they need
+    resolves (the DTK torch needs libmpi.so.40), and from where."""
+    import glob
+    import importlib.util
+    import subprocess
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("no torch package in this environment")
+    folder = list(spec.submodule_search_locations)[0]
+    libraries = sorted(glob.glob(os.path.join(folder, "_C*.so"))
+                       + glob.glob(os.path.join(folder, "lib", "*.so*")))
+    missing, resolved = {}, {}
+    for library in libraries:
+        out = subprocess.run(["ldd", library], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             universal_newlines=True).stdout
+        for line in out.splitlines():
+            name, _, where = line.strip().partition(" => ")
+            if where.strip() == "not found":
+                missing.setdefault(name, []).append(os.path.basename(library))
+            elif where:
+                resolved[name] = where.split(" (")[0].strip()
+    if missing:
+        raise ImportError("; ".join("%s not found (needed by %s)" % (name, ", ".join(users))
+                                    for name, users in sorted(missing.items())))
+    mpi = resolved.get("libmpi.so.40")
+    return "", "%d libraries resolve%s" % (len(libraries), "; libmpi.so.40 => " + mpi
+                                            if mpi else "")
+
+
 def check_torch():
     import torch
     if torch.cuda.is_available():
@@ -116,6 +146,7 @@ def check_einops():
 
 # (row name, check) in the order txt2img meets them; kornia runs after the network is cut.
 CHECKS = [
+    ("torch libraries (ldd)", check_torch_libraries),
     ("torch", check_torch),
     ("torchvision", check_torchvision),
     ("pytorch_lightning", check_pytorch_lightning),
