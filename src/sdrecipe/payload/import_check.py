@@ -37,8 +37,10 @@ def version_of(module):
 
 
 def check_torch_libraries():
-    """ldd of torch's extension modules, before importing torch: every library they need
-    resolves (the DTK torch needs libmpi.so.40), and from where."""
+    """ldd of torch's extension modules (torch/*.so), before importing torch: every library
+    they need, transitively, resolves (the DTK torch's libtorch needs libmpi.so.40), and
+    from where. torch/lib/ alone also holds libraries loaded only on demand (nvrtc needs
+    the driver's libcuda), so it is not checked file by file."""
     import glob
     import importlib.util
     import subprocess
@@ -46,8 +48,7 @@ def check_torch_libraries():
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("no torch package in this environment")
     folder = list(spec.submodule_search_locations)[0]
-    libraries = sorted(glob.glob(os.path.join(folder, "_C*.so"))
-                       + glob.glob(os.path.join(folder, "lib", "*.so*")))
+    libraries = sorted(glob.glob(os.path.join(folder, "*.so")))
     missing, resolved = {}, {}
     for library in libraries:
         out = subprocess.run(["ldd", library], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -62,8 +63,8 @@ def check_torch_libraries():
         raise ImportError("; ".join("%s not found (needed by %s)" % (name, ", ".join(users))
                                     for name, users in sorted(missing.items())))
     mpi = resolved.get("libmpi.so.40")
-    return "", "%d libraries resolve%s" % (len(libraries), "; libmpi.so.40 => " + mpi
-                                            if mpi else "")
+    return "", "%d extension modules resolve%s" % (len(libraries), "; libmpi.so.40 => " + mpi
+                                                    if mpi else "")
 
 
 def check_torch():
