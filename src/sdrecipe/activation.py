@@ -135,6 +135,27 @@ def conda_hooks(table: dict[str, str], profile: str, modules) -> tuple[str, str]
     return header + check + _set_lines(own), header + _restore_lines(own)
 
 
+# How each module system spells: require a module, set a variable, prepend to a path list.
+LUA = ("depends_on({0})", "setenv({0}, {1})", "prepend_path({0}, {1})")
+TCL = ("module load {0}", "setenv {0} {1}", "prepend-path {0} {1}")
+
+
+def _module_body(table: dict[str, str], modules, quote, syntax) -> list[str]:
+    """The lines both modulefiles share: required modules, then the activation table."""
+    require, set_value, prepend = syntax
+    lines = [require.format(quote(module)) for module in modules]
+    for name, value in table.items():
+        verb = prepend if name in PREPEND else set_value
+        lines.append(verb.format(quote(name), quote(value)))
+    return lines
+
+
+def _help_lines(profile: str, prefix: str) -> list[str]:
+    return [f"stable-diffusion environment built by sdrecipe ({profile}).",
+            f"Environment: {prefix}",
+            "Models and caches are read offline (HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1)."]
+
+
 def modulefile(table: dict[str, str], profile: str, modules, description: str) -> str:
     """An Lmod modulefile (Lua) that loads the environment and its required modules."""
     def lua(value: str) -> str:
@@ -142,17 +163,9 @@ def modulefile(table: dict[str, str], profile: str, modules, description: str) -
     prefix = table["SDRECIPE_ENV_PREFIX"]
     lines = [f"-- {HEADER.format(profile=profile, prefix=prefix).lstrip('# ').strip()}",
              f"whatis({lua('stable-diffusion (' + profile + '): ' + description)})",
-             "help([[",
-             f"stable-diffusion environment built by sdrecipe ({profile}).",
-             f"Environment: {prefix}",
-             "Models and caches are read offline (HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1).",
-             "]])",
+             "help([[", *_help_lines(profile, prefix), "]])",
              'family("sdrecipe")']
-    lines += [f"depends_on({lua(module)})" for module in modules]
-    for name, value in table.items():
-        verb = "prepend_path" if name in PREPEND else "setenv"
-        lines.append(f"{verb}({lua(name)}, {lua(value)})")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _module_body(table, modules, lua, LUA)) + "\n"
 
 
 def _tcl(value: str) -> str:
@@ -161,19 +174,14 @@ def _tcl(value: str) -> str:
 
 
 def tcl_modulefile(table: dict[str, str], profile: str, modules, description: str) -> str:
-    """An Environment Modules (Tcl) modulefile that sets what the Lua one sets."""
+    """An Environment Modules (Tcl) modulefile that sets what the Lua one sets; `conflict`
+    is Lmod's `family`, and `module load` its `depends_on` (unloaded again with it)."""
     prefix = table["SDRECIPE_ENV_PREFIX"]
-    help_text = (f"stable-diffusion environment built by sdrecipe ({profile}).\\n"
-                 f"Environment: {prefix}")
     lines = ["#%Module1.0",
              f"## {HEADER.format(profile=profile, prefix=prefix).lstrip('# ').strip()}",
              f"module-whatis {_tcl('stable-diffusion (' + profile + '): ' + description)}",
              "proc ModulesHelp {} {",
-             f"    puts stderr {_tcl(help_text).replace(chr(92) * 2 + 'n', chr(92) + 'n')}",
+             *(f"    puts stderr {_tcl(line)}" for line in _help_lines(profile, prefix)),
              "}",
              "conflict sdrecipe"]
-    lines += [f"module load {_tcl(module)}" for module in modules]
-    for name, value in table.items():
-        verb = "prepend-path" if name in PREPEND else "setenv"
-        lines.append(f"{verb} {name} {_tcl(value)}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _module_body(table, modules, _tcl, TCL)) + "\n"

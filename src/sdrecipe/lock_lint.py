@@ -12,8 +12,7 @@ from packaging.version import InvalidVersion, Version
 
 from .errors import RecipeError, SdrecipeError
 from .lint import check
-from .lock import (TARGET_PLATFORM, VENV_CATEGORY, _file_name, is_platform_wheel_url,
-                   load_env_spec, lock_path)
+from .lock import TARGET_PLATFORM, VENV_CATEGORY, _file_name, load_env_spec, lock_path
 from .schema import load_yaml
 
 CHECK = "lock-integrity"
@@ -104,10 +103,6 @@ def lock_findings(recipe, profile: str) -> list[tuple[str, int | None, str]]:
         for line, message in _entry_findings(entry, platforms, tofu):
             findings.append((relative, line, message))
         value = entry.value if isinstance(entry.value, dict) else {}
-        url = str(value.get("url") or "")
-        if value.get("manager") == "pip" and not is_platform_wheel_url(url) \
-                and url.startswith("file:"):
-            continue  # already reported as a path
         key = (str(value.get("manager")), canonicalize_name(str(value.get("name"))))
         if key in seen:
             findings.append((relative, entry.line, f"{key[1]} is locked twice ({key[0]}; first "
