@@ -7,7 +7,9 @@
 The first run deploys the cpu profile in smoke mode from nothing into the workdir
 (copy of the upstream checkout, patches, a venv of the locked environment, tiny
 models, the verification sample) and prints how long that took and the sample's
-stage timings. Then, with everything done, it times (median of `rounds`):
+stage timings (`--fresh` removes the workdir's deployment first; the download and uv
+caches stay warm: target <= 10 s). Then, with everything done, it times (median of
+`rounds`):
 
 1. `./scripts/deploy.sh --profile cpu --smoke` (the wrapper checks the engine's
    dependencies in a first interpreter, then runs it);
@@ -44,6 +46,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "out" / "redeploy")
     parser.add_argument("--python", default=os.environ.get(
         "SDRECIPE_TEST_PY38", "/root/.pyenv/versions/3.8.18/bin/python"))
+    parser.add_argument("--fresh", action="store_true",
+                        help="remove the deployment first: time the smoke deploy from nothing")
     args = parser.parse_args()
     if not os.environ.get("SDRECIPE_UPSTREAM"):
         parser.error("set SDRECIPE_UPSTREAM to a checkout of the pinned upstream commit")
@@ -51,10 +55,14 @@ def main() -> int:
     environ = dict(os.environ, SDRECIPE_DEPLOY_DIR=str(deploy_dir),
                    PYTHONPATH=str(ROOT / "src"))
     cli = [sys.executable, "-m", "sdrecipe"]
+    if args.fresh:
+        import shutil
+        shutil.rmtree(deploy_dir, ignore_errors=True)
     if not (deploy_dir / "provenance.json").is_file():
         first = timed(cli + ["deploy", "--profile", "cpu", "--smoke", "--python", args.python],
                       environ)
-        print(f"smoke deploy from nothing: {first:.1f} s")
+        print(f"smoke deploy from nothing (warm caches): {first:.1f} s   (target <= 10 s; "
+              f"load average {os.getloadavg()[0]:.1f})")
     report = json.loads((deploy_dir / "reports" / "cpu" / "smoke" / "report.json").read_text())
     print("smoke sample timings: " + ", ".join(f"{k} {v}" for k, v in report["timings"].items()))
 

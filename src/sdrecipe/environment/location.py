@@ -34,7 +34,21 @@ def activation_script(deployment, profile: str) -> Path:
 
 
 def modulefile_path(deployment, profile: str) -> Path:
+    """The Lmod modulefile (Lua)."""
     return deployment.modulefiles / "sdrecipe" / f"{profile}.lua"
+
+
+def tcl_modulefile_path(deployment, profile: str) -> Path:
+    """The Environment Modules modulefile (Tcl), beside the Lua one: same `module load` name."""
+    return deployment.modulefiles / "sdrecipe" / profile
+
+
+def env_modules(recipe, deployment, profile: str) -> tuple[str, ...]:
+    """The modules a job loads before activating: the profile's, and any site module the
+    last build relied on (the libmpi module, recorded by the env stage)."""
+    data = env_record(deployment, profile).read() or {}
+    extra = data.get("outputs", {}).get("modules", [])
+    return tuple(dict.fromkeys(tuple(recipe.profile(profile).modules) + tuple(extra)))
 
 
 def usage(deployment, profile: str) -> str:

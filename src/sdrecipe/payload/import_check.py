@@ -36,6 +36,37 @@ def version_of(module):
     return str(getattr(module, "__version__", "") or "")
 
 
+def check_torch_libraries():
+    """ldd of torch's extension modules (torch/*.so), before importing torch: every library
+    they need, transitively, resolves (the DTK torch's libtorch needs libmpi.so.40), and
+    from where. torch/lib/ alone also holds libraries loaded only on demand (nvrtc needs
+    the driver's libcuda), so it is not checked file by file."""
+    import glob
+    import importlib.util
+    import subprocess
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("no torch package in this environment")
+    folder = list(spec.submodule_search_locations)[0]
+    libraries = sorted(glob.glob(os.path.join(folder, "*.so")))
+    missing, resolved = {}, {}
+    for library in libraries:
+        out = subprocess.run(["ldd", library], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             universal_newlines=True).stdout
+        for line in out.splitlines():
+            name, _, where = line.strip().partition(" => ")
+            if where.strip() == "not found":
+                missing.setdefault(name, []).append(os.path.basename(library))
+            elif where:
+                resolved[name] = where.split(" (")[0].strip()
+    if missing:
+        raise ImportError("; ".join("%s not found (needed by %s)" % (name, ", ".join(users))
+                                    for name, users in sorted(missing.items())))
+    mpi = resolved.get("libmpi.so.40")
+    return "", "%d extension modules resolve%s" % (len(libraries), "; libmpi.so.40 => " + mpi
+                                                    if mpi else "")
+
+
 def check_torch():
     import torch
     if torch.cuda.is_available():
@@ -116,6 +147,7 @@ def check_einops():
 
 # (row name, check) in the order txt2img meets them; kornia runs after the network is cut.
 CHECKS = [
+    ("torch libraries (ldd)", check_torch_libraries),
     ("torch", check_torch),
     ("torchvision", check_torchvision),
     ("pytorch_lightning", check_pytorch_lightning),

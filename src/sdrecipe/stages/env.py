@@ -77,6 +77,7 @@ def run(target, force: bool = False) -> StageResult:
         make_env(plan, inputs, target.config)
         rec.finish(asked, {"prefix": str(plan.prefix), "backend": plan.backend,
                            "stamp": plan.stamp, "build_id": new_build_id(),
+                           "modules": list(plan.libmpi.modules),
                            "lock_sha256": sha256_file(plan.lock.path)})
     return StageResult(NAME, f"built the {target.profile} environment at {plan.prefix} "
                        f"({plan.backend})")
