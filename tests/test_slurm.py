@@ -394,10 +394,39 @@ def test_salloc_runs_a_command_on_the_node_with_the_module_and_environment(deplo
                                   'cwd=$PWD node=$SLURMD_NODENAME"', env=slurm_env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"module=1 profile={PROFILE} cwd={deployment.source} node=" in done.stdout
+
+
+# What a command run by `salloc --run` prints about itself: its task, and its step as
+# Slurm sees it (CPUs, tasks, the gres it holds; count-only dcu exports no variable).
+WHO_AM_I = ('echo "task=$SLURM_PROCID of $SLURM_STEP_NUM_TASKS visible=$CUDA_VISIBLE_DEVICES"; '
+            'scontrol show step "$SLURM_JOB_ID.$SLURM_STEP_ID" -o')
+
+
+def test_salloc_runs_the_command_once_with_all_of_the_recipes_allocation(deployment, slurm_env):
+    """The recipe's dtk-22.10 resources (-n 16 --gres=dcu:2): one process, not 16, and that
+    one step holds both DCUs and all 16 CPUs."""
+    done = sdrecipe(deployment, "salloc", "--profile", PROFILE, "--run", "--", "bash", "-c",
+                    WHO_AM_I, env=slurm_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "--ntasks=16 --gres=dcu:2" in done.stderr  # the allocation keeps the recipe's
+    assert re.findall(r"task=\d+", done.stdout) == ["task=0"], done.stdout
+    step = re.search(r"StepId=\S+ .*", done.stdout).group(0)
+    assert " Tasks=1 " in step and " CPUs=16 " in step
+    assert re.search(r"TresPerNode=\S*gres:dcu:2", step), step
     printed = sdrecipe(deployment, "salloc", "--profile", PROFILE, env=slurm_env)
     assert "salloc --job-name=sdrecipe-dtk-22.10 --partition=sdtest --nodes=1 --ntasks=16 " \
            "--gres=dcu:2" in printed.stdout
+    assert "srun --nodes=1 --ntasks=1 --cpus-per-task=16 --pty bash -l\n" in printed.stdout
     assert "module load compiler/rocm/dtk-22.10.1" in printed.stdout
+
+
+def test_salloc_command_sees_every_gpu_of_the_allocation(deployment, slurm_env, slurm_cluster):
+    if not slurm_cluster.gpus:
+        pytest.skip("this machine refuses mknod, so the test cluster has no gpu gres")
+    done = sdrecipe(deployment, "salloc", "--profile", "cuda", "--ntasks", "16", "--gres",
+                    "gpu:2", "--run", "--", "bash", "-c", WHO_AM_I, env=slurm_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.findall(r"task=.*", done.stdout) == ["task=0 of 1 visible=0,1"], done.stdout
 
 
 # --- with the real upstream (where a checkout is available) ------------------------------

@@ -344,7 +344,7 @@ def _add_salloc(sub):
     _slurm_resource_options(parser)
     # dest "start": "command" is the verb's dest
     parser.add_argument("--run", dest="start", action="store_true",
-                        help="run it: salloc + srun --pty bash, set up")
+                        help="run it: salloc + one srun task (--pty bash), set up")
     parser.add_argument("node_command", metavar="command", nargs="*",
                         help="with --run: run this command on the node instead of a shell")
 

@@ -309,6 +309,7 @@ class Session:
     batch script sets up a job (modules, activation, the checkout as cwd)."""
 
     allocate: list  # salloc's argv, run on the login node
+    step: list  # srun's argv up to what it runs: one task with the whole allocation
     setup: list  # the shell lines that set up the node's shell
 
 
@@ -317,12 +318,13 @@ def interactive(target, resources) -> Session:
     setup = slurm.interactive_lines(target.recipe.profile(target.profile).modules,
                                     str(activation_script(target.deployment, target.profile)),
                                     str(target.deployment.source))
-    return Session(slurm.salloc_command(resources, f"sdrecipe-{target.profile}"), setup)
+    return Session(slurm.salloc_command(resources, f"sdrecipe-{target.profile}"),
+                   slurm.single_step(resources), setup)
 
 
 def session_argv(target, session: Session, command=()) -> list[str]:
-    """salloc, then srun of an interactive shell set up by an rc file written here, or of
-    `command` run in that set-up shell instead."""
+    """salloc, then one srun task of an interactive shell set up by an rc file written here,
+    or of `command` run once in that set-up shell instead."""
     rc = target.deployment.jobs / f"salloc-{target.profile}.rc"
     rc.parent.mkdir(parents=True, exist_ok=True)
     body = ["[ -f ~/.bashrc ] && . ~/.bashrc", slurm.MODULE_SETUP] + session.setup
@@ -331,4 +333,4 @@ def session_argv(target, session: Session, command=()) -> list[str]:
         inner = ["bash", "-c", f'. {shlex.quote(str(rc))} && exec "$@"', "sdrecipe", *command]
     else:
         inner = ["--pty", "bash", "--rcfile", str(rc), "-i"]
-    return session.allocate + ["srun"] + inner
+    return session.allocate + session.step + inner

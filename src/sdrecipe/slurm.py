@@ -399,3 +399,14 @@ def interactive_lines(modules, activation: str, workdir: str) -> list[str]:
 
 def salloc_command(resources: Resources, job_name: str) -> list[str]:
     return ["salloc", f"--job-name={job_name}", *resources.options()]
+
+
+def single_step(resources: Resources) -> list[str]:
+    """srun of one task holding the whole allocation: inside `salloc -n 16`, a bare srun
+    starts one copy per task (16 checkpoint loads fighting over 2 DCUs). The step keeps
+    the allocation's gres (srun's default) and, on one node, all its CPUs, spelled out
+    because Slurm 20.11 gave a step only the CPUs it asked for."""
+    step = ["srun", "--nodes=1", "--ntasks=1"]
+    if resources.nodes == 1:
+        step.append(f"--cpus-per-task={resources.ntasks * (resources.cpus_per_task or 1)}")
+    return step
