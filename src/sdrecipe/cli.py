@@ -355,6 +355,17 @@ def _add_salloc(sub):
     parser.set_defaults(handler=run)
 
 
+def _add_jobs(sub):
+    parser = sub.add_parser("jobs", help="this deployment's Slurm jobs: id, kind, state, elapsed, "
+                                         "where the report or gallery is")
+    _profile_option(parser, "only this profile's jobs (default: all)")
+
+    def run(args):
+        from .commands import jobs_list
+        return jobs_list.run(_target(args), profile=args.profile)
+    parser.set_defaults(handler=run)
+
+
 def _add_lock(sub):
     parser = sub.add_parser("lock", help="resolve env/ into lock/<profile>.conda-lock.yml "
                                          "(conda part by py-rattler, pip part by uv)")
@@ -374,7 +385,8 @@ def _add_lock(sub):
 
 
 COMMANDS = (_add_deploy, _add_status, _add_verify, _add_fetch, _add_env, _add_doctor, _add_patch,
-            _add_lint, _add_upstream_lock, _add_bundle, _add_submit, _add_salloc, _add_lock)
+            _add_lint, _add_upstream_lock, _add_bundle, _add_submit, _add_salloc, _add_jobs,
+            _add_lock)
 
 
 def build_parser() -> argparse.ArgumentParser:

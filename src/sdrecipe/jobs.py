@@ -31,6 +31,7 @@ from .payload import txt2img_batch as runner
 log = logging.getLogger("sdrecipe.jobs")
 
 JOB_ID_FILE = "job_id"
+SUBMITTED = "submitted.jsonl"  # in <deploy>/jobs/: one line per job submitted, for `sdrecipe jobs`
 
 
 # --- a job -------------------------------------------------------------------------------------
@@ -44,6 +45,7 @@ class PreparedJob:
     folder: Path
     spec: slurm.JobSpec
     results: Path
+    kind: str  # verify or generate
     files: dict[Path, str] = field(default_factory=dict)
 
     @property
@@ -57,16 +59,79 @@ class PreparedJob:
         """The job's log file(s), for `tail -f`."""
         return self.spec.output.replace("%j", job_id).replace("%A", job_id).replace("%a", "*")
 
+    def log_of(self, task_id: str) -> str:
+        """The log file of one job or array task ("12" or "12_3")."""
+        job_id, _, index = task_id.partition("_")
+        return self.spec.output.replace("%j", job_id).replace("%A", job_id).replace("%a", index)
 
-def submit(job: PreparedJob) -> str:
-    """Write the job's files and script, submit it and keep its id in its folder (a rerun
-    of a batch looks for jobs still running); returns the id."""
+
+def submit(job: PreparedJob, deployment) -> str:
+    """Write the job's files and script, submit it, keep its id in its folder (a rerun of a
+    batch looks for jobs still running) and add it to the deployment's list of jobs;
+    returns the id."""
     for path, text in job.files.items():
         path.write_text(text)
     job.script.write_text(job.batch_script())
     job_id = slurm.sbatch(job.script)
     (job.folder / JOB_ID_FILE).write_text(job_id + "\n")
+    entry = {"id": job_id, "kind": job.kind, "profile": job.spec.profile,
+             "folder": str(job.folder), "results": str(job.results),
+             "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    deployment.jobs.mkdir(parents=True, exist_ok=True)
+    with open(deployment.jobs / SUBMITTED, "a", encoding="utf-8") as handle:  # one short
+        handle.write(json.dumps(entry) + "\n")  # O_APPEND write per job: no lost lines
     return job_id
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One submitted job as `sdrecipe jobs` lists it."""
+
+    id: str
+    kind: str
+    profile: str
+    state: str  # Slurm's, e.g. COMPLETED, or "3 COMPLETED, 1 FAILED" over an array
+    elapsed: str
+    results: str  # the report or gallery page, else the folder it will be in
+
+
+def _results_page(entry: dict) -> str:
+    results = Path(entry["results"])
+    page = results / ("report.html" if entry["kind"] == "verify" else gallery.GALLERY)
+    return str(page if page.is_file() else results)
+
+
+def _state_summary(tasks) -> str:
+    if tasks is None:
+        return "UNKNOWN (forgotten by Slurm; no accounting to ask)"
+    counts: dict[str, int] = {}
+    for task in tasks:
+        counts[task.state] = counts.get(task.state, 0) + 1
+    if len(tasks) == 1:
+        return tasks[0].state
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+
+
+def submitted_jobs(deployment, profile: str | None = None) -> list[JobRow]:
+    """The deployment's jobs, oldest first, with their state from Slurm (scontrol while
+    it remembers them, then sacct) and the longest task's elapsed time."""
+    path = deployment.jobs / SUBMITTED
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a line cut short by a full disk: skip it, keep the others
+            continue
+        if profile and entry.get("profile") != profile:
+            continue
+        tasks = slurm.query(entry["id"])
+        elapsed = max((t.elapsed for t in tasks or () if t.elapsed), default="",
+                      key=slurm.seconds_of)
+        rows.append(JobRow(entry["id"], entry["kind"], entry.get("profile", ""),
+                           _state_summary(tasks), elapsed or "-", _results_page(entry)))
+    return rows
 
 
 def discard(job: PreparedJob) -> None:
@@ -151,7 +216,7 @@ def prepare_verify(target, resources, dry_run: bool = False) -> PreparedJob:
                f"--deploy-dir {shlex.quote(str(deployment.root))} verify --profile {profile}"
                + (" --smoke" if target.smoke else "") + f" --out {shlex.quote(str(report))}")
     spec = _spec(target, resources, f"sdrecipe-verify-{profile}", folder, command, dry_run)
-    return PreparedJob(folder, spec, results=report)
+    return PreparedJob(folder, spec, results=report, kind="verify")
 
 
 def collect_report(report: Path, tasks, wait_s: float = 30.0) -> dict | None:
@@ -287,7 +352,7 @@ def prepare_generate(target, resources, planned: PromptBatch, tasks: int,
         environment.append(("TORCH_HOME", str(models.torch_home)))
     spec = _spec(target, resources, f"sdrecipe-generate-{profile}", folder, command, dry_run,
                  array=array, log_name="slurm-%A_%a.out", environment=environment)
-    job = PreparedJob(folder, spec, results=planned.out)
+    job = PreparedJob(folder, spec, results=planned.out, kind="generate")
     job.files[payload] = Path(runner.__file__).read_text()
     job.files[manifest] = batch.manifest_text(planned.todo, planned.settings, planned.out,
                                               deployment.source, models)

@@ -322,6 +322,7 @@ class TaskState:
     log: str | None
     nodes: str | None
     time_limit: str | None = None
+    elapsed: str | None = None  # [D-]HH:MM:SS run so far, or in all
 
     @property
     def done(self) -> bool:
@@ -361,7 +362,7 @@ def query(job_id: str) -> list[TaskState] | None:
                 job_id=_task_id(fields), state=fields.get("JobState", "UNKNOWN"),
                 reason=fields.get("Reason", ""), exit_code=fields.get("ExitCode", ""),
                 log=fields.get("StdOut"), nodes=fields.get("NodeList") or None,
-                time_limit=fields.get("TimeLimit")))
+                time_limit=fields.get("TimeLimit"), elapsed=fields.get("RunTime")))
         return tasks
     if "Invalid job id" in done.stderr and accounting_enabled():
         return _query_sacct(job_id)
@@ -377,15 +378,30 @@ def accounting_enabled() -> bool:
 
 
 def _query_sacct(job_id: str) -> list[TaskState] | None:
+    """The job's allocations (-X: not its steps) from the accounting database: how a job
+    ended once the controller has purged it (OOM, timeout, node failure live only here).
+    States read "CANCELLED by 0"; an array's pending tasks, "12_[3-9]", stay one line."""
     done = _slurm(["sacct", "-j", job_id, "-X", "-n", "-P",
-                   "-o", "JobID,State,Reason,ExitCode,NodeList,Timelimit"], "ask for the job's state")
+                   "-o", "JobID,State,Reason,ExitCode,NodeList,Timelimit,Elapsed"],
+                  "ask the accounting database for the job's state")
+    if done.returncode != 0:
+        raise SdrecipeError(f"sacct -j {job_id} failed: {done.stderr.strip()}")
     tasks = []
     for line in done.stdout.splitlines():
-        job, state, reason, exit_code, nodes, limit = (line.split("|") + [""] * 6)[:6]
+        job, state, reason, exit_code, nodes, limit, elapsed = (line.split("|") + [""] * 7)[:7]
         tasks.append(TaskState(job_id=job, state=state.split()[0] if state else "UNKNOWN",
                                reason=reason, exit_code=exit_code, log=None,
-                               nodes=nodes or None, time_limit=limit))
+                               nodes=nodes or None, time_limit=limit, elapsed=elapsed or None))
     return tasks or None
+
+
+def seconds_of(duration: str) -> int:
+    """Slurm's [D-]HH:MM:SS (or MM:SS) as seconds, to compare elapsed times."""
+    days, _, clock = duration.rpartition("-")
+    seconds = 0
+    for part in clock.split(":"):
+        seconds = seconds * 60 + int(part or 0)
+    return seconds + int(days or 0) * 86400
 
 
 # --- interactive ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ gallery. The exit code says how the job ended (`watch.EXIT_CODES`, also in READM
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from .. import jobs, slurm
@@ -18,7 +19,7 @@ def verify(target, resources=None, sbatch_args=(), dry_run: bool = False,
     """`resources`: the Slurm resources asked (name -> value, None: the recipe's)."""
     chosen = jobs.job_resources(target, resources or {}, sbatch_args)
     job = jobs.prepare_verify(target, chosen, dry_run=dry_run)
-    return _run(job, dry_run=dry_run, no_wait=no_wait, quiet=quiet,
+    return _run(target, job, dry_run=dry_run, no_wait=no_wait, quiet=quiet,
                 later=f"its report will be in {job.results}",
                 collect=lambda tasks: _show_report(job.results,
                                                    jobs.collect_report(job.results, tasks)))
@@ -44,19 +45,19 @@ def generate(target, prompts, out_dir=None, array_tasks: int | None = None,
     out(f"sdrecipe: {todo} of {total} prompts to make ({total - todo} already done), "
         f"over {tasks} array tasks")
     job = jobs.prepare_generate(target, chosen, planned, tasks, max_running, dry_run=dry_run)
-    return _run(job, dry_run=dry_run, no_wait=no_wait, quiet=quiet,
+    return _run(target, job, dry_run=dry_run, no_wait=no_wait, quiet=quiet,
                 later=f"rerun this command to write {planned.out / GALLERY}",
                 collect=lambda tasks: _show_gallery(planned))
 
 
-def _run(job, *, dry_run: bool, no_wait: bool, quiet: bool, later: str, collect) -> int:
+def _run(target, job, *, dry_run: bool, no_wait: bool, quiet: bool, later: str, collect) -> int:
     """Print the script (dry run), or submit the job and, unless `no_wait`, follow it to
     its end, say how it ended and `collect` its results; the exit code is the job's."""
     if dry_run:
         out(job.batch_script(), end="")
         jobs.discard(job)
         return 0
-    job_id = jobs.submit(job)
+    job_id = jobs.submit(job, target.deployment)
     log_hint = job.log_hint(job_id)
     out(f"sdrecipe: submitted job {job_id} ({job.script})")
     if no_wait:
@@ -66,6 +67,8 @@ def _run(job, *, dry_run: bool, no_wait: bool, quiet: bool, later: str, collect)
         tasks = follow(job_id, on_status=out, on_line=None if quiet else out)
     except KeyboardInterrupt:
         return _interrupted(job_id, log_hint)
+    tasks = [t if t.log else dataclasses.replace(t, log=job.log_of(t.job_id))
+             for t in tasks]  # sacct names no log: the job's own pattern does
     code, lines = judge(job_id, tasks)
     for line in lines:
         (err if code else out)(line)
