@@ -487,3 +487,59 @@ def test_real_upstream_prompt_array_matches_standalone_txt2img(smoke_deployment,
                    cwd=smoke_deployment.source, env=env, check=True, capture_output=True)
     folder = next(out.glob("a-small-boat-at-sea-*"))
     assert (alone / "samples" / "00000.png").read_bytes() == (folder / "00000.png").read_bytes()
+
+
+# --- requeue ------------------------------------------------------------------------------
+
+
+RUN_SPECIFIC = ("timing", "node", "job", "finished")  # a sidecar's facts about the run itself
+
+
+def batch_outputs(out: Path) -> dict:
+    """Every prompt folder's files, byte for byte, with the sidecar minus the facts about
+    the run that made it (when, where, which job, how long)."""
+    outputs = {}
+    for folder in sorted(p for p in out.iterdir() if (p / "prompt.json").is_file()):
+        sidecar = json.loads((folder / "prompt.json").read_text())
+        outputs[folder.name] = ({k: v for k, v in sidecar.items() if k not in RUN_SPECIFIC},
+                                {f.name: f.read_bytes() for f in sorted(folder.iterdir())
+                                 if f.name != "prompt.json"})
+    return outputs
+
+
+def test_requeued_array_task_skips_finished_prompts_and_makes_the_same_bytes(
+        deployment, slurm_env, tmp_path):
+    """`scontrol requeue` of an array task in the middle of a prompt: the task starts over,
+    keeps the prompts it had finished, drops the half-made one and makes it again; the
+    batch ends byte-identical to an undisturbed run of the same prompts."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt number {n}\n" for n in range(8)))
+    calm, disturbed = tmp_path / "calm", tmp_path / "disturbed"
+    sleepy = {"STANDIN_TXT2IMG_SLEEP": "1.5"}
+    undisturbed = generate(deployment, slurm_env, prompts, calm, "--array-tasks", "2",
+                           extra_env=sleepy)
+    assert undisturbed.returncode == 0, undisturbed.stdout + undisturbed.stderr
+    proc = sdrecipe(deployment, "submit", "generate", "--profile", PROFILE, "--prompts",
+                    str(prompts), "--out", str(disturbed), "--height", "16", "--width", "24",
+                    "--n-samples", "2", "--steps", "5", "--ntasks", "1", "--gres", "dcu:1",
+                    "--array-tasks", "2", env=slurm_env, extra_env=sleepy, background=True)
+    job_id = job_id_from("".join(wait_for_line(proc.stdout, r"submitted job")))
+    deadline = time.monotonic() + 60
+    while not (disturbed_done := [json.loads(p.read_text()) for p in
+                                  disturbed.glob("*/prompt.json")
+                                  if json.loads(p.read_text())["job"]["array_task"] == 0]) \
+            or not list(disturbed.glob("*.partial-*")):
+        assert time.monotonic() < deadline, "task 0 never got a prompt done and one under way"
+        time.sleep(0.1)
+    before = {s["prompt"]: s["finished"] for s in disturbed_done}
+    subprocess.run(["scontrol", "requeue", f"{job_id}_0"], env=slurm_env, check=True)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out + err
+    log = next(disturbed.glob(f"jobs/generate-*/slurm-{job_id}_0.out")).read_text()
+    assert f"task 0 of 2: 4 prompts, {len(before)} already done" in log  # the requeued run
+    after = prompt_folders(disturbed)
+    assert {p: after[p]["finished"] for p in before} == before  # finished prompts not redone
+    assert after[next(iter(before))]["job"]["array_task"] == 0
+    assert not list(disturbed.glob("*.partial-*"))
+    assert batch_outputs(disturbed) == batch_outputs(calm)
+    assert len(batch_outputs(calm)) == 8

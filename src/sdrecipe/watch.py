@@ -53,8 +53,12 @@ class LogStreamer:
         for task in tasks:
             if not task.log or "%" in task.log or not os.path.isfile(task.log):
                 continue
+            offset = self.offsets.get(task.log, 0)
+            if os.path.getsize(task.log) < offset:  # rewritten: a requeued task starts it anew
+                offset = 0
+                self.partial.pop(task.log, None)
             with open(task.log, "rb") as handle:
-                handle.seek(self.offsets.get(task.log, 0))
+                handle.seek(offset)
                 data = handle.read()
                 self.offsets[task.log] = handle.tell()
             text = self.partial.pop(task.log, "") + data.decode("utf-8", "replace")
