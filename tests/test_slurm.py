@@ -384,6 +384,37 @@ def test_a_batch_still_running_is_not_submitted_twice(deployment, slurm_env, tmp
     assert sorted(prompt_folders(out)) == ["a slow snail"]
 
 
+
+def test_generate_after_a_verify_job_runs_only_once_it_passed(deployment, slurm_env, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat after the verify\n")
+    passing = submit_verify(deployment, slurm_env, "--ntasks", "1", "--gres", "none", "--no-wait",
+                            extra_env={"STANDIN_VERIFY_DELAY": "4"})
+    verify_id = job_id_from(passing.stdout)
+    chained = generate(deployment, slurm_env, prompts, tmp_path / "out", "--after", verify_id,
+                       "--no-wait")
+    assert chained.returncode == 0, chained.stdout + chained.stderr
+    chained_id = job_id_from(chained.stdout)
+    held = subprocess.run(["scontrol", "show", "job", "-o", chained_id], env=slurm_env,
+                          capture_output=True, text=True).stdout
+    assert f"Dependency=afterok:{verify_id}" in held and "JobState=PENDING" in held, held
+    verified = wait_for_job_state(verify_id, slurm_env, "COMPLETED", timeout=60)
+    made = wait_for_job_state(chained_id, slurm_env, "COMPLETED", timeout=60)
+    assert "JobState=COMPLETED" in made, made
+    end = re.search(r"EndTime=(\S+)", verified).group(1)
+    assert re.search(r"StartTime=(\S+)", made).group(1) >= end  # ISO times sort as text
+    assert sorted(prompt_folders(tmp_path / "out")) == ["a cat after the verify"]
+
+    failing = submit_verify(deployment, slurm_env, "--ntasks", "1", "--gres", "none", "--no-wait",
+                            extra_env={"STANDIN_VERIFY": "fail", "STANDIN_VERIFY_DELAY": "2"})
+    never = generate(deployment, slurm_env, prompts, tmp_path / "out2", "--after",
+                     job_id_from(failing.stdout))
+    assert never.returncode == 13, never.stdout + never.stderr
+    assert "never started (CANCELLED: DependencyNeverSatisfied)" in never.stderr
+    assert not list((tmp_path / "out2").glob("*/prompt.json"))
+    bad = generate(deployment, slurm_env, prompts, tmp_path / "out3", "--after", "12; rm -rf")
+    assert bad.returncode == 2 and "expected a Slurm job id" in bad.stderr
+
 # --- interactive ------------------------------------------------------------------------------
 
 

@@ -310,6 +310,9 @@ def _add_submit(sub):
                           help="default: the recipe's verify precision for the profile")
     generate.add_argument("--smoke", action="store_true",
                           help="the tiny models of deploy --smoke (a rehearsal of the batch)")
+    generate.add_argument("--after", metavar="JOBID",
+                          help="start once job JOBID completed (afterok), e.g. a verify job "
+                               "submitted with --no-wait; cancelled by Slurm if it fails")
 
     def submission(args) -> dict:
         return dict(_slurm_request(args), dry_run=args.dry_run, no_wait=args.no_wait,
@@ -327,7 +330,7 @@ def _add_submit(sub):
                             scale=args.scale, seed=args.seed, precision=args.precision)
         return submit.generate(_target(args, smoke=args.smoke), args.prompts, out_dir=args.out,
                                array_tasks=args.array_tasks, max_running=args.max_running,
-                               sampling=sampling, **submission(args))
+                               sampling=sampling, after=args.after, **submission(args))
     for kind, run in ((verify, run_verify), (generate, run_generate)):
         _profile_option(kind)
         _slurm_resource_options(kind)

@@ -142,12 +142,15 @@ def discard(job: PreparedJob) -> None:
         job.folder.parent.rmdir()
 
 
-def job_resources(target, overrides: dict, sbatch_args=()) -> slurm.Resources:
+def job_resources(target, overrides: dict, sbatch_args=(), after: str | None = None
+                  ) -> slurm.Resources:
     """The recipe's resources for the profile with the site's partition, account and qos,
-    then the person's `overrides` (None: not given) and extra sbatch options."""
+    then the person's `overrides` (None: not given) and extra sbatch options; `after`: a
+    job id this one waits for, running only if it completed (afterok)."""
     resources = slurm.resolve_resources(target.recipe, target.profile, target.config, overrides)
-    if sbatch_args:
-        resources = dataclasses.replace(resources, extra=tuple(sbatch_args))
+    extra = tuple(sbatch_args) + (slurm.after_ok(after) if after else ())
+    if extra:
+        resources = dataclasses.replace(resources, extra=extra)
     return resources
 
 

@@ -29,6 +29,7 @@ from .errors import SdrecipeError
 GRES_NAME = {"dcu": "dcu", "cuda": "gpu", "none": None}
 # Slurm's time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 TIME_RE = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}){0,2})$")
+JOB_ID_RE = re.compile(r"^\d+(_\d+)?$")
 GRES_RE = re.compile(r"^[a-z][a-z0-9_]*(:[A-Za-z0-9_.-]+)?:\d+$")
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY",
@@ -135,6 +136,15 @@ class Resources:
                  ("nodes", self.nodes), ("ntasks", self.ntasks),
                  ("cpus-per-task", self.cpus_per_task), ("gres", self.gres), ("time", self.time)]
         return [f"--{key}={value}" for key, value in pairs if value is not None] + list(self.extra)
+
+
+def after_ok(job_id: str) -> tuple[str, ...]:
+    """sbatch options that hold a job until `job_id` completed; should that job fail,
+    Slurm cancels this one (reason DependencyNeverSatisfied) instead of queueing it forever."""
+    if not JOB_ID_RE.match(job_id):
+        raise SdrecipeError(f"--after {job_id!r}: expected a Slurm job id such as 1234 (the "
+                            "number `sdrecipe submit ... --no-wait` printed)")
+    return (f"--dependency=afterok:{job_id}", "--kill-on-invalid-dep=yes")
 
 
 def resolve_resources(recipe, profile: str, config, overrides: dict) -> Resources:

@@ -9,7 +9,8 @@ tests can see the setup really happened on the node.
 $STANDIN_VERIFY picks the behaviour: "ok" (default), "fail" (exit 3 after a
 failed check), "sleep" (sleep until killed, 10 minutes at most, so a job orphaned by a killed
 test run ends by itself: for timeout and cancel tests), "oom" (fill 300 MB, for a job
-with a smaller --mem).
+with a smaller --mem). $STANDIN_VERIFY_DELAY: seconds to take first (a verify that
+another job waits for).
 """
 
 import argparse
@@ -34,6 +35,7 @@ def main(argv):
         print("standin: %s=%s" % (name, os.environ.get(name, "")), flush=True)
     print("standin: cwd=%s" % os.getcwd(), flush=True)
     mode = os.environ.get("STANDIN_VERIFY", "ok")
+    time.sleep(float(os.environ.get("STANDIN_VERIFY_DELAY", "0")))
     if mode == "oom":
         print("standin: filling memory", flush=True)
         ballast = b"x" * (300 * 2 ** 20)  # touched, so resident

@@ -27,11 +27,11 @@ def verify(target, resources=None, sbatch_args=(), dry_run: bool = False,
 
 def generate(target, prompts, out_dir=None, array_tasks: int | None = None,
              max_running: int | None = None, sampling: jobs.Sampling = jobs.Sampling(),
-             resources=None, sbatch_args=(), dry_run: bool = False, no_wait: bool = False,
-             quiet: bool = False) -> int:
+             resources=None, sbatch_args=(), after: str | None = None, dry_run: bool = False,
+             no_wait: bool = False, quiet: bool = False) -> int:
     """An array job over the prompts of `prompts` not done yet in `out_dir`; with all of
-    them done, only the gallery is written."""
-    chosen = jobs.job_resources(target, resources or {}, sbatch_args)
+    them done, only the gallery is written. `after`: start only once that job completed."""
+    chosen = jobs.job_resources(target, resources or {}, sbatch_args, after)
     planned = jobs.plan_batch(target, prompts, out_dir, sampling)
     if not dry_run:
         jobs.refuse_if_running(planned)
