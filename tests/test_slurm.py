@@ -331,7 +331,10 @@ def test_prompt_array_splits_prompts_and_writes_the_gallery(deployment, slurm_en
         assert log.read_text().count("Loading model from") == 1
     page = (out / "gallery.html").read_text()
     assert "5 of 5 prompts done" in page
-    assert page.count('src="data:image/png;base64,') == 10
+    thumbnails = re.findall(r'<img alt="\S+" src="(thumbnails/[^"]+\.jpg)" loading="lazy" '
+                            r'width="24" height="16">', page)
+    assert len(thumbnails) == 10 and all((out / t).is_file() for t in thumbnails)
+    assert "<nav>" not in page  # one page: nothing to page through
     assert "a stylish woman walks down a Tokyo street &lt;neon&gt;" in page
     assert "comment" not in page
     assert f"gallery: {out / 'gallery.html'} (5 of 5 prompts done)" in done.stdout
@@ -414,6 +417,49 @@ def test_generate_after_a_verify_job_runs_only_once_it_passed(deployment, slurm_
     assert not list((tmp_path / "out2").glob("*/prompt.json"))
     bad = generate(deployment, slurm_env, prompts, tmp_path / "out3", "--after", "12; rm -rf")
     assert bad.returncode == 2 and "expected a Slurm job id" in bad.stderr
+
+
+def test_a_thousand_prompts_spread_over_the_array_with_a_paged_gallery_updated_live(
+        deployment, slurm_env, tmp_path):
+    """1,000 prompts over 4 tasks run one at a time (--max-running 1): each task loads the
+    model once; the gallery is written while later tasks still run, and in the end is
+    10 pages of 100 prompts whose thumbnails are files loaded lazily."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {n}: a lighthouse in a storm\n" for n in range(1000)))
+    out = tmp_path / "out"
+    proc = sdrecipe(deployment, "submit", "generate", "--profile", PROFILE, "--prompts",
+                    str(prompts), "--out", str(out), "--height", "32", "--width", "32",
+                    "--n-samples", "1", "--steps", "5", "--ntasks", "1", "--gres", "dcu:1",
+                    "--array-tasks", "4", "--max-running", "1", "--quiet", env=slurm_env,
+                    background=True)
+    partial_gallery = None
+    while proc.poll() is None and partial_gallery is None:
+        page = out / "gallery.html"
+        text = page.read_text() if page.is_file() else ""
+        if "of 1000 prompts done" in text and "1000 of 1000" not in text:
+            partial_gallery = text
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout + stderr
+    assert partial_gallery, "the gallery was only written at the end"
+    # written once a task had ended (250 prompts each), while the next one was running
+    assert 250 <= int(re.search(r"(\d+) of 1000 prompts done", partial_gallery).group(1)) < 1000
+    assert "1000 of 1000 prompts to make (0 already done), over 4 array tasks" in stdout
+    assert len(list(out.glob("*/prompt.json"))) == 1000
+    logs = sorted(out.glob("jobs/generate-*/slurm-*_*.out"))
+    assert len(logs) == 4
+    for log in logs:
+        text = log.read_text()
+        assert text.count("Loading model from") == 1 and ": 250 prompts, 0 already done" in text
+    pages = [out / "gallery.html"] + [out / f"gallery-{n}.html" for n in range(2, 11)]
+    assert not (out / "gallery-11.html").exists()
+    for number, page in enumerate(pages, 1):
+        text = page.read_text()
+        assert "1000 of 1000 prompts done" in text
+        assert text.count("<section>") == 100 and text.count('loading="lazy"') == 100
+        assert f"<b>{(number - 1) * 100 + 1}–{number * 100}</b>" in text  # where you are
+        assert "data:image" not in text and page.stat().st_size < 100_000
+    assert len(list((out / "thumbnails").glob("*/*.jpg"))) == 1000
 
 # --- interactive ------------------------------------------------------------------------------
 

@@ -45,14 +45,25 @@ def generate(target, prompts, out_dir=None, array_tasks: int | None = None,
     out(f"sdrecipe: {todo} of {total} prompts to make ({total - todo} already done), "
         f"over {tasks} array tasks")
     job = jobs.prepare_generate(target, chosen, planned, tasks, max_running, dry_run=dry_run)
+    ended_before = 0
+
+    def update_gallery(tasks):
+        """Rewrite the gallery whenever one more array task has ended (the last one: collect)."""
+        nonlocal ended_before
+        ended = sum(t.done for t in tasks)
+        if ended_before < ended < len(tasks):
+            ended_before = ended
+            jobs.write_gallery(planned)
     return _run(target, job, dry_run=dry_run, no_wait=no_wait, quiet=quiet,
                 later=f"rerun this command to write {planned.out / GALLERY}",
-                collect=lambda tasks: _show_gallery(planned))
+                collect=lambda tasks: _show_gallery(planned), on_change=update_gallery)
 
 
-def _run(target, job, *, dry_run: bool, no_wait: bool, quiet: bool, later: str, collect) -> int:
+def _run(target, job, *, dry_run: bool, no_wait: bool, quiet: bool, later: str, collect,
+         on_change=None) -> int:
     """Print the script (dry run), or submit the job and, unless `no_wait`, follow it to
-    its end, say how it ended and `collect` its results; the exit code is the job's."""
+    its end (`on_change`: the tasks, at each change), say how it ended and `collect` its
+    results; the exit code is the job's."""
     if dry_run:
         out(job.batch_script(), end="")
         jobs.discard(job)
@@ -64,7 +75,7 @@ def _run(target, job, *, dry_run: bool, no_wait: bool, quiet: bool, later: str, 
         out(f"sdrecipe: follow it with: tail -f {log_hint}; {later}")
         return 0
     try:
-        tasks = follow(job_id, on_status=out, on_line=None if quiet else out)
+        tasks = follow(job_id, on_status=out, on_line=None if quiet else out, on_change=on_change)
     except KeyboardInterrupt:
         return _interrupted(job_id, log_hint)
     tasks = [t if t.log else dataclasses.replace(t, log=job.log_of(t.job_id))
