@@ -1,7 +1,7 @@
 """Prompt batches: one process per array task (model loaded once) vs one txt2img process per prompt.
 
     python benchmarks/bench_batch.py --deploy DIR [--prompts 4] [--size 256] [--steps 5] [--rounds 3]
-    python benchmarks/bench_batch.py --deploy DIR --prompts 200 --size 128 --rounds 1   # at scale
+    python benchmarks/bench_batch.py --deploy DIR --prompts 200 --rounds 1   # at scale
 
 DIR is a deployment made by `sdrecipe deploy --profile cpu --smoke` (the real
 upstream txt2img.py on tiny models). Both contenders run the same prompts with
