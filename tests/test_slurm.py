@@ -62,16 +62,22 @@ def deployment(tmp_path_factory):
     return deployment
 
 
-@pytest.fixture(scope="module")
-def slurm_env(slurm_cluster, tmp_path_factory):
-    config = tmp_path_factory.mktemp("config") / "config.yaml"
-    config.write_text(f"partition: {slurm_cluster.partition}\n")
+def cluster_env(cluster, config_dir: Path) -> dict:
+    """The environment to run sdrecipe against `cluster`: its SLURM_CONF, a site config
+    naming its partition, this checkout's engine, and the verify stand-in as engine."""
+    config = config_dir / "config.yaml"
+    config.write_text(f"partition: {cluster.partition}\n")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SDRECIPE_", "STANDIN_", "SLURM_"))}
     python = PY38 if PY38.exists() else Path(sys.executable)
-    env.update(slurm_cluster.env, SDRECIPE_CONFIG=str(config), PYTHONPATH=str(ROOT / "src"),
+    env.update(cluster.env, SDRECIPE_CONFIG=str(config), PYTHONPATH=str(ROOT / "src"),
                SDRECIPE_ENGINE=f"{python} {PAYLOADS / 'standin_sdrecipe.py'}")
     return env
+
+
+@pytest.fixture(scope="module")
+def slurm_env(slurm_cluster, tmp_path_factory):
+    return cluster_env(slurm_cluster, tmp_path_factory.mktemp("config"))
 
 
 def interruptible():

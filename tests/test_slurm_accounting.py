@@ -12,48 +12,28 @@ jobs` and the exit codes are checked against them.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import time
 
 import pytest
 
-from sdrecipe import slurm, watch
-from test_slurm import PAYLOADS, PY38, PROFILE, ROOT, deployment, job_id_from, sdrecipe  # noqa: F401
+from conftest import running_slurm_cluster
+from sdrecipe import watch
+from test_slurm import PROFILE, cluster_env, deployment, job_id_from, sdrecipe  # noqa: F401
 
 pytestmark = pytest.mark.slurm
 
 
 @pytest.fixture(scope="module")
 def accounting_cluster():
-    from conftest import required_or_skip
-    from slurm_cluster import SlurmCluster, missing_requirements
-
-    missing = missing_requirements(accounting=True)
-    if missing:
-        required_or_skip(f"the accounting test cluster needs {', '.join(missing)}: as root, "
-                         "apt-get install slurm-wlm slurmdbd mariadb-server munge lmod")
-    cluster = SlurmCluster(accounting=True, min_job_age=2)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-        cluster.remove()
+    yield from running_slurm_cluster("slurm-wlm slurmdbd mariadb-server munge lmod",
+                                     accounting=True, min_job_age=2)
 
 
 @pytest.fixture(scope="module")
 def acct_env(accounting_cluster, tmp_path_factory):
-    config = tmp_path_factory.mktemp("acct-config") / "config.yaml"
-    config.write_text(f"partition: {accounting_cluster.partition}\n")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SDRECIPE_", "STANDIN_", "SLURM_"))}
-    python = PY38 if PY38.exists() else sys.executable
-    env.update(accounting_cluster.env, SDRECIPE_CONFIG=str(config), PYTHONPATH=str(ROOT / "src"),
-               SDRECIPE_ENGINE=f"{python} {PAYLOADS / 'standin_sdrecipe.py'}")
-    return env
+    return cluster_env(accounting_cluster, tmp_path_factory.mktemp("acct-config"))
 
 
 def submit(deployment, env, behaviour, *options):  # noqa: F811 -- the imported fixture
