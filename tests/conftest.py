@@ -74,21 +74,27 @@ from patch_fixtures import template, tiny  # noqa: E402, F401
 
 
 # --- Slurm + Lmod cluster (slurm) ---------------------------------------------------------
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """A real single-node Slurm cluster with munge and an Lmod module tree (see
-    tests/slurm_cluster.py), shared by every slurm test; its daemons are stopped by
-    PID when the session ends, whatever the tests did."""
+def running_slurm_cluster(packages: str, **options):
+    """Start a SlurmCluster(**options) (skip, or fail in CI, when this machine lacks what it
+    needs: `packages` says what to install), yield it, then stop its daemons by PID and
+    remove its folder, whatever the tests did."""
     from slurm_cluster import SlurmCluster, missing_requirements
 
-    missing = missing_requirements()
+    missing = missing_requirements(accounting=options.get("accounting", False))
     if missing:
         required_or_skip(f"the Slurm test cluster needs {', '.join(missing)}: as root, "
-                    "apt-get install slurm-wlm munge lmod (bash .ci/run does)")
-    cluster = SlurmCluster()
+                         f"apt-get install {packages} (bash .ci/run does)")
+    cluster = SlurmCluster(**options)
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
         cluster.remove()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real single-node Slurm cluster with munge and an Lmod module tree (see
+    tests/slurm_cluster.py), shared by every slurm test."""
+    yield from running_slurm_cluster("slurm-wlm munge lmod")

@@ -6,8 +6,6 @@ that decide what is submitted and what exit code a user gets.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import re
@@ -155,7 +153,7 @@ def test_an_empty_prompt_file_is_an_error_naming_it(tmp_path):
         batch.plan(prompts, batch.DEFAULT_SETTINGS)
 
 
-def test_gallery_embeds_thumbnails_linking_to_the_full_size_images(tmp_path):
+def test_gallery_thumbnails_are_files_loaded_lazily_linking_to_the_full_size_images(tmp_path):
     """The prompt folder is made here as the in-job runner leaves it (images + sidecar),
     at full upstream size, so the page's weight is what a real batch would give."""
     prompts = tmp_path / "prompts.txt"
@@ -173,12 +171,35 @@ def test_gallery_embeds_thumbnails_linking_to_the_full_size_images(tmp_path):
     page = path.read_text()
     assert made == 1 and "1 of 2 prompts done" in page and "<title>batch &lt;1&gt;</title>" in page
     assert "a red &lt;fox&gt;" in page and "line 2: not made yet" in page
-    uris = re.findall(r'<a href="([^"]+)"><img alt="[^"]+" src="data:image/png;base64,([^"]+)"', page)
-    assert [href for href, _ in uris] == [f"{entries[0].folder}/{name}" for name in names]
-    for _, data in uris:
-        assert Image.open(io.BytesIO(base64.b64decode(data))).size == (256, 256)
-    full_size = sum((done / name).stat().st_size for name in names)
-    assert len(page) < full_size / 2  # linked, not embedded (embedded: 4/3 of full_size)
+    links = re.findall(r'<a href="([^"]+)"><img alt="[^"]+" src="([^"]+)" loading="lazy" '
+                       r'width="160" height="160">', page)
+    assert [href for href, _ in links] == [f"{entries[0].folder}/{name}" for name in names]
+    for _, thumbnail in links:
+        assert thumbnail.startswith("thumbnails/") and thumbnail.endswith(".jpg")
+        with Image.open(tmp_path / thumbnail) as image:
+            assert (image.format, image.size) == ("JPEG", (160, 160))
+    assert "data:image" not in page and not list(tmp_path.glob("thumbnails/*/.*.tmp"))
+    thumbnails = sum((tmp_path / t).stat().st_size for _, t in links)
+    assert thumbnails < sum((done / name).stat().st_size for name in names) / 10
+    first = (tmp_path / links[0][1]).stat().st_mtime_ns
+    gallery.write_gallery(entries, tmp_path, "batch <1>")
+    assert (tmp_path / links[0][1]).stat().st_mtime_ns == first  # made once, then kept
+
+
+def test_gallery_pages_hold_a_hundred_prompts_each_and_link_each_other(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {n}\n" for n in range(250)))
+    entries = batch.plan(prompts, batch.DEFAULT_SETTINGS)
+    path, made = gallery.write_gallery(entries, tmp_path, "big")
+    pages = [path, tmp_path / "gallery-2.html", tmp_path / "gallery-3.html"]
+    assert made == 0 and not (tmp_path / "gallery-4.html").exists()
+    for number, page in enumerate(pages, 1):
+        text = page.read_text()
+        assert "0 of 250 prompts done" in text
+        assert text.count('<section class="missing">') == (100 if number < 3 else 50)
+        links = set(re.findall(r'<a href="(gallery[^"]*\.html)">', text))
+        assert links == {p.name for p in pages} - {page.name}
+    assert "<b>201–250</b>" in pages[2].read_text() and "prompt 249" in pages[2].read_text()
 
 
 def sdrecipe_cli(*args, env_extra=None):

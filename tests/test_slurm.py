@@ -76,16 +76,22 @@ def deployment(tmp_path_factory):
     return deployment
 
 
-@pytest.fixture(scope="module")
-def slurm_env(slurm_cluster, tmp_path_factory):
-    config = tmp_path_factory.mktemp("config") / "config.yaml"
-    config.write_text(f"partition: {slurm_cluster.partition}\n")
+def cluster_env(cluster, config_dir: Path) -> dict:
+    """The environment to run sdrecipe against `cluster`: its SLURM_CONF, a site config
+    naming its partition, this checkout's engine, and the verify stand-in as engine."""
+    config = config_dir / "config.yaml"
+    config.write_text(f"partition: {cluster.partition}\n")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SDRECIPE_", "STANDIN_", "SLURM_"))}
     python = PY38 if PY38.exists() else Path(sys.executable)
-    env.update(slurm_cluster.env, SDRECIPE_CONFIG=str(config), PYTHONPATH=str(ROOT / "src"),
+    env.update(cluster.env, SDRECIPE_CONFIG=str(config), PYTHONPATH=str(ROOT / "src"),
                SDRECIPE_ENGINE=f"{python} {PAYLOADS / 'standin_sdrecipe.py'}")
     return env
+
+
+@pytest.fixture(scope="module")
+def slurm_env(slurm_cluster, tmp_path_factory):
+    return cluster_env(slurm_cluster, tmp_path_factory.mktemp("config"))
 
 
 def interruptible():
@@ -345,7 +351,10 @@ def test_prompt_array_splits_prompts_and_writes_the_gallery(deployment, slurm_en
         assert log.read_text().count("Loading model from") == 1
     page = (out / "gallery.html").read_text()
     assert "5 of 5 prompts done" in page
-    assert page.count('src="data:image/png;base64,') == 10
+    thumbnails = re.findall(r'<img alt="\S+" src="(thumbnails/[^"]+\.jpg)" loading="lazy" '
+                            r'width="24" height="16">', page)
+    assert len(thumbnails) == 10 and all((out / t).is_file() for t in thumbnails)
+    assert "<nav>" not in page  # one page: nothing to page through
     assert "a stylish woman walks down a Tokyo street &lt;neon&gt;" in page
     assert "comment" not in page
     assert f"gallery: {out / 'gallery.html'} (5 of 5 prompts done)" in done.stdout
@@ -398,6 +407,80 @@ def test_a_batch_still_running_is_not_submitted_twice(deployment, slurm_env, tmp
     assert sorted(prompt_folders(out)) == ["a slow snail"]
 
 
+
+def test_generate_after_a_verify_job_runs_only_once_it_passed(deployment, slurm_env, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat after the verify\n")
+    passing = submit_verify(deployment, slurm_env, "--ntasks", "1", "--gres", "none", "--no-wait",
+                            extra_env={"STANDIN_VERIFY_DELAY": "4"})
+    verify_id = job_id_from(passing.stdout)
+    chained = generate(deployment, slurm_env, prompts, tmp_path / "out", "--after", verify_id,
+                       "--no-wait")
+    assert chained.returncode == 0, chained.stdout + chained.stderr
+    chained_id = job_id_from(chained.stdout)
+    held = subprocess.run(["scontrol", "show", "job", "-o", chained_id], env=slurm_env,
+                          capture_output=True, text=True).stdout
+    assert f"Dependency=afterok:{verify_id}" in held and "JobState=PENDING" in held, held
+    verified = wait_for_job_state(verify_id, slurm_env, "COMPLETED", timeout=60)
+    made = wait_for_job_state(chained_id, slurm_env, "COMPLETED", timeout=60)
+    assert "JobState=COMPLETED" in made, made
+    end = re.search(r"EndTime=(\S+)", verified).group(1)
+    assert re.search(r"StartTime=(\S+)", made).group(1) >= end  # ISO times sort as text
+    assert sorted(prompt_folders(tmp_path / "out")) == ["a cat after the verify"]
+
+    failing = submit_verify(deployment, slurm_env, "--ntasks", "1", "--gres", "none", "--no-wait",
+                            extra_env={"STANDIN_VERIFY": "fail", "STANDIN_VERIFY_DELAY": "2"})
+    never = generate(deployment, slurm_env, prompts, tmp_path / "out2", "--after",
+                     job_id_from(failing.stdout))
+    assert never.returncode == 13, never.stdout + never.stderr
+    assert "never started (CANCELLED: DependencyNeverSatisfied)" in never.stderr
+    assert not list((tmp_path / "out2").glob("*/prompt.json"))
+    bad = generate(deployment, slurm_env, prompts, tmp_path / "out3", "--after", "12; rm -rf")
+    assert bad.returncode == 2 and "expected a Slurm job id" in bad.stderr
+
+
+def test_a_thousand_prompts_spread_over_the_array_with_a_paged_gallery_updated_live(
+        deployment, slurm_env, tmp_path):
+    """1,000 prompts over 4 tasks run one at a time (--max-running 1): each task loads the
+    model once; the gallery is written while later tasks still run, and in the end is
+    10 pages of 100 prompts whose thumbnails are files loaded lazily."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {n}: a lighthouse in a storm\n" for n in range(1000)))
+    out = tmp_path / "out"
+    proc = sdrecipe(deployment, "submit", "generate", "--profile", PROFILE, "--prompts",
+                    str(prompts), "--out", str(out), "--height", "32", "--width", "32",
+                    "--n-samples", "1", "--steps", "5", "--ntasks", "1", "--gres", "dcu:1",
+                    "--array-tasks", "4", "--max-running", "1", "--quiet", env=slurm_env,
+                    background=True)
+    partial_gallery = None
+    while proc.poll() is None and partial_gallery is None:
+        page = out / "gallery.html"
+        text = page.read_text() if page.is_file() else ""
+        if "of 1000 prompts done" in text and "1000 of 1000" not in text:
+            partial_gallery = text
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout + stderr
+    assert partial_gallery, "the gallery was only written at the end"
+    # written once a task had ended (250 prompts each), while the next one was running
+    assert 250 <= int(re.search(r"(\d+) of 1000 prompts done", partial_gallery).group(1)) < 1000
+    assert "1000 of 1000 prompts to make (0 already done), over 4 array tasks" in stdout
+    assert len(list(out.glob("*/prompt.json"))) == 1000
+    logs = sorted(out.glob("jobs/generate-*/slurm-*_*.out"))
+    assert len(logs) == 4
+    for log in logs:
+        text = log.read_text()
+        assert text.count("Loading model from") == 1 and ": 250 prompts, 0 already done" in text
+    pages = [out / "gallery.html"] + [out / f"gallery-{n}.html" for n in range(2, 11)]
+    assert not (out / "gallery-11.html").exists()
+    for number, page in enumerate(pages, 1):
+        text = page.read_text()
+        assert "1000 of 1000 prompts done" in text
+        assert text.count("<section>") == 100 and text.count('loading="lazy"') == 100
+        assert f"<b>{(number - 1) * 100 + 1}–{number * 100}</b>" in text  # where you are
+        assert "data:image" not in text and page.stat().st_size < 100_000
+    assert len(list((out / "thumbnails").glob("*/*.jpg"))) == 1000
+
 # --- interactive ------------------------------------------------------------------------------
 
 
@@ -408,10 +491,39 @@ def test_salloc_runs_a_command_on_the_node_with_the_module_and_environment(deplo
                                   'cwd=$PWD node=$SLURMD_NODENAME"', env=slurm_env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"module=1 profile={PROFILE} cwd={deployment.source} node=" in done.stdout
+
+
+# What a command run by `salloc --run` prints about itself: its task, and its step as
+# Slurm sees it (CPUs, tasks, the gres it holds; count-only dcu exports no variable).
+WHO_AM_I = ('echo "task=$SLURM_PROCID of $SLURM_STEP_NUM_TASKS visible=$CUDA_VISIBLE_DEVICES"; '
+            'scontrol show step "$SLURM_JOB_ID.$SLURM_STEP_ID" -o')
+
+
+def test_salloc_runs_the_command_once_with_all_of_the_recipes_allocation(deployment, slurm_env):
+    """The recipe's dtk-22.10 resources (-n 16 --gres=dcu:2): one process, not 16, and that
+    one step holds both DCUs and all 16 CPUs."""
+    done = sdrecipe(deployment, "salloc", "--profile", PROFILE, "--run", "--", "bash", "-c",
+                    WHO_AM_I, env=slurm_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "--ntasks=16 --gres=dcu:2" in done.stderr  # the allocation keeps the recipe's
+    assert re.findall(r"task=\d+", done.stdout) == ["task=0"], done.stdout
+    step = re.search(r"StepId=\S+ .*", done.stdout).group(0)
+    assert " Tasks=1 " in step and " CPUs=16 " in step
+    assert re.search(r"TresPerNode=\S*gres:dcu:2", step), step
     printed = sdrecipe(deployment, "salloc", "--profile", PROFILE, env=slurm_env)
     assert "salloc --job-name=sdrecipe-dtk-22.10 --partition=sdtest --nodes=1 --ntasks=16 " \
            "--gres=dcu:2" in printed.stdout
+    assert "srun --nodes=1 --ntasks=1 --cpus-per-task=16 --pty bash -l\n" in printed.stdout
     assert "module load compiler/rocm/dtk-22.10.1" in printed.stdout
+
+
+def test_salloc_command_sees_every_gpu_of_the_allocation(deployment, slurm_env, slurm_cluster):
+    if not slurm_cluster.gpus:
+        pytest.skip("this machine refuses mknod, so the test cluster has no gpu gres")
+    done = sdrecipe(deployment, "salloc", "--profile", "cuda", "--ntasks", "16", "--gres",
+                    "gpu:2", "--run", "--", "bash", "-c", WHO_AM_I, env=slurm_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.findall(r"task=.*", done.stdout) == ["task=0 of 1 visible=0,1"], done.stdout
 
 
 # --- with the real upstream (where a checkout is available) ------------------------------
@@ -472,3 +584,59 @@ def test_real_upstream_prompt_array_matches_standalone_txt2img(smoke_deployment,
                    cwd=smoke_deployment.source, env=env, check=True, capture_output=True)
     folder = next(out.glob("a-small-boat-at-sea-*"))
     assert (alone / "samples" / "00000.png").read_bytes() == (folder / "00000.png").read_bytes()
+
+
+# --- requeue ------------------------------------------------------------------------------
+
+
+RUN_SPECIFIC = ("timing", "node", "job", "finished")  # a sidecar's facts about the run itself
+
+
+def batch_outputs(out: Path) -> dict:
+    """Every prompt folder's files, byte for byte, with the sidecar minus the facts about
+    the run that made it (when, where, which job, how long)."""
+    outputs = {}
+    for folder in sorted(p for p in out.iterdir() if (p / "prompt.json").is_file()):
+        sidecar = json.loads((folder / "prompt.json").read_text())
+        outputs[folder.name] = ({k: v for k, v in sidecar.items() if k not in RUN_SPECIFIC},
+                                {f.name: f.read_bytes() for f in sorted(folder.iterdir())
+                                 if f.name != "prompt.json"})
+    return outputs
+
+
+def test_requeued_array_task_skips_finished_prompts_and_makes_the_same_bytes(
+        deployment, slurm_env, tmp_path):
+    """`scontrol requeue` of an array task in the middle of a prompt: the task starts over,
+    keeps the prompts it had finished, drops the half-made one and makes it again; the
+    batch ends byte-identical to an undisturbed run of the same prompts."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt number {n}\n" for n in range(8)))
+    calm, disturbed = tmp_path / "calm", tmp_path / "disturbed"
+    sleepy = {"STANDIN_TXT2IMG_SLEEP": "1.5"}
+    undisturbed = generate(deployment, slurm_env, prompts, calm, "--array-tasks", "2",
+                           extra_env=sleepy)
+    assert undisturbed.returncode == 0, undisturbed.stdout + undisturbed.stderr
+    proc = sdrecipe(deployment, "submit", "generate", "--profile", PROFILE, "--prompts",
+                    str(prompts), "--out", str(disturbed), "--height", "16", "--width", "24",
+                    "--n-samples", "2", "--steps", "5", "--ntasks", "1", "--gres", "dcu:1",
+                    "--array-tasks", "2", env=slurm_env, extra_env=sleepy, background=True)
+    job_id = job_id_from("".join(wait_for_line(proc.stdout, r"submitted job")))
+    deadline = time.monotonic() + 60
+    while not (disturbed_done := [json.loads(p.read_text()) for p in
+                                  disturbed.glob("*/prompt.json")
+                                  if json.loads(p.read_text())["job"]["array_task"] == 0]) \
+            or not list(disturbed.glob("*.partial-*")):
+        assert time.monotonic() < deadline, "task 0 never got a prompt done and one under way"
+        time.sleep(0.1)
+    before = {s["prompt"]: s["finished"] for s in disturbed_done}
+    subprocess.run(["scontrol", "requeue", f"{job_id}_0"], env=slurm_env, check=True)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out + err
+    log = next(disturbed.glob(f"jobs/generate-*/slurm-{job_id}_0.out")).read_text()
+    assert f"task 0 of 2: 4 prompts, {len(before)} already done" in log  # the requeued run
+    after = prompt_folders(disturbed)
+    assert {p: after[p]["finished"] for p in before} == before  # finished prompts not redone
+    assert after[next(iter(before))]["job"]["array_task"] == 0
+    assert not list(disturbed.glob("*.partial-*"))
+    assert batch_outputs(disturbed) == batch_outputs(calm)
+    assert len(batch_outputs(calm)) == 8

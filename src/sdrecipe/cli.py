@@ -321,6 +321,9 @@ def _add_submit(sub):
                           help="default: the recipe's verify precision for the profile")
     generate.add_argument("--smoke", action="store_true",
                           help="the tiny models of deploy --smoke (a rehearsal of the batch)")
+    generate.add_argument("--after", metavar="JOBID",
+                          help="start once job JOBID completed (afterok), e.g. a verify job "
+                               "submitted with --no-wait; cancelled by Slurm if it fails")
 
     def submission(args) -> dict:
         return dict(_slurm_request(args), dry_run=args.dry_run, no_wait=args.no_wait,
@@ -338,7 +341,7 @@ def _add_submit(sub):
                             scale=args.scale, seed=args.seed, precision=args.precision)
         return submit.generate(_target(args, smoke=args.smoke), args.prompts, out_dir=args.out,
                                array_tasks=args.array_tasks, max_running=args.max_running,
-                               sampling=sampling, **submission(args))
+                               sampling=sampling, after=args.after, **submission(args))
     for kind, run in ((verify, run_verify), (generate, run_generate)):
         _profile_option(kind)
         _slurm_resource_options(kind)
@@ -355,7 +358,7 @@ def _add_salloc(sub):
     _slurm_resource_options(parser)
     # dest "start": "command" is the verb's dest
     parser.add_argument("--run", dest="start", action="store_true",
-                        help="run it: salloc + srun --pty bash, set up")
+                        help="run it: salloc + one srun task (--pty bash), set up")
     parser.add_argument("node_command", metavar="command", nargs="*",
                         help="with --run: run this command on the node instead of a shell")
 
@@ -363,6 +366,17 @@ def _add_salloc(sub):
         from .commands import salloc
         return salloc.run(_target(args), **_slurm_request(args), start=args.start,
                           command=args.node_command)
+    parser.set_defaults(handler=run)
+
+
+def _add_jobs(sub):
+    parser = sub.add_parser("jobs", help="this deployment's Slurm jobs: id, kind, state, elapsed, "
+                                         "where the report or gallery is")
+    _profile_option(parser, "only this profile's jobs (default: all)")
+
+    def run(args):
+        from .commands import jobs_list
+        return jobs_list.run(_target(args), profile=args.profile)
     parser.set_defaults(handler=run)
 
 
@@ -399,8 +413,8 @@ def _add_cache(sub):
 
 
 COMMANDS = (_add_deploy, _add_status, _add_verify, _add_fetch, _add_env, _add_doctor, _add_patch,
-            _add_lint, _add_upstream_lock, _add_bundle, _add_submit, _add_salloc, _add_lock,
-            _add_cache)
+            _add_lint, _add_upstream_lock, _add_bundle, _add_submit, _add_salloc, _add_jobs,
+            _add_lock, _add_cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

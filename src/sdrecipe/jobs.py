@@ -31,6 +31,7 @@ from .payload import txt2img_batch as runner
 log = logging.getLogger("sdrecipe.jobs")
 
 JOB_ID_FILE = "job_id"
+SUBMITTED = "submitted.jsonl"  # in <deploy>/jobs/: one line per job submitted, for `sdrecipe jobs`
 
 
 # --- a job -------------------------------------------------------------------------------------
@@ -44,6 +45,7 @@ class PreparedJob:
     folder: Path
     spec: slurm.JobSpec
     results: Path
+    kind: str  # verify or generate
     files: dict[Path, str] = field(default_factory=dict)
 
     @property
@@ -57,16 +59,79 @@ class PreparedJob:
         """The job's log file(s), for `tail -f`."""
         return self.spec.output.replace("%j", job_id).replace("%A", job_id).replace("%a", "*")
 
+    def log_of(self, task_id: str) -> str:
+        """The log file of one job or array task ("12" or "12_3")."""
+        job_id, _, index = task_id.partition("_")
+        return self.spec.output.replace("%j", job_id).replace("%A", job_id).replace("%a", index)
 
-def submit(job: PreparedJob) -> str:
-    """Write the job's files and script, submit it and keep its id in its folder (a rerun
-    of a batch looks for jobs still running); returns the id."""
+
+def submit(job: PreparedJob, deployment) -> str:
+    """Write the job's files and script, submit it, keep its id in its folder (a rerun of a
+    batch looks for jobs still running) and add it to the deployment's list of jobs;
+    returns the id."""
     for path, text in job.files.items():
         path.write_text(text)
     job.script.write_text(job.batch_script())
     job_id = slurm.sbatch(job.script)
     (job.folder / JOB_ID_FILE).write_text(job_id + "\n")
+    entry = {"id": job_id, "kind": job.kind, "profile": job.spec.profile,
+             "folder": str(job.folder), "results": str(job.results),
+             "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    deployment.jobs.mkdir(parents=True, exist_ok=True)
+    with open(deployment.jobs / SUBMITTED, "a", encoding="utf-8") as handle:  # one short
+        handle.write(json.dumps(entry) + "\n")  # O_APPEND write per job: no lost lines
     return job_id
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One submitted job as `sdrecipe jobs` lists it."""
+
+    id: str
+    kind: str
+    profile: str
+    state: str  # Slurm's, e.g. COMPLETED, or "3 COMPLETED, 1 FAILED" over an array
+    elapsed: str
+    results: str  # the report or gallery page, else the folder it will be in
+
+
+def _results_page(entry: dict) -> str:
+    results = Path(entry["results"])
+    page = results / ("report.html" if entry["kind"] == "verify" else gallery.GALLERY)
+    return str(page if page.is_file() else results)
+
+
+def _state_summary(tasks) -> str:
+    if tasks is None:
+        return "UNKNOWN (forgotten by Slurm; no accounting to ask)"
+    counts: dict[str, int] = {}
+    for task in tasks:
+        counts[task.state] = counts.get(task.state, 0) + 1
+    if len(tasks) == 1:
+        return tasks[0].state
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+
+
+def submitted_jobs(deployment, profile: str | None = None) -> list[JobRow]:
+    """The deployment's jobs, oldest first, with their state from Slurm (scontrol while
+    it remembers them, then sacct) and the longest task's elapsed time."""
+    path = deployment.jobs / SUBMITTED
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a line cut short by a full disk: skip it, keep the others
+            continue
+        if profile and entry.get("profile") != profile:
+            continue
+        tasks = slurm.query(entry["id"])
+        elapsed = max((t.elapsed for t in tasks or () if t.elapsed), default="",
+                      key=slurm.seconds_of)
+        rows.append(JobRow(entry["id"], entry["kind"], entry.get("profile", ""),
+                           _state_summary(tasks), elapsed or "-", _results_page(entry)))
+    return rows
 
 
 def discard(job: PreparedJob) -> None:
@@ -77,12 +142,15 @@ def discard(job: PreparedJob) -> None:
         job.folder.parent.rmdir()
 
 
-def job_resources(target, overrides: dict, sbatch_args=()) -> slurm.Resources:
+def job_resources(target, overrides: dict, sbatch_args=(), after: str | None = None
+                  ) -> slurm.Resources:
     """The recipe's resources for the profile with the site's partition, account and qos,
-    then the person's `overrides` (None: not given) and extra sbatch options."""
+    then the person's `overrides` (None: not given) and extra sbatch options; `after`: a
+    job id this one waits for, running only if it completed (afterok)."""
     resources = slurm.resolve_resources(target.recipe, target.profile, target.config, overrides)
-    if sbatch_args:
-        resources = dataclasses.replace(resources, extra=tuple(sbatch_args))
+    extra = tuple(sbatch_args) + (slurm.after_ok(after) if after else ())
+    if extra:
+        resources = dataclasses.replace(resources, extra=extra)
     return resources
 
 
@@ -151,7 +219,7 @@ def prepare_verify(target, resources, dry_run: bool = False) -> PreparedJob:
                f"--deploy-dir {shlex.quote(str(deployment.root))} verify --profile {profile}"
                + (" --smoke" if target.smoke else "") + f" --out {shlex.quote(str(report))}")
     spec = _spec(target, resources, f"sdrecipe-verify-{profile}", folder, command, dry_run)
-    return PreparedJob(folder, spec, results=report)
+    return PreparedJob(folder, spec, results=report, kind="verify")
 
 
 def collect_report(report: Path, tasks, wait_s: float = 30.0) -> dict | None:
@@ -296,7 +364,7 @@ def prepare_generate(target, resources, planned: PromptBatch, tasks: int,
         environment.append(("TORCH_HOME", str(models.torch_home)))
     spec = _spec(target, resources, f"sdrecipe-generate-{profile}", folder, command, dry_run,
                  array=array, log_name="slurm-%A_%a.out", environment=environment)
-    job = PreparedJob(folder, spec, results=planned.out)
+    job = PreparedJob(folder, spec, results=planned.out, kind="generate")
     job.files[payload] = Path(runner.__file__).read_text()
     job.files[manifest] = batch.manifest_text(planned.todo, planned.settings, planned.out,
                                               deployment.source, models, _proven(target))
@@ -318,6 +386,7 @@ class Session:
     batch script sets up a job (modules, activation, the checkout as cwd)."""
 
     allocate: list  # salloc's argv, run on the login node
+    step: list  # srun's argv up to what it runs: one task with the whole allocation
     setup: list  # the shell lines that set up the node's shell
 
 
@@ -326,12 +395,13 @@ def interactive(target, resources) -> Session:
     setup = slurm.interactive_lines(env_modules(target.recipe, target.deployment, target.profile),
                                     str(activation_script(target.deployment, target.profile)),
                                     str(target.deployment.source))
-    return Session(slurm.salloc_command(resources, f"sdrecipe-{target.profile}"), setup)
+    return Session(slurm.salloc_command(resources, f"sdrecipe-{target.profile}"),
+                   slurm.single_step(resources), setup)
 
 
 def session_argv(target, session: Session, command=()) -> list[str]:
-    """salloc, then srun of an interactive shell set up by an rc file written here, or of
-    `command` run in that set-up shell instead."""
+    """salloc, then one srun task of an interactive shell set up by an rc file written here,
+    or of `command` run once in that set-up shell instead."""
     rc = target.deployment.jobs / f"salloc-{target.profile}.rc"
     rc.parent.mkdir(parents=True, exist_ok=True)
     body = ["[ -f ~/.bashrc ] && . ~/.bashrc", slurm.MODULE_SETUP] + session.setup
@@ -340,4 +410,4 @@ def session_argv(target, session: Session, command=()) -> list[str]:
         inner = ["bash", "-c", f'. {shlex.quote(str(rc))} && exec "$@"', "sdrecipe", *command]
     else:
         inner = ["--pty", "bash", "--rcfile", str(rc), "-i"]
-    return session.allocate + ["srun"] + inner
+    return session.allocate + session.step + inner

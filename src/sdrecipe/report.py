@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -70,16 +71,35 @@ def provenance(recipe, deployment, profile: str, runtime: dict, models: str) -> 
 
 # --- writing ---------------------------------------------------------------------------
 
-def thumbnail_data_uri(path: Path) -> str:
-    """A PNG thumbnail (at most THUMBNAIL_PX square) as a data URI: pages stay
-    self-contained without embedding full-size images (3 x 512² per prompt adds up)."""
+def _thumbnail(path: Path, size: int, image_format: str) -> bytes:
+    """`path` scaled to fit `size` pixels square, encoded as `image_format`."""
     from PIL import Image
     with Image.open(path) as image:
         image = image.convert("RGB")
-        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        image.thumbnail((size, size))
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        image.save(buffer, format=image_format, optimize=True,
+                   **({"quality": 80} if image_format == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def thumbnail_data_uri(path: Path) -> str:
+    """A PNG thumbnail (at most THUMBNAIL_PX square) as a data URI: pages stay
+    self-contained without embedding full-size images (3 x 512² per prompt adds up)."""
+    data = _thumbnail(path, THUMBNAIL_PX, "PNG")
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def write_thumbnail(path: Path, dest: Path, size: int) -> None:
+    """A JPEG thumbnail of `path` at `dest`, written beside it and renamed into place (a
+    page never links a half-written file); kept when already there (images never change
+    once made)."""
+    if dest.is_file():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    temporary = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(_thumbnail(path, size, "JPEG"))
+    os.replace(temporary, dest)
 
 
 def _rows(pairs) -> str:

@@ -29,6 +29,7 @@ from .errors import SdrecipeError
 GRES_NAME = {"dcu": "dcu", "cuda": "gpu", "none": None}
 # Slurm's time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 TIME_RE = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}){0,2})$")
+JOB_ID_RE = re.compile(r"^\d+(_\d+)?$")
 GRES_RE = re.compile(r"^[a-z][a-z0-9_]*(:[A-Za-z0-9_.-]+)?:\d+$")
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY",
@@ -135,6 +136,15 @@ class Resources:
                  ("nodes", self.nodes), ("ntasks", self.ntasks),
                  ("cpus-per-task", self.cpus_per_task), ("gres", self.gres), ("time", self.time)]
         return [f"--{key}={value}" for key, value in pairs if value is not None] + list(self.extra)
+
+
+def after_ok(job_id: str) -> tuple[str, ...]:
+    """sbatch options that hold a job until `job_id` completed; should that job fail,
+    Slurm cancels this one (reason DependencyNeverSatisfied) instead of queueing it forever."""
+    if not JOB_ID_RE.match(job_id):
+        raise SdrecipeError(f"--after {job_id!r}: expected a Slurm job id such as 1234 (the "
+                            "number `sdrecipe submit ... --no-wait` printed)")
+    return (f"--dependency=afterok:{job_id}", "--kill-on-invalid-dep=yes")
 
 
 def resolve_resources(recipe, profile: str, config, overrides: dict) -> Resources:
@@ -322,6 +332,7 @@ class TaskState:
     log: str | None
     nodes: str | None
     time_limit: str | None = None
+    elapsed: str | None = None  # [D-]HH:MM:SS run so far, or in all
 
     @property
     def done(self) -> bool:
@@ -361,7 +372,7 @@ def query(job_id: str) -> list[TaskState] | None:
                 job_id=_task_id(fields), state=fields.get("JobState", "UNKNOWN"),
                 reason=fields.get("Reason", ""), exit_code=fields.get("ExitCode", ""),
                 log=fields.get("StdOut"), nodes=fields.get("NodeList") or None,
-                time_limit=fields.get("TimeLimit")))
+                time_limit=fields.get("TimeLimit"), elapsed=fields.get("RunTime")))
         return tasks
     if "Invalid job id" in done.stderr and accounting_enabled():
         return _query_sacct(job_id)
@@ -377,15 +388,30 @@ def accounting_enabled() -> bool:
 
 
 def _query_sacct(job_id: str) -> list[TaskState] | None:
+    """The job's allocations (-X: not its steps) from the accounting database: how a job
+    ended once the controller has purged it (OOM, timeout, node failure live only here).
+    States read "CANCELLED by 0"; an array's pending tasks, "12_[3-9]", stay one line."""
     done = _slurm(["sacct", "-j", job_id, "-X", "-n", "-P",
-                   "-o", "JobID,State,Reason,ExitCode,NodeList,Timelimit"], "ask for the job's state")
+                   "-o", "JobID,State,Reason,ExitCode,NodeList,Timelimit,Elapsed"],
+                  "ask the accounting database for the job's state")
+    if done.returncode != 0:
+        raise SdrecipeError(f"sacct -j {job_id} failed: {done.stderr.strip()}")
     tasks = []
     for line in done.stdout.splitlines():
-        job, state, reason, exit_code, nodes, limit = (line.split("|") + [""] * 6)[:6]
+        job, state, reason, exit_code, nodes, limit, elapsed = (line.split("|") + [""] * 7)[:7]
         tasks.append(TaskState(job_id=job, state=state.split()[0] if state else "UNKNOWN",
                                reason=reason, exit_code=exit_code, log=None,
-                               nodes=nodes or None, time_limit=limit))
+                               nodes=nodes or None, time_limit=limit, elapsed=elapsed or None))
     return tasks or None
+
+
+def seconds_of(duration: str) -> int:
+    """Slurm's [D-]HH:MM:SS (or MM:SS) as seconds, to compare elapsed times."""
+    days, _, clock = duration.rpartition("-")
+    seconds = 0
+    for part in clock.split(":"):
+        seconds = seconds * 60 + int(part or 0)
+    return seconds + int(days or 0) * 86400
 
 
 # --- interactive ------------------------------------------------------------------------------
@@ -399,3 +425,14 @@ def interactive_lines(modules, activation: str, workdir: str) -> list[str]:
 
 def salloc_command(resources: Resources, job_name: str) -> list[str]:
     return ["salloc", f"--job-name={job_name}", *resources.options()]
+
+
+def single_step(resources: Resources) -> list[str]:
+    """srun of one task holding the whole allocation: inside `salloc -n 16`, a bare srun
+    starts one copy per task (16 checkpoint loads fighting over 2 DCUs). The step keeps
+    the allocation's gres (srun's default) and, on one node, all its CPUs, spelled out
+    because Slurm 20.11 gave a step only the CPUs it asked for."""
+    step = ["srun", "--nodes=1", "--ntasks=1"]
+    if resources.nodes == 1:
+        step.append(f"--cpus-per-task={resources.ntasks * (resources.cpus_per_task or 1)}")
+    return step

@@ -53,8 +53,12 @@ class LogStreamer:
         for task in tasks:
             if not task.log or "%" in task.log or not os.path.isfile(task.log):
                 continue
+            offset = self.offsets.get(task.log, 0)
+            if os.path.getsize(task.log) < offset:  # rewritten: a requeued task starts it anew
+                offset = 0
+                self.partial.pop(task.log, None)
             with open(task.log, "rb") as handle:
-                handle.seek(self.offsets.get(task.log, 0))
+                handle.seek(offset)
                 data = handle.read()
                 self.offsets[task.log] = handle.tell()
             text = self.partial.pop(task.log, "") + data.decode("utf-8", "replace")
@@ -83,11 +87,14 @@ def _status_line(job_id: str, tasks) -> str:
 
 
 def follow(job_id: str, on_status: Callable[[str], None],
-           on_line: Callable[[str], None] | None = None, clock=time.monotonic, sleep=time.sleep):
+           on_line: Callable[[str], None] | None = None,
+           on_change: Callable[[list], None] | None = None, clock=time.monotonic,
+           sleep=time.sleep):
     """Poll until every task of the job has ended; returns the tasks as they ended.
 
-    Each change of the job's state goes to `on_status` as one line, each new line of
-    its logs to `on_line` (None: the logs are not read)."""
+    Each change of the job's state goes to `on_status` as one line and, as the tasks
+    themselves, to `on_change` (e.g. to update a gallery as array tasks finish); each
+    new line of its logs to `on_line` (None: the logs are not read)."""
     streamer, interval, next_poll, last = None, FIRST_POLL_S, 0.0, None
     tasks = []
     while True:
@@ -100,6 +107,8 @@ def follow(job_id: str, on_status: Callable[[str], None],
             status = _status_line(job_id, tasks)
             if status != last:
                 on_status(status)
+                if on_change:
+                    on_change(tasks)
                 last, interval = status, FIRST_POLL_S
             else:
                 interval = min(interval * 1.5, MAX_POLL_S)

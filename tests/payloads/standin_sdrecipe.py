@@ -8,7 +8,9 @@ report.html, samples/00000.png). It prints what the job's environment looks like
 tests can see the setup really happened on the node.
 $STANDIN_VERIFY picks the behaviour: "ok" (default), "fail" (exit 3 after a
 failed check), "sleep" (sleep until killed, 10 minutes at most, so a job orphaned by a killed
-test run ends by itself: for timeout and cancel tests).
+test run ends by itself: for timeout and cancel tests), "oom" (fill 300 MB, for a job
+with a smaller --mem). $STANDIN_VERIFY_DELAY: seconds to take first (a verify that
+another job waits for).
 """
 
 import argparse
@@ -33,6 +35,12 @@ def main(argv):
         print("standin: %s=%s" % (name, os.environ.get(name, "")), flush=True)
     print("standin: cwd=%s" % os.getcwd(), flush=True)
     mode = os.environ.get("STANDIN_VERIFY", "ok")
+    time.sleep(float(os.environ.get("STANDIN_VERIFY_DELAY", "0")))
+    if mode == "oom":
+        print("standin: filling memory", flush=True)
+        ballast = b"x" * (300 * 2 ** 20)  # touched, so resident
+        time.sleep(10)
+        del ballast
     if mode == "sleep":
         print("standin: sleeping", flush=True)
         time.sleep(600)

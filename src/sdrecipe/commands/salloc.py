@@ -17,7 +17,7 @@ def run(target, resources=None, sbatch_args=(), start: bool = False, command=())
         out("# 1. ask for an allocation (on the login node):")
         out(shlex.join(session.allocate))
         out("# 2. open a shell on the allocated node:")
-        out("srun --pty bash -l")
+        out(shlex.join(session.step + ["--pty", "bash", "-l"]))
         out("# 3. inside that shell:")
         out("\n".join(session.setup))
         return 0

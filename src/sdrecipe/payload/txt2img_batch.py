@@ -25,9 +25,13 @@ its bytes (`tampered`): unchanged since `submit` proved it (size, mtime, ctime,
 inode, device: any write moves ctime) or hashed here. A changed file stops the
 task before anything is unpickled.
 
-Each prompt is written to `<folder>.partial-<job>` and renamed into place with its
-`prompt.json` sidecar, so a folder that exists is complete. A prompt whose folder
-exists is skipped: resubmitting a batch that died halfway finishes the rest.
+Each prompt is written to `<folder>.partial-<job>`, its images and `prompt.json`
+sidecar (which lists every image with its size) flushed to disk, and the folder
+renamed into place: a prompt's output appears whole or not at all. A prompt whose
+folder is complete is skipped, one whose folder is not (an image missing or cut
+short) is made again, and a killed task's partial folders are removed: so a task
+that Slurm requeues (preemption, `scontrol requeue`, a node failure) or a batch
+resubmitted after dying halfway finishes the rest and makes the same bytes.
 """
 
 import glob
@@ -50,13 +54,29 @@ def share(entries, task, count):
 
 
 def is_done(folder):
-    """A prompt is done when its sidecar exists and lists images that all exist."""
+    """A prompt is done when its sidecar exists and lists images that all exist, at the
+    sizes it recorded (sidecars older than the sizes: existence only)."""
     try:
         with open(os.path.join(folder, SIDECAR)) as handle:
-            images = json.load(handle)["images"]
-    except (OSError, ValueError, KeyError):
+            sidecar = json.load(handle)
+        images, sizes = sidecar["images"], sidecar.get("bytes", {})
+        for name in images:
+            size = os.path.getsize(os.path.join(folder, name))  # OSError: missing
+            if sizes.get(name, size) != size:
+                return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-    return bool(images) and all(os.path.isfile(os.path.join(folder, name)) for name in images)
+    return bool(images)
+
+
+def _fsync(path):
+    """Flush a file or folder to disk: the rename that publishes a prompt must not reach
+    the disk before its bytes do (a node crash would leave a complete-looking folder)."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def txt2img_args(settings, models):
@@ -167,15 +187,19 @@ def run_prompt(upstream, entry, manifest, job):
     model_load = upstream.load_seconds - loaded_before
     sidecar = {"prompt": entry["prompt"], "index": entry["index"], "seed": settings["seed"],
                "settings": settings, "images": images,
+               "bytes": {name: os.path.getsize(os.path.join(partial, name)) for name in images},
                "timing": {"model_load_s": round(model_load, 3),
                           "sampling_s": round(total - model_load, 3), "total_s": round(total, 3)},
                "node": socket.gethostname(), "job": job,
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with open(os.path.join(partial, SIDECAR), "w") as handle:
         json.dump(sidecar, handle, indent=2, ensure_ascii=False)
-    if os.path.isdir(folder):  # an incomplete folder from an older layout: replace it
+    for name in images + [SIDECAR, ""]:
+        _fsync(os.path.join(partial, name))
+    if os.path.isdir(folder):  # incomplete (else it was skipped): replace it
         shutil.rmtree(folder)
     os.rename(partial, folder)
+    _fsync(manifest["out"])
     return sidecar
 
 
