@@ -1,4 +1,4 @@
-"""`sdrecipe lint`: the CI gate, as registered checks that return findings.
+"""The lint registry behind `sdrecipe lint` (the CI gate): checks that return findings.
 
 In the style of Spack's `audit.py`: each check is a function decorated with
 `@check("name", "what it guards")` that takes a `LintContext` and returns (or
