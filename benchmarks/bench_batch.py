@@ -71,7 +71,7 @@ def main():
                     W=args.size, precision="full", smoke=True)
     orders = ("runner-first", "processes-first")
     rounds = [one_round(deployment, models, python, env, settings, args.prompts, orders[n % 2])
-              for n in range(args.rounds)]  # (an odd count ran one round too many before)
+              for n in range(args.rounds)]
     runner = statistics.median(r["runner_s"] for r in rounds)
     alone = statistics.median(r["per_prompt_processes_s"] for r in rounds)
     print(json.dumps({
