@@ -69,9 +69,9 @@ def main():
            "SD_MODELS_DIR": str(models.models_dir), "TORCH_HOME": str(models.torch_home)}
     settings = dict(batch.DEFAULT_SETTINGS, steps=args.steps, n_samples=1, H=args.size,
                     W=args.size, precision="full", smoke=True)
-    rounds = [one_round(deployment, models, python, env, settings, args.prompts, order)
-              for order in ("runner-first", "processes-first") * ((args.rounds + 1) // 2)]
-    rounds = rounds[:args.rounds]
+    orders = ("runner-first", "processes-first")
+    rounds = [one_round(deployment, models, python, env, settings, args.prompts, orders[n % 2])
+              for n in range(args.rounds)]
     runner = statistics.median(r["runner_s"] for r in rounds)
     alone = statistics.median(r["per_prompt_processes_s"] for r in rounds)
     print(json.dumps({
