@@ -629,8 +629,14 @@ def test_requeued_array_task_skips_finished_prompts_and_makes_the_same_bytes(
         assert time.monotonic() < deadline, "task 0 never got a prompt done and one under way"
         time.sleep(0.1)
     before = {s["prompt"]: s["finished"] for s in disturbed_done}
-    subprocess.run(["scontrol", "requeue", f"{job_id}_0"], env=slurm_env, check=True)
-    out, err = proc.communicate(timeout=180)
+    task = f"{job_id}_0"
+    subprocess.run(["scontrol", "requeue", task], env=slurm_env, check=True)
+    # Slurm holds a requeued job back for 120 s (Reason=BeginTime), then waits for its next
+    # scheduling pass: the restart under test starts at once when an admin says so.
+    assert "Reason=BeginTime" in wait_for_job_state(task, slurm_env, "PENDING", timeout=60)
+    subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], env=slurm_env,
+                   check=True)
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, out + err
     log = next(disturbed.glob(f"jobs/generate-*/slurm-{job_id}_0.out")).read_text()
     assert f"task 0 of 2: 4 prompts, {len(before)} already done" in log  # the requeued run
