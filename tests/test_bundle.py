@@ -22,7 +22,7 @@ import pytest
 
 from fetch_fixtures import isolate, make_project, sha256
 from patch_fixtures import git
-from sdrecipe.bundle import MANIFEST, open_bundle, verify_bundle
+from sdrecipe.bundle.manifest import MANIFEST, open_bundle, verify_bundle
 from sdrecipe.cli import main
 from sdrecipe.errors import SdrecipeError
 

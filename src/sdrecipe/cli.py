@@ -103,12 +103,15 @@ def _add_deploy(sub):
     parser.add_argument("--source", metavar="DIR",
                         help="copy this local checkout of the pinned commit instead of cloning "
                              "(default: $SDRECIPE_UPSTREAM or the upstream_checkout setting)")
+    parser.add_argument("--from-bundle", type=Path, metavar="BUNDLE",
+                        help="deploy from an offline bundle (folder or tar, `bundle create`): "
+                             "source, model files, environment files; no network needed")
 
     def run(args):
         from .commands import deploy
         return deploy.run(_target(args, smoke=args.smoke, log="deploy", detect=True,
-                                  source=args.source,
-                                  python=args.python, prefix=args.prefix))
+                                  source=args.source, python=args.python, prefix=args.prefix,
+                                  bundle=args.from_bundle))
     parser.set_defaults(handler=run)
 
 
@@ -246,24 +249,32 @@ def _add_doctor(sub):
 def _add_bundle(sub):
     parser = sub.add_parser("bundle", help="pack an offline bundle for nodes without network")
     actions = parser.add_subparsers(dest="action", required=True)
-    create = actions.add_parser("create", help="write source, artifacts, recipe, locks (and "
-                                               "wheels) with a sha256 manifest")
-    create.add_argument("out", type=Path, help="the bundle to write (a new folder or .tar)")
+    create = actions.add_parser("create", help="write everything a node without network needs: "
+                                               "source, model files, every locked environment "
+                                               "file, the engine and its wheels, the recipe")
+    create.add_argument("out", type=Path, help="the bundle to write: a folder (made again in "
+                                               "place: only what changed is rewritten) or .tar")
     create.add_argument("--profile", dest="profiles", action="append", metavar="PROFILE",
                         help="profiles to serve (repeatable; default: all of the recipe's)")
+    create.add_argument("--smoke", action="store_true",
+                        help="for smoke deploys: no model files (they are generated)")
     create.add_argument("--with-optional", action="store_true", help="include optional artifacts")
     create.add_argument("--format", choices=("dir", "tar"), default="dir",
                         help="a folder (default; rsync-friendly) or one tar file")
-    create.add_argument("--wheels", type=Path, action="append", metavar="DIR",
-                        help="a folder of wheels to carry for offline pip (repeatable)")
+    create.add_argument("--source", metavar="DIR",
+                        help="a local checkout of the pinned commit to bundle instead of "
+                             "cloning (default: $SDRECIPE_UPSTREAM or the upstream_checkout "
+                             "setting)")
 
     def run(args):
         from .commands import bundle
         from .config import load_config
         recipe = _recipe(args)
-        return bundle.create(recipe, _deployment(args, recipe), load_config(), args.out,
-                             profiles=args.profiles, with_optional=args.with_optional,
-                             wheels=args.wheels or (), format=args.format)
+        config = load_config()
+        return bundle.create(recipe, _deployment(args, recipe), config, args.out,
+                             profiles=args.profiles, smoke=args.smoke,
+                             with_optional=args.with_optional, format=args.format,
+                             source=args.source or config.get("upstream_checkout"))
     create.set_defaults(handler=run)
 
 

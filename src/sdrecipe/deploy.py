@@ -61,6 +61,7 @@ def deploy(target, on_stage=None) -> list[tuple[StageStatus, StageResult | None,
     each stage before it runs (result None) and after. Returns what each stage did."""
     outcomes = []
     with deployment_lock(target.deployment, "sdrecipe deploy"):
+        target = _opened_bundle(target)
         for stage in STAGES:
             start = time.monotonic()
             found = stage_status(stage, target)
@@ -140,6 +141,17 @@ def manifest(target, files: dict) -> dict:
                      "host": platform.node(), "user": os.environ.get("USER", ""),
                      "deployment": str(deployment.root)},
     }
+
+
+def _opened_bundle(target):
+    """With --from-bundle, and work to do: the bundle checked and its files in the caches,
+    so every stage finds what it needs locally (a complete deployment never opens it)."""
+    if not target.options.bundle or all(s.settled for s in status(target)):
+        return target
+    from dataclasses import replace
+    from .bundle.restore import open_for_deploy
+    folder = open_for_deploy(target, target.options.bundle)
+    return replace(target, options=replace(target.options, bundle=folder))
 
 
 def write_provenance(target, ran: bool) -> None:

@@ -55,3 +55,9 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
 
 def atomic_write_text(path: Path, text: str, mode: int = 0o666) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def human_size(n: int) -> str:
+    """A byte count as people read it: 1.5 GiB, 830.2 MiB, 12 bytes."""
+    return next(f"{n / scale:.1f} {unit}" if scale > 1 else f"{n} bytes" for scale, unit in
+                ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "bytes")) if n >= scale or scale == 1)

@@ -39,7 +39,7 @@ from pathlib import Path, PurePosixPath
 from filelock import FileLock
 
 from .errors import SdrecipeError
-from .files import atomic_write_text, sha256_file
+from .files import atomic_write_text, human_size, sha256_file
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 READ_ONLY = 0o444
@@ -279,7 +279,7 @@ def _copy(src: Path, tmp: Path, target: Path) -> None:
               "are hardlinked: 0 bytes copied)")
     if needed > free:
         raise SdrecipeError(f"not enough space in {tmp.parent} to copy {target.name} there: "
-                            f"{_size(needed)} needed, {_size(free)} free; {advice}")
+                            f"{human_size(needed)} needed, {human_size(free)} free; {advice}")
     try:
         shutil.copyfile(src, tmp)  # sendfile/copy_file_range under the hood
     except OSError as exc:
@@ -287,11 +287,6 @@ def _copy(src: Path, tmp: Path, target: Path) -> None:
             raise
         raise SdrecipeError(f"no space left in {tmp.parent} while copying {target.name} there; "
                             f"{advice}") from exc
-
-
-def _size(n: int) -> str:
-    return next(f"{n / scale:.1f} {unit}" for scale, unit in
-                ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "bytes")) if n >= scale or scale == 1)
 
 
 def write_stamp(stamp: Path, target: Path, sha256: str, method: str, key: str) -> None:

@@ -27,6 +27,7 @@ class Options:
     source: str | None = None  # a local checkout of the pinned commit to copy
     python: str | None = None  # build the env as a venv of this interpreter
     prefix: Path | None = None  # the env's folder, when not <deploy>/envs/<profile>
+    bundle: Path | None = None  # an offline bundle to deploy from (a folder once opened)
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,37 @@
-"""`sdrecipe bundle create`: an offline bundle (bundle.py) for nodes without network, and
-how to carry it there."""
+"""`sdrecipe bundle create`: an offline bundle (bundle/) for nodes without network, what
+it holds, and how to carry it there."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
-from ..bundle import MANIFEST, create_bundle
+from ..bundle.create import create_bundle
 from ..console import out
+from ..files import human_size
+
+SECTIONS = (("source", "the upstream source"), ("artifacts", "model files"),
+            ("packages", "environment files"), ("engine", "the engine and its wheels"),
+            ("project", "recipe, patches, env specs and locks"))
 
 
-def create(recipe, deployment, config, bundle: Path, profiles=None, with_optional: bool = False,
-           wheels=(), format: str = "dir") -> int:
+def create(recipe, deployment, config, bundle: Path, profiles=None, smoke: bool = False,
+           with_optional: bool = False, format: str = "dir", source: str | None = None) -> int:
     """`profiles`: the recipe's profiles to serve (None: all); `format`: dir or tar."""
-    written = create_bundle(recipe, deployment, bundle, config, profiles, with_optional, wheels,
-                            format)
-    manifest_note = "" if format == "tar" else f" (manifest: {written / MANIFEST})"
-    out(f"bundle: wrote {written}{manifest_note}")
-    out(f"next: copy it to the cluster (rsync -a --partial {written} host:PATH), then run "
-        f"`sdrecipe fetch --from-bundle PATH` on the node without network")
+    written = create_bundle(recipe, deployment, bundle, config, profiles, with_optional, smoke,
+                            format, source)
+    served = ", ".join(profiles or recipe.profiles) + (" (smoke)" if smoke else "")
+    out(f"bundle: wrote {written.path}: {human_size(written.size)} in "
+        f"{written.reused + written.rewritten} files, for {served}")
+    for section, what in SECTIONS:
+        files, size = written.sections.get(section, (0, 0))
+        out(f"  {what:<38} {files:>6} files {human_size(size):>10}")
+    if format == "dir":
+        out(f"  {written.rewritten} files written, {written.reused} unchanged kept as they were "
+            "(rsync sends only the new ones)")
+    where = shlex.quote(str(written.path))
+    profile = (profiles or [None])[0]
+    options = (f" --profile {profile}" if profile else "") + (" --smoke" if smoke else "")
+    out(f"next: copy it to the cluster (rsync -a --partial {where} host:PATH); there, with "
+        f"no network: PATH/scripts/deploy.sh --from-bundle PATH{options}")
     return 0

@@ -2,7 +2,7 @@
 
 Online it runs the source and artifacts stages (copying the site's local checkout when
 one is configured, as `deploy` does) and places the $TORCH_HOME files; with
-`--from-bundle` it takes everything from an offline bundle (`bundle.py`) and never
+`--from-bundle` it takes everything from an offline bundle (`bundle/`) and never
 touches the network. Either way a second run with everything in place only compares
 stamps, and `--verify` rehashes.
 """
@@ -39,7 +39,7 @@ def _fetch(target, verify, with_optional, only, from_bundle) -> tuple[list, str]
     options = {"verify": verify, "with_optional": with_optional, "only": only}
     fresh = not (deployment.source / ".git").exists()
     if from_bundle:
-        from ..bundle import restore
+        from ..bundle.restore import restore
         placed = restore(recipe, deployment, from_bundle, target.profile, **options)
         origin = f"from {from_bundle}" if fresh else "in place"
     else:

@@ -29,11 +29,25 @@ WHEEL_SUBFOLDERS = ("", "pytorch")
 
 def wheel_dirs(config) -> list[Path]:
     """Where platform wheels are looked for, in order: the `wheel_dir` setting
-    ($SDRECIPE_WHEEL_DIR over the config file), then the seed's folder; each with its
-    pytorch/ subfolder. The lock names the file only, so any of them will do."""
+    ($SDRECIPE_WHEEL_DIR over the config file), then the seed's folder, each with its
+    pytorch/ subfolder, then those a bundle brought. The lock names the file only, so
+    any of them will do."""
     roots = [Path(config.get("wheel_dir")).expanduser(), SEED_WHEEL_DIR]
     found = [root / sub for root in roots for sub in WHEEL_SUBFOLDERS]
-    return list(dict.fromkeys(found))
+    return list(dict.fromkeys(found + [bundled_wheel_dir(config)]))
+
+
+def bundled_wheel_dir(config) -> Path:
+    """Where `deploy --from-bundle` puts the platform wheels it brought, checked."""
+    return Path(config.get("cache_dir")).expanduser() / "wheels"
+
+
+def pip_file_name(package, lock) -> str:
+    """The file name a pip-layer URL ends in; refused if it could name a path."""
+    name = unquote(package.url.rsplit("/", 1)[-1].split("#", 1)[0])
+    if "/" in name or name.startswith("."):
+        raise SdrecipeError(f"{lock.path}: {package.url} does not end in a file name")
+    return name
 
 
 def find_platform_wheels(recipe, profile: str, lock, folders: list[Path]) -> list[LocalFile]:
@@ -78,9 +92,7 @@ def fetch_pip_files(lock, venv: bool, cache_dir: Path, config,
     packages = [p for p in lock.pip + (lock.venv if venv else ()) if p.name not in skip]
     files, downloads = [], []
     for package in packages:
-        name = unquote(package.url.rsplit("/", 1)[-1].split("#", 1)[0])
-        if "/" in name or name.startswith("."):
-            raise SdrecipeError(f"{lock.path}: {package.url} does not end in a file name")
+        name = pip_file_name(package, lock)
         path = cache_dir / package.sha256 / name
         if not path.is_file():
             downloads.append(Download(urls=[package.url], dest=path, sha256=package.sha256,

@@ -59,8 +59,14 @@ def place(target, stage: str, roots: tuple[str, ...], rec, built_on=None, then=N
     from ..artifacts import fetch_artifacts
     inputs = {"roots": list(roots)}
     rec.begin(inputs)
+    if target.options.bundle:  # its files are in the cache already: never download
+        from ..bundle.restore import pins
+        fetch_options.update(offline=True, extra_pins=pins(target.options.bundle))
     placed = fetch_artifacts(target.recipe, target.deployment, target.profile, roots=roots,
                              config=target.config, **fetch_options)
+    if target.options.bundle:
+        from ..bundle.restore import record_bundle_pins
+        record_bundle_pins(target.recipe, placed, fetch_options["extra_pins"])
     if then:
         then(target)
     root = target.deployment.root

@@ -44,15 +44,22 @@ def status(target) -> StageStatus:
 
 def run(target) -> StageResult:
     from ..source import ensure_source
-    local = local_checkout(target)
+    bundle = target.options.bundle
+    local = None if bundle else local_checkout(target)
     rec = record(target)
-    inputs = {"commit": target.recipe.upstream.commit, "local": local}
+    inputs = {"commit": target.recipe.upstream.commit, "local": str(bundle) if bundle else local}
     rec.begin(inputs)
     fresh = not (target.deployment.source / ".git").exists()
-    ensure_source(target.recipe, target.deployment.source, target.profile, local=local,
-                  config=target.config)
+    if bundle:
+        from ..bundle.restore import source_origin
+        origin = source_origin(bundle)
+    else:
+        origin = {"local": local}
+    ensure_source(target.recipe, target.deployment.source, target.profile, config=target.config,
+                  **origin)
     rec.finish(inputs, {"commit": target.recipe.upstream.commit})
     if not fresh:
         return StageResult(NAME, "the checkout in place is at the pinned commit", changed=False)
-    how = f"copied the checkout {local}" if local else f"cloned commit {inputs['commit'][:12]}"
+    how = f"from the bundle {bundle}" if bundle else f"copied the checkout {local}" if local \
+        else f"cloned commit {inputs['commit'][:12]}"
     return StageResult(NAME, how)
