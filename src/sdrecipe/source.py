@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import git
@@ -184,7 +185,9 @@ POINT_ELSEWHERE = ("point --source (or $SDRECIPE_UPSTREAM, or the upstream_check
 
 
 def check_existing(recipe, dest: Path, profile: str | None = None, remedy: str = MOVE_ASIDE) -> None:
-    """Refuse a checkout at another commit, or with changes that are not our series."""
+    """Refuse a checkout at another commit, or with changes that are not our series. Only
+    reads: git must not refresh the index of a checkout that is not ours (a site's shared
+    copy, a bundle's, whose manifest would no longer match)."""
     pinned = recipe.upstream.commit
     try:
         repo = git.Repo(dest)
@@ -194,7 +197,12 @@ def check_existing(recipe, dest: Path, profile: str | None = None, remedy: str =
     if head != pinned:
         raise SdrecipeError(f"{dest} is a checkout of commit {head}, not the pinned {pinned}; "
                             f"{remedy}")
-    changed = set(repo.git.diff("--name-only", "HEAD").splitlines())  # tracked files only
+    with tempfile.TemporaryDirectory(prefix="sdrecipe-index-") as scratch:
+        index = Path(repo.git_dir) / "index"
+        if index.is_file():  # git diff refreshes the index it reads: let it refresh a copy
+            shutil.copyfile(index, Path(scratch) / "index")
+        repo.git.update_environment(GIT_INDEX_FILE=str(Path(scratch) / "index"))
+        changed = set(repo.git.diff("--name-only", "HEAD").splitlines())  # tracked files only
     if not changed:
         return
     from .patches import series_paths, tree_state
