@@ -178,7 +178,7 @@ def test_missing_local_hf_models_mean_a_hub_connection_error(recipe, tmp_path):
     assert len(findings) == 2
     assert all("We couldn't connect to 'https://huggingface.co'" in f.symptom for f in findings)
     assert {"CompVis/stable-diffusion-safety-checker" in f.symptom for f in findings} == {True, False}
-    assert all(f.fix.startswith(f"sdrecipe --deploy-dir {deployment.root} fetch --profile cpu")
+    assert all(f.fix.startswith(f"`sdrecipe --deploy-dir {deployment.root} fetch --profile cpu")
                for f in findings)
 
     folders = doctor.local_hf_models(recipe, "cpu")  # derived from the recipe's artifacts
@@ -199,7 +199,7 @@ def test_kornia_downloads_hardnet_without_the_preseed(recipe, tmp_path):
     assert len(findings) == 1
     assert "checkpoint_liberty_with_aug.pth" in findings[0].symptom
     assert str(deployment.torch_home) in findings[0].cause
-    assert findings[0].fix.startswith(f"sdrecipe --deploy-dir {deployment.root} fetch "
+    assert findings[0].fix.startswith(f"`sdrecipe --deploy-dir {deployment.root} fetch "
                                       "--profile cpu")
 
     # where kornia 0.6's torch.hub.load_state_dict_from_url looks
@@ -220,7 +220,7 @@ def test_smoke_mode_is_diagnosed_against_smokes_own_models(recipe, tmp_path):
 
     assert len(hub_errors(smoke=True)) == 2
     assert all(str(deployment.smoke / "models") in f.cause
-               and f.fix.startswith(f"sdrecipe --deploy-dir {deployment.root} deploy --profile cpu "
+               and f.fix.startswith(f"`sdrecipe --deploy-dir {deployment.root} deploy --profile cpu "
                                     "--smoke") for f in hub_errors(smoke=True))
     for folder in doctor.local_hf_models(recipe, "cpu"):  # what the smoke generator writes
         (deployment.smoke / "models" / folder).mkdir(parents=True)
@@ -300,9 +300,9 @@ def test_unapplied_patch_series(tmp_path):
     assert len(findings) == 1
     assert findings[0].symptom == f"patch series is pristine on {deployment.source}"
     assert "0001-main-syspath.patch" in findings[0].cause
-    assert findings[0].fix == (f"sdrecipe --recipe {recipe.path.resolve()} --deploy-dir "
+    assert findings[0].fix == (f"`sdrecipe --recipe {recipe.path.resolve()} --deploy-dir "
                                f"{deployment.root} patch apply --profile cpu --source "
-                               f"{deployment.source}")  # runs as printed, for this deployment
+                               f"{deployment.source}`")  # runs as printed, for this deployment
 
     apply_series(deployment.source, recipe, "cpu")
     assert run_check("patch-series", recipe, deployment, "cpu") == []
@@ -314,7 +314,7 @@ def test_unapplied_patch_series(tmp_path):
     [finding] = run_check("patch-series", recipe, deployment, "cpu")
     assert "edited by hand" in finding.cause and "not applied" not in finding.cause
     assert edited.relative_to(deployment.source).as_posix() in finding.cause
-    assert finding.fix.endswith(f"patch apply --profile cpu --source {deployment.source} --force")
+    assert finding.fix.endswith(f"patch apply --profile cpu --source {deployment.source} --force`")
 
 
 def test_stale_lock(tmp_path):
@@ -330,7 +330,7 @@ def test_stale_lock(tmp_path):
     findings = run_check("stale-lock", recipe, deployment, "cpu")
     assert [f.symptom for f in findings] == ["lock/cpu.conda-lock.yml is stale"]
     assert "content hash" in findings[0].cause
-    assert findings[0].fix.startswith("sdrecipe lock --profile cpu")
+    assert findings[0].fix.startswith(f"`sdrecipe --recipe {recipe.path.resolve()} lock --profile cpu`")
 
 
 def test_doctor_command_reports_and_fails(tmp_path):
@@ -339,7 +339,7 @@ def test_doctor_command_reports_and_fails(tmp_path):
                              "doctor", "--profile", "cpu"], capture_output=True, text=True)
     assert result.returncode == 1, result.stderr
     assert "[env-built]" in result.stdout
-    assert f"--deploy-dir {tmp_path} env build --profile cpu\n" in result.stdout  # one line, whole
+    assert f"--deploy-dir {tmp_path} env build --profile cpu`\n" in result.stdout  # one line, whole
     assert "[local-hf-models]" in result.stdout
 
 

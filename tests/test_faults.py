@@ -383,7 +383,7 @@ def test_a_byte_changed_in_place_is_caught_before_anything_loads_it(project, cap
     pin = sha256(EXPECTED[CKPT])
     found = sha256((deploy / CKPT).read_bytes())
     assert f"{deploy / CKPT}: expected sha256 {pin}, found {found}" in line, line
-    assert "sdrecipe fetch --verify" in line
+    assert f"--deploy-dir {deploy} fetch --profile cpu --verify`" in line  # runs as printed
     assert not marker.exists()  # txt2img never started: nothing unpickled the file
 
     assert main(base + ["fetch", "--verify", "--profile", "cpu"]) == 0
@@ -399,14 +399,17 @@ def test_a_byte_changed_in_place_is_caught_before_anything_loads_it(project, cap
 
 def test_a_batch_task_refuses_a_changed_model_file_before_importing_torch(project, capsys):
     from sdrecipe.artifacts import prove_pinned
+    from sdrecipe.config import Config
     from sdrecipe.layout import Deployment
     from sdrecipe.payload.txt2img_batch import tampered
     from sdrecipe.placement import stat_fields
     from sdrecipe.project import load_recipe
+    from sdrecipe.target import Target
     deploy = project["tmp"] / "deploy"
     assert main(["--recipe", str(project["recipe"]), "--deploy-dir", str(deploy), "fetch",
                  "--profile", "cpu"]) == 0
-    proven = prove_pinned(load_recipe(project["recipe"]), Deployment(deploy), "cpu")
+    proven = prove_pinned(Target(load_recipe(project["recipe"]), Deployment(deploy), "cpu",
+                                 Config({}, None)))
     pinned = [{"path": str(p.target), "sha256": p.sha256, "stat": stat_fields(p.target)}
               for p in proven]  # as batch.manifest_text writes them at submission
     assert tampered(pinned) is None

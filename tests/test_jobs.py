@@ -238,7 +238,7 @@ def test_submitting_without_a_built_environment_says_what_to_run(tmp_path):
     done = sdrecipe_cli("--deploy-dir", str(tmp_path), "submit", "verify", "--profile", "cpu")
     assert done.returncode == 2
     assert "the cpu environment is not built" in done.stderr
-    assert "sdrecipe env build --profile cpu" in done.stderr
+    assert f"sdrecipe --deploy-dir {tmp_path} env build --profile cpu`" in done.stderr
 
 
 def test_job_folders_made_in_the_same_second_are_distinct(tmp_path):

@@ -310,7 +310,7 @@ def test_lint_fails_on_a_lock_whose_env_changed(tmp_path):
     findings = lint_findings(load_recipe(recipe_file))
 
     assert sorted(f.file for f in findings) == sorted(f"lock/{p}.conda-lock.yml" for p in PROFILES)
-    assert all(f.severity == "error" and "sdrecipe lock --profile" in f.message
+    assert all(f.severity == "error" and f"--recipe {recipe_file.resolve()} lock --profile" in f.message
                for f in findings)
     cli = subprocess.run([sys.executable, "-m", "sdrecipe", "--recipe", str(recipe_file), "lint",
                           "--format", "json"], capture_output=True, text=True,

@@ -292,20 +292,27 @@ def test_report_json_keeps_the_contract_and_the_html_is_self_contained(tmp_path)
 
 # --- refusals before running anything --------------------------------------------------------
 
+def smoke_target(tmp_path):
+    """The committed recipe's cpu profile in smoke mode, deployed (or not) under tmp_path."""
+    from sdrecipe.config import Config
+    from sdrecipe.target import Target
+    return Target(load_recipe(ROOT / "recipe" / "stable-diffusion.yaml"),
+                  Deployment(tmp_path / "deploy"), "cpu", Config({}, None), smoke=True)
+
+
 def test_verify_never_empties_a_folder_that_is_not_a_report(tmp_path):
     out = tmp_path / "my-pictures"
     (out / "samples").mkdir(parents=True)
     picture(out / "samples" / "holiday.png")
-    recipe = load_recipe(ROOT / "recipe" / "stable-diffusion.yaml")
     with pytest.raises(SdrecipeError, match="not a verify report folder"):
-        verify.verify(recipe, Deployment(tmp_path / "deploy"), "cpu", smoke=True, out=out)
+        verify.verify(smoke_target(tmp_path), out=out)
     assert (out / "samples" / "holiday.png").is_file()
 
 
 def test_verify_before_deploy_says_what_to_run(tmp_path):
-    recipe = load_recipe(ROOT / "recipe" / "stable-diffusion.yaml")
-    with pytest.raises(SdrecipeError, match=r"run `sdrecipe deploy --profile cpu --smoke` first"):
-        verify.verify(recipe, Deployment(tmp_path / "deploy"), "cpu", smoke=True)
+    with pytest.raises(SdrecipeError, match=r"run `\S*sdrecipe --deploy-dir \S+ deploy --profile "
+                                            r"cpu --smoke` first"):
+        verify.verify(smoke_target(tmp_path))
 
 
 def test_sampling_progress_follows_txt2imgs_sampler_lines():
@@ -339,6 +346,5 @@ def test_an_interrupted_verify_leaves_a_folder_the_next_verify_may_replace(tmp_p
     out = tmp_path / "deploy" / "reports" / "cpu" / "smoke"
     (out / "samples").mkdir(parents=True)
     (out / verify.REPORT_MARK).touch()
-    recipe = load_recipe(ROOT / "recipe" / "stable-diffusion.yaml")
-    with pytest.raises(SdrecipeError, match=r"is missing: run `sdrecipe deploy"):
-        verify.verify(recipe, Deployment(tmp_path / "deploy"), "cpu", smoke=True, out=out)
+    with pytest.raises(SdrecipeError, match=r"is missing: run `\S*sdrecipe --deploy-dir"):
+        verify.verify(smoke_target(tmp_path), out=out)

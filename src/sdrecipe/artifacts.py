@@ -308,34 +308,35 @@ class Proven:
     hashed: bool  # False: its stamp, ctime included, is unchanged since verified placement
 
 
-def prove_pinned(recipe, deployment, profile: str) -> list[Proven]:
+def prove_pinned(target) -> list[Proven]:
     """Every file of the profile that a run loads (checkpoint, CLIP and safety-checker
     weights, HardNet: torch.load unpickles them) proven to be its pinned bytes, before
     anything loads it. A file whose stamp still matches in size, mtime, ctime, inode and
     device is the one hashed at placement (any write since moves ctime, which no user call
     can set back); any other is hashed now. Raises ContentMismatch naming the file."""
+    recipe, deployment, profile = target.recipe, target.deployment, target.profile
     lock = ArtifactLock.for_recipe(recipe)
     proven = []
     for file in select(recipe, profile):
-        target = file.target(deployment)
+        placed = file.target(deployment)
         stamp = read_stamp(file.stamp(deployment))
         # unpinned here (a lock not committed where this recipe is): the hash its placement
         # was checked against, recorded in its stamp
         pin = expected(file, lock)[0] or (stamp or {}).get("sha256")
-        if pin is None or not target.is_file():
+        if pin is None or not placed.is_file():
             why = "is not placed" if pin else f"has no pinned sha256 (recipe or {LOCK_FILE})"
-            raise SdrecipeError(f"{target} {why}: run `sdrecipe fetch --profile {profile}`")
-        if stamp and stamp.get("sha256") == pin and not stamp_differs(stamp, target, STAMP_FIELDS):
-            proven.append(Proven(target, pin, hashed=False))
+            raise SdrecipeError(f"{placed} {why}: run {target.command('fetch')}")
+        if stamp and stamp.get("sha256") == pin and not stamp_differs(stamp, placed, STAMP_FIELDS):
+            proven.append(Proven(placed, pin, hashed=False))
             continue
-        found = sha256_file(target)
+        found = sha256_file(placed)
         if found != pin:
-            raise ContentMismatch(f"{target}: expected sha256 {pin}, found {found}: changed "
-                                  "since it was placed; nothing loaded it. Run `sdrecipe fetch "
-                                  f"--verify --profile {profile}` to repair it")
-        write_stamp(file.stamp(deployment), target, pin, (stamp or {}).get("method", "adopted"),
+            raise ContentMismatch(f"{placed}: expected sha256 {pin}, found {found}: changed "
+                                  f"since it was placed; nothing loaded it. Run "
+                                  f"{target.command('fetch', '--verify')} to repair it")
+        write_stamp(file.stamp(deployment), placed, pin, (stamp or {}).get("method", "adopted"),
                     file.key)
-        proven.append(Proven(target, pin, hashed=True))
+        proven.append(Proven(placed, pin, hashed=True))
     return proven
 
 

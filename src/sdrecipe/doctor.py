@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import SdrecipeError
-from .target import Target
+from .target import Target, recipe_command
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,9 @@ class DoctorContext:
         if self.smoke:
             return f"{self.target.command('deploy')}   (its preseed stage makes the tiny stand-ins)"
         return f"{self.target.command('fetch')}   ({how})"
+
+    def lock_command(self) -> str:
+        return recipe_command(self.recipe, "lock", "--profile", self.profile)
 
     def build_command(self, *args) -> str:
         return self.target.command("env build", *args)
@@ -139,8 +142,7 @@ def check_stale_lock(ctx):
     reason = lock_staleness(ctx.recipe, ctx.profile)
     if reason:
         yield _finding("stale-lock", f"lock/{ctx.profile}.conda-lock.yml is stale", reason,
-                       f"sdrecipe lock --profile {ctx.profile}, commit the lock, then "
-                       f"{ctx.build_command()}")
+                       f"{ctx.lock_command()}, commit the lock, then {ctx.build_command()}")
 
 
 def _missing_libraries(library: Path, environ: dict) -> list[str]:

@@ -191,13 +191,13 @@ def _spec(target, resources, name, folder, command, dry_run, array=None, log_nam
     from .environment.location import activation_script, env_modules
     deployment, profile = target.deployment, target.profile
     _require(deployment.source.is_dir(),
-             f"no deployment at {deployment.root} (no {deployment.source}): run sdrecipe deploy "
-             f"--profile {profile} first, or pass --deploy-dir", dry_run)
+             f"no deployment at {deployment.root} (no {deployment.source}): run "
+             f"{target.command('deploy')} first, or pass --deploy-dir", dry_run)
     activation = activation_script(deployment, profile)
     _require(activation.is_file(),
              f"the {profile} environment is not built in {deployment.root} ({activation} is "
-             f"missing): run sdrecipe env build --profile {profile} (or sdrecipe deploy "
-             f"--profile {profile}) first", dry_run)
+             f"missing): run {target.command('env build')} (or {target.command('deploy')}) "
+             "first", dry_run)
     chosen = target.recipe.profile(profile)
     return slurm.JobSpec(
         name=name, resources=resources, output=str(folder / log_name), modules=env_modules(target.recipe, deployment, profile),
@@ -332,7 +332,7 @@ def _models(target):
     from .models import models_for
     models = models_for(target.recipe, target.deployment, target.profile, target.smoke)
     if not models.ckpt.is_file():
-        how = "sdrecipe deploy --smoke" if target.smoke else "sdrecipe fetch"
+        how = target.command("deploy" if target.smoke else "fetch")
         raise SdrecipeError(f"no checkpoint at {models.ckpt}: run {how} first")
     return models
 
@@ -343,7 +343,7 @@ def _proven(target) -> list:
     if target.smoke:
         return []
     from .artifacts import prove_pinned
-    return prove_pinned(target.recipe, target.deployment, target.profile)
+    return prove_pinned(target)
 
 
 def prepare_generate(target, resources, planned: PromptBatch, tasks: int,

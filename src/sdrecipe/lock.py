@@ -73,6 +73,7 @@ from .errors import SdrecipeError
 from .files import atomic_write_text
 from .lint import check
 from .schema import Node, load_yaml
+from .target import recipe_command
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -377,8 +378,8 @@ def load_lock(recipe, profile: str, config: Config | None = None) -> Lock:
     lockfile = _parse(path)
     if lockfile is None:
         raise SdrecipeError(f"{path}: no lock for profile {profile}: run "
-                            f"`sdrecipe lock --profile {profile}` (add --pip-only where conda "
-                            "channels are unreachable) and commit it")
+                            f"{recipe_command(recipe, 'lock', '--profile', profile)} (add "
+                            "--pip-only where conda channels are unreachable) and commit it")
     conda, pip, venv, wheels = [], [], [], []
     for dep in lockfile.package:
         if dep.platform != TARGET_PLATFORM:
@@ -414,9 +415,9 @@ def lock_staleness(recipe, profile: str) -> str | None:
     path = spec.lock_path
     relative = path.relative_to(recipe.root)
     lockfile = _parse(path)
-    command = f"sdrecipe lock --profile {profile}"
+    command = recipe_command(recipe, "lock", "--profile", profile)
     if lockfile is None:
-        return f"{relative} does not exist: run `{command}` and commit it"
+        return f"{relative} does not exist: run {command} and commit it"
     sources = f"{spec.files[0].relative_to(recipe.root)} + {spec.files[1].relative_to(recipe.root)}"
     recorded = lockfile.metadata.content_hash.get(TARGET_PLATFORM)
     wanted = spec.content_hash()
@@ -430,7 +431,7 @@ def lock_staleness(recipe, profile: str) -> str | None:
     else:
         return None
     return (f"{relative} is stale: it was locked from other env/ inputs ({what}); refresh it "
-            f"with `{command}` (--pip-only where conda channels are unreachable) and commit it")
+            f"with {command} (--pip-only where conda channels are unreachable) and commit it")
 
 
 # --- resolving ------------------------------------------------------------------------------
@@ -673,7 +674,7 @@ def record_wheel_hash(recipe, profile: str, filename: str, sha256: str, size: in
             break
     else:
         raise SdrecipeError(f"{spec.lock_path} has no platform wheel {filename}: run "
-                            f"`sdrecipe lock --profile {profile} --pip-only`")
+                            f"{recipe_command(recipe, 'lock', '--profile', profile, '--pip-only')}")
     conda_locked = any(d.manager == "conda" for d in previous)
     _write(spec, previous, conda_locked=conda_locked,
            sizes={**_recorded_sizes(metadata), filename: size})

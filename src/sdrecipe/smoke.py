@@ -43,9 +43,10 @@ def file_hashes(root: Path) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def generate(deployment, profile: str) -> dict:
+def generate(target) -> dict:
     """Run the generator in the env into a staging folder, then rename it into place;
     returns the generator's summary (parameters, whether a HardNet stand-in was needed)."""
+    deployment, profile = target.deployment, target.profile
     root = deployment.smoke
     staging = root.with_name(".smoke.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -64,7 +65,7 @@ def generate(deployment, profile: str) -> dict:
         tail = "\n".join(tail_lines(result.stdout + result.stderr))
         raise SdrecipeError(f"generating the tiny smoke models failed (exit {result.returncode}) "
                             f"with {command[len(prefix)]}:\n{tail}\n"
-                            f"Check the environment: sdrecipe env check --profile {profile}")
+                            f"Check the environment: {target.command('env check')}")
     summary = next((json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines()
                     if line.startswith("SMOKE-ASSETS ")), {})
     if root.exists():

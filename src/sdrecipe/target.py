@@ -54,16 +54,9 @@ class Target:
     def command(self, verb: str, *args, profile: bool = True) -> str:
         """A command line to print as a fix or next step: it runs as printed, for this very
         deployment (its recipe and folder when not the defaults, its profile and mode),
-        quoted for the shell."""
+        quoted for the shell, and marked as a suggestion (`suggestion`)."""
         from .layout import deployment_dir
-        from .recipe import find_recipe
-        words = [_sdrecipe_program(self.recipe.root)]
-        try:
-            default_recipe = find_recipe().resolve()
-        except SdrecipeError:
-            default_recipe = None
-        if self.recipe.path.resolve() != default_recipe:
-            words += ["--recipe", str(self.recipe.path.resolve())]
+        words = []
         if self.deployment.root != deployment_dir(None, self.recipe.root).root:
             words += ["--deploy-dir", str(self.deployment.root)]
         words += verb.split()
@@ -71,7 +64,27 @@ class Target:
             words += ["--profile", self.profile] + (["--smoke"] if self.smoke and verb in
                                                     ("deploy", "status", "verify", "doctor")
                                                     else [])
-        return shlex.join(words + [str(a) for a in args])
+        return recipe_command(self.recipe, *words, *args)
+
+
+def recipe_command(recipe: Recipe, *words) -> str:
+    """`Target.command` for the verbs of a recipe and no deployment (lock, lint,
+    upstream-lock): the recipe named when it is not the default one."""
+    from .recipe import find_recipe
+    program = [_sdrecipe_program(recipe.root)]
+    try:
+        default_recipe = find_recipe().resolve()
+    except SdrecipeError:
+        default_recipe = None
+    if recipe.path.resolve() != default_recipe:
+        program += ["--recipe", str(recipe.path.resolve())]
+    return suggestion(shlex.join(program + [str(w) for w in words]))
+
+
+def suggestion(command: str) -> str:
+    """How every command printed as a fix or next step is marked: in backticks, so a person
+    sees where it starts and ends and a test can collect and run each one."""
+    return f"`{command}`"
 
 
 def _sdrecipe_program(project: Path) -> str:

@@ -356,12 +356,14 @@ def report_dir(deployment, profile: str, smoke: bool) -> Path:
     return deployment.reports(profile) / ("smoke" if smoke else "sample")
 
 
-def verify(recipe, deployment, profile: str, smoke: bool = False, out: Path | None = None,
-           on_line=None, integrity: tuple[CheckResult, float] | None = None) -> dict:
+def verify(target, out: Path | None = None, on_line=None,
+           integrity: tuple[CheckResult, float] | None = None) -> dict:
     """Run the sample and write the report; returns the report.json data. `on_line` sees
     each console line as it arrives (the CLI shows sampling progress from it). `integrity`:
     the check that proved the model files before this run, and its seconds."""
     from . import report
+    recipe, deployment, profile, smoke = (target.recipe, target.deployment, target.profile,
+                                          target.smoke)
     sample = verify_spec(recipe).sample(profile, smoke)
     out = Path(out) if out else report_dir(deployment, profile, smoke)
     ours = (out / "report.json").exists() or (out / REPORT_MARK).exists()
@@ -372,8 +374,7 @@ def verify(recipe, deployment, profile: str, smoke: bool = False, out: Path | No
     python = env_python(deployment, profile)
     for needed in (deployment.source / "scripts" / "txt2img.py", models.ckpt, models.config, python):
         if not needed.is_file():
-            raise SdrecipeError(f"{needed} is missing: run `sdrecipe deploy --profile {profile}"
-                                f"{' --smoke' if smoke else ''}` first")
+            raise SdrecipeError(f"{needed} is missing: run {target.command('deploy')} first")
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_MARK).touch()  # an interrupted run's samples/ are ours to replace next time
     shutil.rmtree(out / "samples", ignore_errors=True)  # txt2img numbers after what it finds

@@ -34,8 +34,8 @@ def build(target, force: bool = False) -> int:
     data = env_stage.record(target).complete()
     last = data.get("check") or {}
     if not built.changed and last.get("ok") and last.get("build_id") == data["outputs"]["build_id"]:
-        out(f"import check passed after the last build (rerun: sdrecipe env check "
-            f"--profile {target.profile})\n" + usage(target.deployment, target.profile))
+        out(f"import check passed after the last build (rerun: {target.command('env check')})\n"
+            + usage(target.deployment, target.profile))
         return 0
     return show_check(target, env_stage.check(target))
 

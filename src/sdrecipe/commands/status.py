@@ -22,7 +22,8 @@ def run(target, format: str = "text") -> int:
         if s.action != "nothing":
             out(f"  {'':<10} {'':<8} {'you must: ' if s.blocking else 're-run: '}{s.action}")
     blocked = [s.stage for s in stages if s.blocking]
-    out("a re-run of `sdrecipe deploy` would do nothing" if not pending else
-        f"a re-run of `sdrecipe deploy` would stop at {blocked[0]} (see above)" if blocked else
-        f"a re-run of `sdrecipe deploy` would run: {', '.join(pending)}")
+    deploy = target.command("deploy")
+    out(f"a re-run of {deploy} would do nothing" if not pending else
+        f"a re-run of {deploy} would stop at {blocked[0]} (see above)" if blocked else
+        f"a re-run of {deploy} would run: {', '.join(pending)}")
     return 0 if not pending else 1

@@ -69,12 +69,13 @@ def offline_run_env(deployment, profile: str, base: dict | None = None) -> dict[
     return {**base, **activation_env(deployment, profile, base), "PYTHONNOUSERSITE": "1"}
 
 
-def import_check(deployment, profile: str) -> CheckResult:
+def import_check(target) -> CheckResult:
     """Run the import check in the environment, activated, offline."""
+    deployment, profile = target.deployment, target.profile
     python = env_python(deployment, profile)
     if not python.exists():
         raise SdrecipeError(f"no environment for {profile} at {python.parent.parent}: "
-                            f"run ./scripts/build-env.sh --profile {profile}")
+                            f"run {target.command('env build')}")
     isolation, _ = network_isolation()  # the payload also blocks sockets itself
     result = subprocess.run(isolation + [str(python), str(payload_path("import_check.py"))],
                             env=offline_run_env(deployment, profile), capture_output=True,

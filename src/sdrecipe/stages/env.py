@@ -86,7 +86,7 @@ def run(target, force: bool = False) -> StageResult:
 def check(target):
     """The offline import check in the built environment, noted in the record."""
     from ..environment.runtime import import_check
-    result = import_check(target.deployment, target.profile)
+    result = import_check(target)
     rec = record(target)
     data = rec.complete()
     if data:

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 from ..files import sha256_file
+from ..target import recipe_command
 from . import State, StageResult, StageStatus, changed_dependencies, incomplete_status
 from . import source as source_stage
 
@@ -61,8 +62,8 @@ def status(target) -> StageStatus:
     for entry, _ in patch_sha256_problems(target.recipe, series):
         return StageStatus(NAME, State.BLOCKED, f"patch {entry.file} does not match its sha256 "
                            f"in {target.recipe.path.name} (modified patch)",
-                           "restore the patch, or re-pin it in the recipe (sdrecipe lint names "
-                           "the sha256)")
+                           "restore the patch, or re-pin it in the recipe "
+                           f"({recipe_command(target.recipe, 'lint')} names the sha256)")
     source = target.deployment.source
     if not (source / ".git").exists():
         return StageStatus(NAME, State.MISSING, "no checkout yet", f"apply {len(series)} patches")

@@ -85,7 +85,7 @@ def _run_smoke(target) -> StageResult:
     rec = record(target)
     inputs = {"generator": generator_sha256()}
     rec.begin(inputs)
-    summary = generate(target.deployment, target.profile)
+    summary = generate(target)
     rec.finish(inputs, {"files": file_hashes(target.deployment.smoke)}, built_on=built_on(target))
     return StageResult(NAME, f"generated tiny models ({summary.get('parameters', '?')} parameters"
                        + (", HardNet stand-in for kornia" if summary.get("hardnet_standin") else "")

@@ -101,7 +101,7 @@ def prove_models(target):
         count, hashed = _prove_smoke(target), "all hashed"
     else:
         from ..artifacts import prove_pinned
-        proven = prove_pinned(target.recipe, target.deployment, target.profile)
+        proven = prove_pinned(target)
         count = len(proven)
         hashed = f"{sum(p.hashed for p in proven)} hashed, the rest by an unchanged stamp"
     seconds = time.monotonic() - start
@@ -120,8 +120,7 @@ def _prove_smoke(target) -> int:
         if current.get(rel) != sha256:
             raise ContentMismatch(f"{root / rel}: expected sha256 {sha256}, found "
                                   f"{current.get(rel, 'no file')}: changed since generated; "
-                                  f"nothing loaded it. Run `sdrecipe deploy --smoke --profile "
-                                  f"{target.profile}` to regenerate it")
+                                  f"nothing loaded it. Run {target.command('deploy')} to regenerate it")
     return len(recorded)
 
 
@@ -136,8 +135,7 @@ def run(target, out=None) -> StageResult:
     folder = out or report_folder(target)
     integrity = prove_models(target)
     with Task("txt2img: loading the model") as task:
-        data = verify(target.recipe, target.deployment, target.profile, smoke=target.smoke,
-                      out=folder, on_line=SamplingProgress(task), integrity=integrity)
+        data = verify(target, out=folder, on_line=SamplingProgress(task), integrity=integrity)
     if not data["ok"]:
         raise VerifyFailed(f"verification failed; report: {folder / 'report.html'}")
     if rec:
