@@ -311,7 +311,7 @@ def _add_submit(sub):
     kinds = parser.add_subparsers(dest="kind", required=True)
     verify = kinds.add_parser("verify", help="run sdrecipe verify in a job; collect report.json",
                               epilog=EXIT_HELP)
-    verify.add_argument("--smoke", action="store_true", help="verify on tiny models (seconds)")
+    _smoke_option(verify, "verify on tiny models, seconds (default: the mode last deployed)")
     generate = kinds.add_parser("generate", help="a job array over a prompt file; gallery.html",
                                 epilog=EXIT_HELP)
     generate.add_argument("--prompts", required=True, type=Path,
@@ -330,8 +330,8 @@ def _add_submit(sub):
     generate.add_argument("--seed", type=int, help="seed of every prompt (default 42)")
     generate.add_argument("--precision", choices=("full", "autocast"),
                           help="default: the recipe's verify precision for the profile")
-    generate.add_argument("--smoke", action="store_true",
-                          help="the tiny models of deploy --smoke (a rehearsal of the batch)")
+    _smoke_option(generate, "the tiny models of deploy --smoke, a rehearsal of the batch "
+                            "(default: the mode last deployed)")
     generate.add_argument("--after", metavar="JOBID",
                           help="start once job JOBID completed (afterok), e.g. a verify job "
                                "submitted with --no-wait; cancelled by Slurm if it fails")

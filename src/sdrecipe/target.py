@@ -22,6 +22,10 @@ from .recipe import Recipe
 from .stages import Record
 
 
+# The verbs with a --smoke option: a suggestion for a smoke deployment must carry it.
+SMOKE_VERBS = ("deploy", "status", "verify", "doctor", "submit verify", "submit generate")
+
+
 @dataclass(frozen=True)
 class Options:
     source: str | None = None  # a local checkout of the pinned commit to copy
@@ -62,8 +66,7 @@ class Target:
         words += verb.split()
         if profile:
             words += ["--profile", self.profile] + (["--smoke"] if self.smoke and verb in
-                                                    ("deploy", "status", "verify", "doctor")
-                                                    else [])
+                                                    SMOKE_VERBS else [])
         return recipe_command(self.recipe, *words, *args)
 
 

@@ -171,7 +171,7 @@ def verify_spec(recipe) -> VerifySpec:
     spec = recipe.sections.get("verify")
     if spec is None:
         raise SdrecipeError(f"{recipe.path}: no 'verify:' section: add one with prompt, seed "
-                            "and per-profile steps/size (see README, 'Verify, smoke, deploy and status')")
+                            "and per-profile steps/size (see docs/deploy.md, 'Verify')")
     return spec
 
 

@@ -5,7 +5,7 @@ Polling `scontrol` backs off from 1 s to 15 s (about 250 queries an hour at most
 for a scheduler shared by hundreds of users; `sbatch --wait` polls far less
 often) and snaps back to 1 s whenever the state changes; the log files are read
 every half second, which costs the scheduler nothing. The exit codes are part
-of the interface (README lists them): scripts branch on them.
+of the interface (docs/slurm.md lists them): scripts branch on them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`sdrecipe submit verify|generate`: run verify or a prompt batch as a Slurm job (jobs.py),
 follow it, show its log and collect what it made: the verify report, or the batch's
-gallery. The exit code says how the job ended (`watch.EXIT_CODES`, also in README).
+gallery. The exit code says how the job ended (`watch.EXIT_CODES`, also in docs/slurm.md).
 """
 
 from __future__ import annotations
