@@ -328,8 +328,8 @@ def test_the_fix_status_suggests_runs_as_printed_and_fixes_it(damaged):
                              "--deploy-dir", str(deploy), "status", "--format", "json"],
                             capture_output=True, text=True, env=environ)
     patches = {s["stage"]: s for s in json.loads(status.stdout)["stages"]}["patches"]
-    assert patches["blocking"] and "then: " in patches["action"], patches
-    fix = patches["action"].split("then: ", 1)[1]
+    assert patches["blocking"] and "then: `" in patches["action"], patches
+    fix = patches["action"].split("then: `", 1)[1].split("`", 1)[0]  # suggestions are backticked
     assert f"--deploy-dir {deploy}" in fix and f"--recipe {recipe}" in fix
     done = subprocess.run(["bash", "-c", fix], capture_output=True, text=True, env=environ)
     assert done.returncode == 0, done.stdout + done.stderr
