@@ -224,6 +224,9 @@ def test_a_truncated_tar_bundle_is_one_line_and_leaves_no_scratch(project, tmp_p
 
 def test_bundle_create_from_a_checkout_lacking_blobs_is_one_line_and_leaves_nothing(
         project, tmp_path, capsys):
+    """A blob of a checked-out file is gone: git cannot bundle the commit, and a copy of the
+    checkout would fail on the node. (A sparse snapshot lacking only blobs it does not check
+    out is carried as a copy: test_bundle_offline.py.)"""
     deploy = tmp_path / "online"
     base = ["--recipe", str(project["recipe"]), "--deploy-dir", str(deploy)]
     assert main(base + ["fetch", "--profile", "cpu"]) == 0

@@ -202,7 +202,11 @@ def check_existing(recipe, dest: Path, profile: str | None = None, remedy: str =
         if index.is_file():  # git diff refreshes the index it reads: let it refresh a copy
             shutil.copyfile(index, Path(scratch) / "index")
         repo.git.update_environment(GIT_INDEX_FILE=str(Path(scratch) / "index"))
-        changed = set(repo.git.diff("--name-only", "HEAD").splitlines())  # tracked files only
+        try:
+            changed = set(repo.git.diff("--name-only", "HEAD").splitlines())  # tracked only
+        except git.GitCommandError as exc:
+            raise SdrecipeError(f"{dest}: git cannot compare the checkout with its commit "
+                                f"({git_reason(exc)}): a damaged clone; {remedy}") from exc
     if not changed:
         return
     from .patches import series_paths, tree_state

@@ -192,6 +192,7 @@ def source_items(recipe, deployment, config, local: Path | None) -> list[Item]:
         handle.git.bundle("create", str(partial), PINNED_REF)
     except git.GitCommandError:
         partial.unlink(missing_ok=True)
+        _check_checked_out_blobs(handle, repo, commit)
         log.info("%s lacks objects git needs to bundle commit %s (a sparse or partial "
                  "checkout): carrying the checkout itself", repo, commit[:12])
         return [Item(f"{SOURCE_CHECKOUT}/{path.relative_to(repo).as_posix()}", "source", None,
@@ -199,3 +200,19 @@ def source_items(recipe, deployment, config, local: Path | None) -> list[Item]:
                 if path.is_file() and not path.is_symlink()]
     partial.replace(made)
     return [Item(SOURCE_BUNDLE, "source", None, made, _linked(made))]
+
+
+def _check_checked_out_blobs(handle, repo: Path, commit: str) -> None:
+    """A checkout carried as a copy must have the blob of every file it checks out (those
+    outside a sparse checkout may be missing): the node's git reads them to compare."""
+    entries = [line.split(None, 4) for line in handle.git.ls_files("-s", "-t").splitlines()]
+    shas = [sha for tag, _, sha, _, _ in entries if tag != "S"]
+    found = subprocess.run(["git", "-C", str(repo), "cat-file", "--batch-check"],
+                           input="\n".join(shas) + "\n", capture_output=True, text=True).stdout
+    missing = [line.split()[0] for line in found.splitlines() if line.endswith(" missing")]
+    if missing:
+        raise SdrecipeError(
+            f"cannot bundle commit {commit[:12]} from {repo}: the checkout lacks objects of "
+            f"files it checks out ({len(missing)}, e.g. {missing[0]}): a damaged clone; bundle "
+            "from a complete one (--source DIR, or another --deploy-dir), or move it aside so "
+            "a fresh clone is made")
