@@ -435,8 +435,8 @@ def test_cache_gc_removes_what_no_deployment_uses_and_dry_run_only_lists_it(proj
     capsys.readouterr()
     assert main(["cache", "gc", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert f"would remove  {entry}  0.1 MiB  (referenced by no deployment)" in out, out
-    assert "1 file(s), 0.1 MiB would be freed" in out and entry.exists()
+    assert f"would remove  {entry}  79.1 KiB  (referenced by no deployment)" in out, out
+    assert "1 file(s), 79.1 KiB would be freed" in out and entry.exists()
     assert main(["cache", "gc"]) == 0
     assert f"removed  {entry}" in capsys.readouterr().out
     assert not entry.exists()
