@@ -29,9 +29,13 @@ def create(recipe, deployment, config, bundle: Path, profiles=None, smoke: bool 
     if format == "dir":
         out(f"  {written.rewritten} files written, {written.reused} unchanged kept as they were "
             "(rsync sends only the new ones)")
-    where = shlex.quote(str(written.path))
+    where = shlex.quote(f"{written.path}/")  # the folder's contents into PATH, not PATH/<name>
     profile = (profiles or [None])[0]
     options = (f" --profile {profile}" if profile else "") + (" --smoke" if smoke else "")
-    out(f"next: copy it to the cluster (rsync -a --partial {where} host:PATH); there, with "
-        f"no network: PATH/scripts/deploy.sh --from-bundle PATH{options}")
+    copy = f"rsync -a --partial {where} host:PATH/" if format == "dir" else \
+        f"rsync --partial {shlex.quote(str(written.path))} host:PATH"
+    out(f"next: copy it to the cluster ({copy}); there, with no network: "
+        + (f"PATH/scripts/deploy.sh --deploy-dir DIR --from-bundle PATH{options}" if format == "dir"
+           else f"mkdir B && tar -xf PATH -C B (a folder bundle), then B/scripts/deploy.sh "
+                f"--deploy-dir DIR --from-bundle B{options}"))
     return 0
