@@ -116,6 +116,7 @@ def test_tar_bundle_round_trip(fetched, world, tmp_path, monkeypatch, capsys):
     assert main(["--recipe", str(fetched["recipe"]), "--deploy-dir", str(restored),
                  "fetch", "--profile", "cpu", "--from-bundle", str(tar)]) == 0
     assert deployment_manifest(restored) == deployment_manifest(fetched["deploy"])
+    assert not (restored / ".sdrecipe" / "bundle").exists()  # the extraction, once used
 
 
 def test_bundle_for_another_commit_is_refused_naming_its_recipe(fetched, tmp_path, capsys):

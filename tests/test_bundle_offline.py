@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.upstream, pytest.mark.slow]
 
 
-def create(out: Path, tmp: Path, upstream: Path, recipe: Path | None = None):
+def create(out: Path, tmp: Path, upstream: Path, recipe: Path | None = None, extra=()):
     return subprocess.run(
         [sys.executable, "-m", "sdrecipe", *(["--recipe", str(recipe)] if recipe else []),
          "--deploy-dir", str(tmp / "login-deploy"), "bundle", "create", "--profile", "cpu",
-         "--smoke", "--source", str(upstream), str(out)],
+         "--smoke", "--source", str(upstream), *extra, str(out)],
         capture_output=True, text=True, timeout=1800, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
 
 
@@ -141,3 +141,26 @@ def test_making_the_bundle_again_after_a_lock_change_rewrites_only_what_changed(
     changed = {rel for rel in after if before.get(rel) != after[rel]}
     assert changed == {"lock/cpu.conda-lock.yml", "manifest.json"}
     assert "1 files written" in again.stdout
+
+
+def test_a_tar_bundle_deploys_through_another_checkouts_wrapper(bundle, tmp_path, upstream):
+    """One tar file and a checkout of sdrecipe without its engine: the wrapper takes the
+    engine's wheels out of the tar, the deploy extracts the rest and removes it after.
+    (`bundle` first: the caches the tar is made from are warm.)"""
+    tar = tmp_path / "bundle.tar"
+    made = create(tar, tmp_path, upstream, extra=("--format", "tar"))
+    assert made.returncode == 0, made.stdout + made.stderr
+    checkout = tmp_path / "sdrecipe"
+    for name in ("src", "scripts", "recipe", "env", "lock", "patches"):
+        shutil.copytree(ROOT / name, checkout / name,
+                        ignore=shutil.ignore_patterns("__pycache__", ".engine*"))
+    shutil.copy2(ROOT / "pyproject.toml", checkout)
+    prefix, _ = node(tmp_path)
+    deploy = tmp_path / "deploy"
+    done = subprocess.run(prefix + [str(checkout / "scripts" / "deploy.sh"), "--deploy-dir",
+                                    str(deploy), "--from-bundle", str(tar), "--profile", "cpu",
+                                    "--smoke"], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "verify: passed" in done.stdout
+    assert not (deploy / ".sdrecipe" / "bundle").exists()
+    assert not (checkout / ".engine-wheels").exists() and (checkout / ".engine").is_dir()

@@ -24,6 +24,7 @@ import logging
 import os
 import platform
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from . import __version__
@@ -60,8 +61,7 @@ def deploy(target, on_stage=None) -> list[tuple[StageStatus, StageResult | None,
     """Bring every stage to done, in order. `on_stage(status, result, seconds)` hears of
     each stage before it runs (result None) and after. Returns what each stage did."""
     outcomes = []
-    with deployment_lock(target.deployment, "sdrecipe deploy"):
-        target = _opened_bundle(target)
+    with deployment_lock(target.deployment, "sdrecipe deploy"), _bundle_opened(target) as target:
         for stage in STAGES:
             start = time.monotonic()
             found = stage_status(stage, target)
@@ -143,15 +143,21 @@ def manifest(target, files: dict) -> dict:
     }
 
 
-def _opened_bundle(target):
+@contextmanager
+def _bundle_opened(target):
     """With --from-bundle, and work to do: the bundle checked and its files in the caches,
-    so every stage finds what it needs locally (a complete deployment never opens it)."""
+    so every stage finds what it needs locally (a complete deployment never opens it). A
+    tar bundle's extraction is removed afterwards: the caches hold what was needed."""
     if not target.options.bundle or all(s.settled for s in status(target)):
-        return target
+        yield target
+        return
     from dataclasses import replace
-    from .bundle.restore import open_for_deploy
+    from .bundle.restore import discard_extraction, open_for_deploy
     folder = open_for_deploy(target, target.options.bundle)
-    return replace(target, options=replace(target.options, bundle=folder))
+    try:
+        yield replace(target, options=replace(target.options, bundle=folder))
+    finally:
+        discard_extraction(folder, target.options.bundle)
 
 
 def write_provenance(target, ran: bool) -> None:

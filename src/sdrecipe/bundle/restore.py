@@ -8,6 +8,7 @@ on its way in, so the stages then find everything local and download nothing.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from ..artifacts import ArtifactLock, artifact_status, expected, fetch_artifacts, open_cache, select
@@ -23,10 +24,14 @@ def open_for_deploy(target, bundle: Path) -> Path:
     model files unless smoke, every locked file of its environment); returns the bundle
     as a folder, for the stages to read the source and pins from."""
     folder, manifest = _open_checked(target.recipe, target.deployment, bundle)
-    if not target.smoke:
-        _check_pins(target.recipe, manifest, bundle, target.profile, False, None)
-        _adopt_artifacts(folder, manifest, bundle, target.config)
-    _adopt_packages(folder, manifest, bundle, target)
+    try:
+        if not target.smoke:
+            _check_pins(target.recipe, manifest, bundle, target.profile, False, None)
+            _adopt_artifacts(folder, manifest, bundle, target.config)
+        _adopt_packages(folder, manifest, bundle, target)
+    except BaseException:
+        discard_extraction(folder, bundle)
+        raise
     return folder
 
 
@@ -57,21 +62,35 @@ def restore(recipe, deployment, bundle: Path, profile: str, verify=False, with_o
         return fetch_artifacts(recipe, deployment, profile, with_optional=with_optional,
                                only=only, offline=True)
     folder, manifest = _open_checked(recipe, deployment, bundle)
-    _check_pins(recipe, manifest, bundle, profile, with_optional, only)
-    _adopt_artifacts(folder, manifest, bundle)
-    ensure_source(recipe, deployment.source, profile, **source_origin(folder))
-    placed = fetch_artifacts(recipe, deployment, profile, verify=verify,
-                             with_optional=with_optional, only=only,
-                             extra_pins=manifest["artifacts"], offline=True)
+    try:
+        _check_pins(recipe, manifest, bundle, profile, with_optional, only)
+        _adopt_artifacts(folder, manifest, bundle)
+        ensure_source(recipe, deployment.source, profile, **source_origin(folder))
+        placed = fetch_artifacts(recipe, deployment, profile, verify=verify,
+                                 with_optional=with_optional, only=only,
+                                 extra_pins=manifest["artifacts"], offline=True)
+    finally:
+        discard_extraction(folder, bundle)
     record_bundle_pins(recipe, placed, manifest["artifacts"])
     return placed
 
 
+def discard_extraction(folder: Path, bundle: Path) -> None:
+    """Remove a tar bundle's extraction once its files are in the caches and the deployment
+    (a folder bundle is the user's: never touched)."""
+    if Path(folder).resolve() != Path(bundle).resolve():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _open_checked(recipe, deployment, bundle: Path) -> tuple[Path, dict]:
     folder = open_bundle(Path(bundle), deployment.state / "bundle")
-    manifest = verify_bundle(folder)
+    try:
+        manifest = verify_bundle(folder)
+    except BaseException:
+        discard_extraction(folder, bundle)
+        raise
     commit = manifest["upstream"]["commit"]
-    if commit != recipe.upstream.commit:
+    if commit != recipe.upstream.commit:  # the extraction stays: the message names its recipe
         raise SdrecipeError(
             f"{bundle} holds upstream commit {commit}, but {recipe.path} pins "
             f"{recipe.upstream.commit}; deploy the bundle's own recipe with "
