@@ -61,6 +61,13 @@ def node(tmp: Path) -> tuple[list[str], Path]:
     return ["unshare", "-n", "env", "-i", *(f"{k}={v}" for k, v in environ.items())], home
 
 
+def deploy_from(prefix: list[str], checkout: Path, bundle: Path, deploy: Path):
+    """`checkout/scripts/deploy.sh --from-bundle bundle`, smoke cpu, on the node."""
+    return subprocess.run(prefix + [str(checkout / "scripts" / "deploy.sh"), "--deploy-dir",
+                                    str(deploy), "--from-bundle", str(bundle), "--profile", "cpu",
+                                    "--smoke"], capture_output=True, text=True, timeout=1800)
+
+
 def test_the_node_has_no_network(tmp_path):
     prefix, _ = node(tmp_path)
     probe = subprocess.run(prefix + [sys.executable, "-c", "import socket; socket.create_connection"
@@ -74,9 +81,7 @@ def test_a_smoke_bundle_deploys_and_verifies_a_node_without_network(bundle, tmp_
     assert manifest["artifacts"] == {} and manifest["smoke"]
     prefix, home = node(tmp_path)
     deploy = tmp_path / "deploy"
-    done = subprocess.run(prefix + [str(bundle / "scripts" / "deploy.sh"), "--deploy-dir",
-                                    str(deploy), "--from-bundle", str(bundle), "--profile", "cpu",
-                                    "--smoke"], capture_output=True, text=True, timeout=1800)
+    done = deploy_from(prefix, bundle, bundle, deploy)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "first run: making the engine environment" in done.stderr  # bootstrapped offline
     assert "source     from the bundle" in done.stdout
@@ -103,10 +108,7 @@ def test_a_bundle_file_that_does_not_hash_to_the_lock_is_refused_before_the_cach
     victim.unlink()  # a new inode: the bundle's own file stays whole
     victim.write_bytes(b"\0" * size)
     prefix, home = node(tmp_path)
-    done = subprocess.run(prefix + [str(copy / "scripts" / "deploy.sh"), "--deploy-dir",
-                                    str(tmp_path / "deploy"), "--from-bundle", str(copy),
-                                    "--profile", "cpu", "--smoke"],
-                          capture_output=True, text=True, timeout=1800)
+    done = deploy_from(prefix, copy, copy, tmp_path / "deploy")
     assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
     error = done.stderr.strip().splitlines()[-1]
     assert victim.name in error and "copy the bundle again" in error
@@ -157,9 +159,7 @@ def test_a_tar_bundle_deploys_through_another_checkouts_wrapper(bundle, tmp_path
     shutil.copy2(ROOT / "pyproject.toml", checkout)
     prefix, _ = node(tmp_path)
     deploy = tmp_path / "deploy"
-    done = subprocess.run(prefix + [str(checkout / "scripts" / "deploy.sh"), "--deploy-dir",
-                                    str(deploy), "--from-bundle", str(tar), "--profile", "cpu",
-                                    "--smoke"], capture_output=True, text=True, timeout=1800)
+    done = deploy_from(prefix, checkout, tar, deploy)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "verify: passed" in done.stdout
     assert not (deploy / ".sdrecipe" / "bundle").exists()
