@@ -238,14 +238,17 @@ def stat_fields(path: Path) -> dict:
             "ino": st.st_ino, "dev": st.st_dev}
 
 
-def place(src: Path, target: Path) -> str:
+def place(src: Path, target: Path, link: bool = True) -> str:
     """Put `src`'s bytes at `target` atomically; returns hardlink, reflink or copy. Nothing
-    half-written stays behind on failure."""
+    half-written stays behind on failure. `link=False`: never a hardlink, which would move
+    `src`'s ctime (uv, for one, takes a local wheel whose ctime moved for a new one)."""
     tmp = target.with_name(f".{target.name}.sdrecipe-tmp")
     try:
         if os.path.lexists(tmp):
             tmp.unlink()
         try:
+            if not link:
+                raise OSError(errno.EXDEV, "no hardlink asked for")
             os.link(src, tmp)
             method = "hardlink"
         except OSError:

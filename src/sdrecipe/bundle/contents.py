@@ -1,7 +1,8 @@
 """What a bundle holds, as items: a path in the bundle, its hash when known, and how to
 put its bytes there. Everything is gathered into the site's caches first (the one
-downloader, hashes checked on arrival), so the bundle is written from local files,
-hardlinked where the filesystem allows.
+downloader, hashes checked on arrival), so the bundle is written from local files: model
+files hardlinked from the content cache (which renews its stamps), environment files
+reflinked or copied (a hardlink would make uv unpack them again), project files copied.
 """
 
 from __future__ import annotations
@@ -41,8 +42,15 @@ class Item:
 
 
 def _linked(path: Path) -> Callable[[Path], object]:
-    """For a file in a cache, named by its hash: a hardlink (or reflink) where possible."""
+    """For a file named by its hash that nothing else watches: a hardlink where possible."""
     return lambda target: place(path, target)
+
+
+def _cloned(path: Path) -> Callable[[Path], object]:
+    """For a file of the download cache: a reflink or a copy, never a hardlink. A new link
+    moves the file's ctime, and uv then unpacks the wheel into its cache once more (2 GB
+    for the cpu environment, each time)."""
+    return lambda target: place(path, target, link=False)
 
 
 def artifact_items(recipe, profiles, with_optional: bool, config) -> tuple[list[Item], dict]:
@@ -85,13 +93,13 @@ def package_items(recipe, profile: str, config) -> list[Item]:
     lock = load_lock(recipe, profile, config)
     cache = Path(config.get("cache_dir")).expanduser()
     items = [Item(f"packages/pip/{f.sha256}/{f.path.name}", "packages", f.sha256, f.path,
-                  _linked(f.path)) for f in fetch_pip_files(lock, True, cache / "pip", config)]
+                  _cloned(f.path)) for f in fetch_pip_files(lock, True, cache / "pip", config)]
     for conda in fetch_conda_packages(lock, cache / "conda-pkgs", config) if lock.conda else ():
         key = conda.package.sha256 or conda.package.md5
         items.append(Item(f"packages/conda/{key}/{conda.path.name}", "packages",
                           conda.package.sha256 or sha256_file(conda.path), conda.path,
-                          _linked(conda.path)))
-    items += [Item(f"packages/wheels/{w.path.name}", "packages", w.sha256, w.path, _linked(w.path))
+                          _cloned(conda.path)))
+    items += [Item(f"packages/wheels/{w.path.name}", "packages", w.sha256, w.path, _cloned(w.path))
               for w in find_platform_wheels(recipe, profile, lock, wheel_dirs(config))]
     return items
 
