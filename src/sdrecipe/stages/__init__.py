@@ -36,7 +36,8 @@ log = logging.getLogger("sdrecipe.stages")
 def _hold_for_test(stage: str, point: str) -> None:
     if os.environ.get(HOLD_ENV) == f"{stage}:{point}":
         log.warning("test hold at %s:%s", stage, point)
-        time.sleep(3600)
+        for _ in range(36000):  # short sleeps: a Ctrl-C that another thread took is seen
+            time.sleep(0.1)
 
 
 class State(str, Enum):
